@@ -1,0 +1,225 @@
+"""The Triton kernel against the float64 reference.
+
+Without CUDA these run in Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), with tiny tiles so small inputs still span many chunks, both kernel
+paths and several steps of the final reduction. With CUDA they run the compiled kernel.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import requires_cuda
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from stats_reference import assert_matches_reference, reference_row
+from tensor_strategies import gradient_tensors
+
+from gradscope import TensorStats, layout
+from gradscope.backends import triton_backend
+from gradscope.inputs import flat_elements
+
+SMALL_TILES = {"block": 64, "careful_block": 16, "chunk_numel": 256, "final_rows": 4}
+
+
+def kernel_stats(tensors, device, **tiling) -> TensorStats:
+    flats = [flat_elements(t.to(device)) for t in tensors]
+    return TensorStats.from_rows(triton_backend.triton_rows(flats, **tiling))
+
+
+@settings(max_examples=25)
+@given(st.lists(gradient_tensors(max_numel=1500), min_size=1, max_size=4))
+def test_matches_reference_small_tiles(kernel_device, tensors):
+    assert_matches_reference(kernel_stats(tensors, kernel_device, **SMALL_TILES), tensors)
+
+
+@settings(max_examples=10)
+@given(st.lists(gradient_tensors(max_numel=3000), min_size=1, max_size=3))
+def test_matches_reference_default_tiles(kernel_device, tensors):
+    assert_matches_reference(kernel_stats(tensors, kernel_device), tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_awkward_shapes(kernel_device, dtype):
+    """Shapes that are not multiples of anything, many small tensors beside a larger one."""
+    g = torch.Generator().manual_seed(1)
+    tensors = [
+        torch.randn(shape, generator=g).to(dtype) * 1e-2 for shape in [(5, 123, 3), (1,), (257,), (0, 3), (33, 31)]
+    ]
+    tensors += [torch.randn(7, generator=g).to(dtype) for _ in range(20)]
+    assert_matches_reference(kernel_stats(tensors, kernel_device, **SMALL_TILES), tensors)
+
+
+def test_careful_path_chunk_next_to_fast_path_chunks(kernel_device):
+    """One non-finite value turns only its own chunk to the careful path; totals still add up."""
+    x = torch.linspace(-1, 1, 2000)
+    x[1500] = float("nan")
+    x[10] = 1e30  # huge, in another chunk
+    x[700] = 1e-42  # subnormal, in a third
+    assert_matches_reference(kernel_stats([x], kernel_device, **SMALL_TILES), [x])
+
+
+def test_bit_identical_across_runs(kernel_device):
+    g = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(3000, generator=g) * 10 ** torch.randn(3000, generator=g), torch.randn(77, generator=g)]
+    first = kernel_stats(tensors, kernel_device, **SMALL_TILES).to_rows()
+    again = kernel_stats(tensors, kernel_device, **SMALL_TILES).to_rows()
+    assert first.tobytes() == again.tobytes()
+
+
+def test_writes_only_its_rows(kernel_device):
+    """The launcher writes the requested rows of a shared buffer and nothing else."""
+    out = torch.full((5, layout.ROW_WIDTH), -7.0, dtype=torch.float64, device=kernel_device)
+    tensors = [torch.randn(300), torch.randn(40).double()]
+    flats = [flat_elements(t.to(kernel_device)) for t in tensors]
+    triton_backend.launch_rows(flats, out, [3, 1], **SMALL_TILES)
+    rows = out.cpu().numpy()
+    assert (rows[[0, 2, 4]] == -7.0).all()
+    for row, tensor in zip(rows[[3, 1]], tensors, strict=True):
+        ref = reference_row(tensor)
+        assert row[layout.NUMEL] == ref["numel"]
+        np.testing.assert_array_equal(row[layout.HIST :], ref["hist"])
+
+
+def test_offsets_beyond_int32(kernel_device):
+    """Element offsets past 2**31 are int64 all the way: a tensor whose last chunks start
+    beyond 2**31 is read from its true addresses (its base address is moved back by 2**31
+    elements, so only the real data is ever touched)."""
+    from gradscope.kernels import grad_stats as k
+
+    data = torch.randn(700, device=kernel_device) * 3
+    data[5] = 0
+    skip = 2**31 + 64  # elements before the real data
+    chunk = 256
+    starts = np.arange(skip, skip + data.numel(), chunk, dtype=np.int64)
+    table = np.concatenate(
+        [
+            [data.data_ptr() - skip * data.element_size()],  # base address
+            [skip + data.numel()],  # numel
+            [0],  # output row
+            [0],  # first chunk
+            [starts.size],  # chunks
+            np.zeros(starts.size, dtype=np.int64),  # chunk -> tensor
+            starts,  # chunk -> start element
+        ]
+    ).astype(np.int64)
+    out = torch.zeros((1, layout.ROW_WIDTH), dtype=torch.float64, device=kernel_device)
+    k.launch_table(table, 1, torch.float32, out, chunk_numel=chunk, block=64, careful_block=16, final_rows=4)
+    row = out.cpu().numpy()[0]
+    ref = reference_row(data)
+    assert row[layout.NUMEL] == skip + data.numel()
+    assert row[layout.ZEROS] == ref["zeros"]
+    assert row[layout.MAX_ABS] == ref["max_abs"]
+    assert row[layout.SUMSQ] == pytest.approx(ref["sumsq"], rel=1e-6)
+    np.testing.assert_array_equal(row[layout.HIST :], ref["hist"])
+
+
+def test_rejects_what_it_cannot_read(kernel_device):
+    from gradscope.kernels import grad_stats as k
+
+    out = torch.zeros((2, layout.ROW_WIDTH), dtype=torch.float64, device=kernel_device)
+    with pytest.raises(TypeError, match="int32"):
+        k.grad_stats_launch([torch.zeros(3, dtype=torch.int32, device=kernel_device)], out, [0])
+    with pytest.raises(ValueError, match="1-D and contiguous"):
+        k.grad_stats_launch([torch.zeros(3, 3, device=kernel_device)], out, [0])
+    with pytest.raises(ValueError, match="expected"):
+        k.grad_stats_launch(
+            [torch.zeros(3, device=kernel_device), torch.zeros(3, device=kernel_device).double()], out, [0, 1]
+        )
+    with pytest.raises(ValueError, match="out_rows"):
+        k.grad_stats_launch([torch.zeros(3, device=kernel_device)], out, [2])
+    with pytest.raises(ValueError, match="float64"):
+        k.grad_stats_launch([torch.zeros(3, device=kernel_device)], out.float(), [0])
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import subprocess, sys
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from gradscope.kernels import grad_stats as k
+
+    arch, name, block, careful = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    dtype = getattr(tl, name)
+    acc = tl.float64 if name == "float64" else tl.float32
+    fn = k._grad_stats_kernel
+    signature = {"tables_ptr": "*i64", "partial_ptr": "*fp64" if name == "float64" else "*fp32",
+                 "arrival_ptr": "*i32", "out_ptr": "*fp64", "num_tensors": "i32", "chunk_numel": "i32"}
+    constants = dict(IN_DTYPE=dtype, ACC=acc, IS_FP64=name == "float64", IS_BF16=name == "bfloat16",
+                     BLOCK=block, CAREFUL_BLOCK=careful,
+                     FINAL_ROWS=16, PARTIAL_WIDTH=k.PARTIAL_WIDTH, PARTIAL_COLS=128, ROW_WIDTH=71,
+                     NUM_BINS=64, MIN_EXPONENT=-48)
+    signature.update({key: "constexpr" for key in constants})
+    source = ASTSource(fn=fn, signature=signature,
+                       constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
+    open(sys.argv[5], "wb").write(compiled.asm["cubin"])
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize(
+    ("dtype", "block", "careful"),
+    [("bfloat16", 2048, 512), ("float16", 2048, 512), ("float32", 2048, 512), ("float64", 1024, 256)],
+)
+def test_compiles_for_nvidia_gpus_without_spills(tmp_path, arch, dtype, block, careful):
+    """The kernel source lowers to machine code for Ampere and Hopper, with no register
+    spills, at the launch sizes the launcher uses: checked on machines without a GPU, where
+    the interpreter cannot catch compile-time errors."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    cubin = tmp_path / "kernel.cubin"
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, str(arch), dtype, str(block), str(careful), str(cubin)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    import triton
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        pytest.skip("Triton ships no cuobjdump here")
+    usage = subprocess.run([cuobjdump, "-res-usage", str(cubin)], capture_output=True, text=True).stdout
+    assert "_grad_stats_kernel" in usage
+    assert "LOCAL:0" in usage, usage
+
+
+@requires_cuda
+def test_no_host_sync_on_cuda():
+    """Launching writes a device buffer without any synchronising CUDA call."""
+    tensors = [torch.randn(100_000, device="cuda"), torch.randn(1000, device="cuda", dtype=torch.bfloat16)]
+    flats = [flat_elements(t) for t in tensors]
+    out = torch.empty((2, layout.ROW_WIDTH), dtype=torch.float64, device="cuda")
+    triton_backend.launch_rows(flats, out, [0, 1])  # compile and allocate first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        triton_backend.launch_rows(flats, out, [0, 1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_matches_reference(TensorStats.from_rows(out.cpu().numpy()), tensors)
+
+
+@requires_cuda
+def test_tensor_over_2_31_elements_on_cuda():
+    free, _ = torch.cuda.mem_get_info()
+    if free < 12 * 2**30:
+        pytest.skip("needs 12 GiB of free GPU memory")
+    x = torch.zeros(2**31 + 4096, dtype=torch.bfloat16, device="cuda")
+    x[-3:] = torch.tensor([1.0, -2.0, float("inf")], dtype=torch.bfloat16)
+    stats = kernel_stats([x], "cuda")
+    assert stats.numel[0] == x.numel()
+    assert stats.zeros[0] == x.numel() - 3
+    assert stats.infs[0] == 1
+    assert stats.max_abs[0] == 2.0
+    assert stats.sumsq[0] == 5.0

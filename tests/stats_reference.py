@@ -1,0 +1,66 @@
+"""An independent float64 reference for every statistic, written with plain torch ops.
+
+It shares no code with gradscope: bins come from ``torch.frexp`` (not from exponent bits),
+sums from float64 torch reductions over the dense tensor.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NUM_BINS = 64
+MIN_EXPONENT = -48
+
+
+def reference_row(tensor: torch.Tensor) -> dict:
+    """Statistics of one tensor (any layout, dtype, device), computed in float64."""
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    x = tensor.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    finite = torch.isfinite(x)
+    values = x[finite]
+    nonzero = values[values != 0].abs()
+    _, exponent = torch.frexp(nonzero)  # |g| = mantissa * 2**exponent, mantissa in [0.5, 1)
+    bins = torch.clamp(exponent.to(torch.int64) - 1 - MIN_EXPONENT, 0, NUM_BINS - 1)
+    return {
+        "numel": x.numel(),
+        "sum": float(values.sum()),
+        "abs_sum": float(values.abs().sum()),
+        "sumsq": float((values * values).sum()),
+        "max_abs": float(values.abs().max()) if values.numel() else 0.0,
+        "zeros": int((x == 0).sum()),
+        "nans": int(torch.isnan(x).sum()),
+        "infs": int(torch.isinf(x).sum()),
+        "hist": np.bincount(bins.numpy(), minlength=NUM_BINS),
+    }
+
+
+def assert_matches_reference(stats, tensors, rtol: float = 1e-5) -> None:
+    """Assert a ``TensorStats`` equals the reference: counts, max and histogram exactly, sums
+    within ``rtol`` of the sum of magnitudes (the only honest scale for a sum that can
+    cancel) and squares within ``rtol`` relative."""
+    assert len(stats) == len(tensors)
+    for i, tensor in enumerate(tensors):
+        ref = reference_row(tensor)
+        where = f"tensor {i} ({tensor.dtype}, shape {tuple(tensor.shape)})"
+        assert stats.numel[i] == ref["numel"], where
+        assert stats.zeros[i] == ref["zeros"], where
+        assert stats.nans[i] == ref["nans"], where
+        assert stats.infs[i] == ref["infs"], where
+        assert stats.max_abs[i] == ref["max_abs"], f"{where}: max_abs {stats.max_abs[i]!r} != {ref['max_abs']!r}"
+        np.testing.assert_array_equal(stats.hist[i], ref["hist"], err_msg=where)
+        if not np.isfinite(ref["abs_sum"]):
+            # float64 inputs near 1.8e308: sums of magnitudes leave float64's range, where a
+            # sum's value depends on the order of additions; squares overflow to inf for sure.
+            assert np.isinf(stats.sumsq[i]), where
+            continue
+        assert abs(stats.sum[i] - ref["sum"]) <= rtol * ref["abs_sum"], (
+            f"{where}: sum {stats.sum[i]!r} vs {ref['sum']!r}"
+        )
+        if np.isinf(ref["sumsq"]):  # only float64 inputs beyond 1.3e154 overflow, as float64 must
+            assert np.isinf(stats.sumsq[i]), where
+        else:
+            assert abs(stats.sumsq[i] - ref["sumsq"]) <= rtol * ref["sumsq"], (
+                f"{where}: sumsq {stats.sumsq[i]!r} vs {ref['sumsq']!r}"
+            )

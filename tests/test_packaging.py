@@ -1,0 +1,69 @@
+"""The wheel ships kernels/ as gradscope.kernels, never as a top-level ``kernels``."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import gradscope
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(out), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = out.glob("gradscope_diagnostics-*.whl")
+    return path
+
+
+def test_wheel_contents(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "gradscope/kernels/grad_stats.py" in names
+    assert "gradscope/kernels/__init__.py" in names
+    assert "gradscope/backends/numpy_backend.py" in names
+    assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels package would shadow PyPI's"
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
+
+
+def test_installed_wheel_imports_and_runs(wheel, tmp_path):
+    """Install the wheel alone into a folder and use it from a directory outside the repo."""
+    target = tmp_path / "site"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = (
+        "import importlib.util, torch, gradscope, gradscope.kernels\n"
+        f"assert gradscope.__file__.startswith({str(target)!r}), gradscope.__file__\n"
+        f"assert gradscope.kernels.__file__.startswith({str(target)!r}), gradscope.kernels.__file__\n"
+        "assert importlib.util.find_spec('kernels') is None\n"
+        "print(int(gradscope.grad_stats([torch.tensor([0.0, 3.0, -4.0])]).zeros[0]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    env.pop("TRITON_INTERPRET", None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "1"
+
+
+def test_development_install_maps_kernels_into_the_package():
+    """In this checkout's editable install, gradscope.kernels is the repository's kernels/."""
+    import gradscope.kernels
+
+    if not Path(gradscope.__file__).resolve().is_relative_to(REPO):
+        pytest.skip("gradscope is not installed from this checkout")
+    assert Path(gradscope.kernels.__file__).resolve().parent == REPO / "kernels"
