@@ -28,6 +28,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 
 bench: $(VENV)/.installed
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[dev,bench]"
 	$(PY) benchmarks/bench_stats.py
 
 clean:

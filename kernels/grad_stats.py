@@ -73,6 +73,35 @@ def _histogram_bin(abits, IS_FP64: tl.constexpr, NUM_BINS: tl.constexpr, MIN_EXP
 
 
 @triton.jit
+def _fast_step(
+    x,
+    acc_sum,
+    acc_sq,
+    max_bits,
+    unusual,
+    hist,
+    tiny_below,
+    huge_from,
+    IS_FP64: tl.constexpr,
+    NUM_BINS: tl.constexpr,
+    MIN_EXPONENT: tl.constexpr,
+):
+    """Fold one block of widened values into the fast path's per-lane accumulators.
+
+    ``unusual`` flags lanes that saw a value the fast path cannot sum exactly enough
+    (tiny, huge or non-finite); zeros (masked-off lanes included) are never unusual.
+    """
+    abits = _magnitude_bits(x, IS_FP64)
+    nonzero = abits != 0
+    acc_sum += x
+    acc_sq += x * x
+    max_bits = tl.maximum(max_bits, abits)
+    unusual |= (nonzero & ((abits < tiny_below) | (abits >= huge_from))).to(tl.int32)
+    hist += tl.histogram(_histogram_bin(abits, IS_FP64, NUM_BINS, MIN_EXPONENT), NUM_BINS, mask=nonzero)
+    return acc_sum, acc_sq, max_bits, unusual, hist
+
+
+@triton.jit
 def _grad_stats_kernel(
     # pointers
     tables_ptr,  # int64: [base address | numel | out row | first chunk | chunk count] per tensor,
@@ -88,6 +117,7 @@ def _grad_stats_kernel(
     ACC: tl.constexpr,  # float32, or float64 for float64 inputs
     IS_FP64: tl.constexpr,
     IS_BF16: tl.constexpr,
+    ALIGNED: tl.constexpr,  # all base addresses are multiples of 16 bytes
     BLOCK: tl.constexpr,  # elements per fast-path step
     CAREFUL_BLOCK: tl.constexpr,  # elements per careful-path step (fewer live registers)
     FINAL_ROWS: tl.constexpr,  # partial rows added per step by the finishing program
@@ -105,6 +135,9 @@ def _grad_stats_kernel(
     numel = tl.load(tables_ptr + n_tensors + tensor)
     stop = tl.minimum(start + chunk_numel, numel)
     base = tl.load(tables_ptr + tensor).to(tl.pointer_type(IN_DTYPE))
+    if ALIGNED:  # every base address is 16-byte aligned and chunks start on a block: wide loads
+        base = tl.multiple_of(base, 16)
+        start = tl.multiple_of(start, BLOCK)
     partial = partial_ptr + chunk * PARTIAL_WIDTH
     bin_ids = tl.arange(0, NUM_BINS)
 
@@ -119,22 +152,25 @@ def _grad_stats_kernel(
         inf_bits = 0x7F800000
 
     # ---- fast path: plain sums; flags chunks that need the careful path -------------------
+    # Whole blocks load without a mask (so aligned inputs get wide vector loads); the last,
+    # partial block of a tensor loads with one.
     lanes = tl.arange(0, BLOCK)
     acc_sum = tl.zeros([BLOCK], ACC)
     acc_sq = tl.zeros([BLOCK], ACC)
     max_bits = _magnitude_bits(tl.zeros([BLOCK], ACC), IS_FP64)
     unusual = tl.zeros([BLOCK], tl.int32)
     hist = tl.zeros([NUM_BINS], tl.int32)
-    for step in range(0, tl.cdiv(stop - start, BLOCK).to(tl.int32)):
-        index = start + step * BLOCK + lanes
-        x = _widen(tl.load(base + index, mask=index < stop, other=0.0), ACC, IS_BF16)
-        abits = _magnitude_bits(x, IS_FP64)
-        nonzero = abits != 0
-        acc_sum += x
-        acc_sq += x * x
-        max_bits = tl.maximum(max_bits, abits)
-        unusual |= (nonzero & ((abits < tiny_below) | (abits >= huge_from))).to(tl.int32)
-        hist += tl.histogram(_histogram_bin(abits, IS_FP64, NUM_BINS, MIN_EXPONENT), NUM_BINS, mask=nonzero)
+    whole_blocks = ((stop - start) // BLOCK).to(tl.int32)
+    for step in range(0, whole_blocks):
+        x = _widen(tl.load(base + (start + step * BLOCK + lanes)), ACC, IS_BF16)
+        acc_sum, acc_sq, max_bits, unusual, hist = _fast_step(
+            x, acc_sum, acc_sq, max_bits, unusual, hist, tiny_below, huge_from, IS_FP64, NUM_BINS, MIN_EXPONENT
+        )
+    index = start + whole_blocks * BLOCK + lanes
+    x = _widen(tl.load(base + index, mask=index < stop, other=0.0), ACC, IS_BF16)
+    acc_sum, acc_sq, max_bits, unusual, hist = _fast_step(
+        x, acc_sum, acc_sq, max_bits, unusual, hist, tiny_below, huge_from, IS_FP64, NUM_BINS, MIN_EXPONENT
+    )
 
     if tl.max(unusual, axis=0) == 0:
         tl.store(partial + 0, tl.sum(acc_sum, axis=0))
@@ -411,6 +447,7 @@ def launch_table(
     """Launch the kernel over a work table from :func:`work_table` (no checks; no host sync)."""
     device = out.device
     num_chunks = (table.size - 5 * num_tensors) // 2
+    aligned = bool((table[:num_tensors] % 16 == 0).all())
     table = torch.from_numpy(table)
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)  # pinned + async: no host sync
@@ -435,6 +472,7 @@ def launch_table(
             ACC=_TRITON_DTYPES[acc],
             IS_FP64=dtype == torch.float64,
             IS_BF16=dtype == torch.bfloat16,
+            ALIGNED=aligned,
             BLOCK=block,
             CAREFUL_BLOCK=careful_block,
             FINAL_ROWS=final_rows,

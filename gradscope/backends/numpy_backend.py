@@ -15,7 +15,7 @@ on a monitor's worker thread beside autograd:
   ``uint16`` key), halving the scalar loop inside ``np.bincount`` that dominates CPU cost;
 * zeros and non-finite values are derived from that histogram and from ``max``/``min`` and
   only counted separately when the histogram says they may be present;
-* sums: float32 pairwise summation and row-wise float32 dot products of 256 elements,
+* sums: float32 dot products of 256-element rows (with themselves, and with ones),
   combined in float64 (relative error below 1e-6); a chunk whose float32 sums overflow, or
   whose sum of squares is small enough for float32 underflow to matter, is summed again in
   float64.
@@ -51,7 +51,9 @@ PARALLEL_ABOVE = 1 << 20
 PAIRS_FROM = 1 << 16
 """Runs with at least this many elements count histogram bins in pairs (see ``_bin_counts``)."""
 
-_ROW_DOT = 256  # elements per float32 dot product in the fast sum of squares
+_ROW_DOT = 256  # elements per float32 dot product in the fast sums
+_ONES_F32 = np.ones(_ROW_DOT, dtype=np.float32)
+_VECDOT = getattr(np, "vecdot", None)  # NumPy >= 2.0; einsum otherwise
 _PAIR_KEYS = layout.NUM_BINS * 256  # bin pairs read as little-endian uint16: lo + 256 * hi
 _SMALLEST_SAFE_SUMSQ = 2.0**-100  # below, float32 squares may have lost tiny values
 _F32_EXPONENT_BIN0 = 127 + layout.HIST_MIN_EXPONENT  # biased float32 exponent of bin 0 (79)
@@ -194,20 +196,27 @@ def _bin_counts(bins: np.ndarray, ws: _Workspace) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
+def _row_dots(rows: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Dot product of each row of ``rows`` with the matching row of ``other`` (broadcast)."""
+    if _VECDOT is not None:
+        return _VECDOT(rows, other)
+    return np.einsum("ij,ij->i", rows, np.broadcast_to(other, rows.shape))
+
+
 def _sums(values: np.ndarray, ws: _Workspace) -> tuple[float, float]:
     """(sum, sum of squares) of finite values, to ~1e-6 relative or better.
 
-    float32 runs are summed in float32 (pairwise sums; dot products of 256-element rows,
-    added in float64) unless that overflows, or the squares are so small that float32
-    underflow could matter (sum of squares below 2**-100): then in float64.
+    float32 runs are reduced as 256-element rows (float32 dot products of each row with
+    itself and with ones), and the row results added in float64. Runs whose float32 sums
+    overflow, or whose squares are small enough for float32 underflow to matter (sum of
+    squares below 2**-100), are summed again in float64.
     """
     if values.dtype == np.float32:
-        total = float(np.add.reduce(values))
         body = values.size - values.size % _ROW_DOT
         rows = values[:body].reshape(-1, _ROW_DOT)
-        squares = float(np.add.reduce(np.einsum("ij,ij->i", rows, rows), dtype=np.float64))
         tail = values[body:].astype(np.float64)
-        squares += float(np.einsum("i,i->", tail, tail))
+        total = float(np.add.reduce(_row_dots(rows, _ONES_F32), dtype=np.float64)) + float(tail.sum())
+        squares = float(np.add.reduce(_row_dots(rows, rows), dtype=np.float64)) + float(np.einsum("i,i->", tail, tail))
         if np.isfinite(total) and np.isfinite(squares) and squares >= _SMALLEST_SAFE_SUMSQ:
             return total, squares
         wide = ws.get("wide", np.float64, values.size)

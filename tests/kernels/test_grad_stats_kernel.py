@@ -150,7 +150,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     fn = k._grad_stats_kernel
     signature = {"tables_ptr": "*i64", "partial_ptr": "*fp64" if name == "float64" else "*fp32",
                  "arrival_ptr": "*i32", "out_ptr": "*fp64", "num_tensors": "i32", "chunk_numel": "i32"}
-    constants = dict(IN_DTYPE=dtype, ACC=acc, IS_FP64=name == "float64", IS_BF16=name == "bfloat16",
+    constants = dict(IN_DTYPE=dtype, ACC=acc, IS_FP64=name == "float64", IS_BF16=name == "bfloat16", ALIGNED=True,
                      BLOCK=block, CAREFUL_BLOCK=careful,
                      FINAL_ROWS=16, PARTIAL_WIDTH=k.PARTIAL_WIDTH, PARTIAL_COLS=128, ROW_WIDTH=71,
                      NUM_BINS=64, MIN_EXPONENT=-48)
