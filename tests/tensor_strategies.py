@@ -81,3 +81,12 @@ def gradient_tensors(draw, dtypes=DTYPES, max_numel: int = 2000) -> torch.Tensor
     if layout == "stepped":
         return data.reshape(2 * rows, 2 * cols)[::2, 1::2]
     return matrix[:1].expand(draw(st.integers(1, 5)), cols)  # expanded: overlapping elements
+
+
+@st.composite
+def many_small_and_a_few_large(draw, dtypes=DTYPES, large_numel: int = 3000) -> list[torch.Tensor]:
+    """Tens of tiny tensors (biases, norms) around one or two large ones, dtypes mixed."""
+    tensors = draw(st.lists(gradient_tensors(dtypes, max_numel=40), min_size=10, max_size=60))
+    for _ in range(draw(st.integers(1, 2))):
+        tensors.insert(draw(st.integers(0, len(tensors))), draw(gradient_tensors(dtypes, max_numel=large_numel)))
+    return tensors

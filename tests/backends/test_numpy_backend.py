@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stats_reference import assert_matches_reference
-from tensor_strategies import gradient_tensors
+from tensor_strategies import gradient_tensors, many_small_and_a_few_large
 
 from gradscope import TensorStats
 from gradscope.backends import numpy_backend
@@ -37,6 +37,12 @@ def test_matches_reference(tensors):
 @settings(max_examples=200)
 @given(tensors=st.lists(gradient_tensors(), min_size=1, max_size=8), threads=st.integers(1, 4))
 def test_matches_reference_across_chunks_packs_and_threads(small_work_items, tensors, threads):
+    assert_matches_reference(numpy_stats(tensors, num_threads=threads), tensors)
+
+
+@settings(max_examples=100)
+@given(tensors=many_small_and_a_few_large(), threads=st.integers(1, 3))
+def test_many_small_tensors_around_large_ones(small_work_items, tensors, threads):
     assert_matches_reference(numpy_stats(tensors, num_threads=threads), tensors)
 
 

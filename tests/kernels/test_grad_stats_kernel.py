@@ -17,7 +17,7 @@ from conftest import requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from stats_reference import assert_matches_reference, reference_row
-from tensor_strategies import gradient_tensors
+from tensor_strategies import gradient_tensors, many_small_and_a_few_large
 
 from gradscope import TensorStats, layout
 from gradscope.backends import triton_backend
@@ -31,13 +31,20 @@ def kernel_stats(tensors, device, **tiling) -> TensorStats:
     return TensorStats.from_rows(triton_backend.triton_rows(flats, **tiling))
 
 
-@settings(max_examples=25)
+@settings(max_examples=60)
 @given(st.lists(gradient_tensors(max_numel=1500), min_size=1, max_size=4))
 def test_matches_reference_small_tiles(kernel_device, tensors):
     assert_matches_reference(kernel_stats(tensors, kernel_device, **SMALL_TILES), tensors)
 
 
-@settings(max_examples=10)
+@settings(max_examples=15)
+@given(many_small_and_a_few_large(large_numel=1500))
+def test_many_small_tensors_around_large_ones(kernel_device, tensors):
+    """Mixed dtypes: one launch per dtype, all writing into one output buffer."""
+    assert_matches_reference(kernel_stats(tensors, kernel_device, **SMALL_TILES), tensors)
+
+
+@settings(max_examples=20)
 @given(st.lists(gradient_tensors(max_numel=3000), min_size=1, max_size=3))
 def test_matches_reference_default_tiles(kernel_device, tensors):
     assert_matches_reference(kernel_stats(tensors, kernel_device), tensors)
@@ -152,7 +159,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
                  "arrival_ptr": "*i32", "out_ptr": "*fp64", "num_tensors": "i32", "chunk_numel": "i32"}
     constants = dict(IN_DTYPE=dtype, ACC=acc, IS_FP64=name == "float64", IS_BF16=name == "bfloat16", ALIGNED=True,
                      BLOCK=block, CAREFUL_BLOCK=careful,
-                     FINAL_ROWS=16, PARTIAL_WIDTH=k.PARTIAL_WIDTH, PARTIAL_COLS=128, ROW_WIDTH=71,
+                     FINAL_ROWS=16, PARTIAL_HIST=k.PARTIAL_HIST, PARTIAL_WIDTH=k.PARTIAL_WIDTH,
+                     PARTIAL_COLS=128, ROW_WIDTH=71,
                      NUM_BINS=64, MIN_EXPONENT=-48)
     signature.update({key: "constexpr" for key in constants})
     source = ASTSource(fn=fn, signature=signature,
