@@ -141,6 +141,7 @@ def _grad_stats_kernel(
     partial_ptr,  # ACC [num_chunks, PARTIAL_WIDTH]: per-chunk partial rows (scratch)
     arrival_ptr,  # int32 [num_tensors]: zero on entry, left zero on exit
     out_ptr,  # float64 [rows, ROW_WIDTH]: receives one row per tensor
+    scale_ptr,  # float32 [1]: inv_scale every element is multiplied by (if HAS_SCALE)
     # sizes
     num_tensors,
     chunk_numel,  # elements per chunk, a multiple of BLOCK
@@ -150,6 +151,7 @@ def _grad_stats_kernel(
     IS_FP64: tl.constexpr,
     IS_BF16: tl.constexpr,
     ALIGNED: tl.constexpr,  # all base addresses are multiples of 16 bytes
+    HAS_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,  # elements per fast-path step
     CAREFUL_BLOCK: tl.constexpr,  # elements per careful-path step (fewer live registers)
     FINAL_ROWS: tl.constexpr,  # partial rows added per step by the finishing program
@@ -172,6 +174,11 @@ def _grad_stats_kernel(
         base = tl.multiple_of(base, 16)
         start = tl.multiple_of(start, BLOCK)
     partial = partial_ptr + chunk * PARTIAL_WIDTH
+    # Statistics of g * inv_scale (a GradScaler's unscaling, in float32 as it does it).
+    if HAS_SCALE:
+        inv_scale = tl.load(scale_ptr).to(ACC)
+    else:
+        inv_scale = 1.0
 
     # Magnitude classes (as bits): tiny below 2**-40, huge from 2**40; none for float64.
     if IS_FP64:
@@ -194,12 +201,12 @@ def _grad_stats_kernel(
     hist = tl.zeros([NUM_BINS], tl.int32)
     whole_blocks = ((stop - start) // BLOCK).to(tl.int32)
     for step in range(0, whole_blocks):
-        x = _widen(tl.load(base + (start + step * BLOCK + lanes)), ACC, IS_BF16)
+        x = _widen(tl.load(base + (start + step * BLOCK + lanes)), ACC, IS_BF16) * inv_scale
         acc_sum, acc_sq, max_bits, unusual, hist = _fast_step(
             x, acc_sum, acc_sq, max_bits, unusual, hist, tiny_below, huge_from, IS_FP64, NUM_BINS, MIN_EXPONENT
         )
     index = start + whole_blocks * BLOCK + lanes
-    x = _widen(tl.load(base + index, mask=index < stop, other=0.0), ACC, IS_BF16)
+    x = _widen(tl.load(base + index, mask=index < stop, other=0.0), ACC, IS_BF16) * inv_scale
     acc_sum, acc_sq, max_bits, unusual, hist = _fast_step(
         x, acc_sum, acc_sq, max_bits, unusual, hist, tiny_below, huge_from, IS_FP64, NUM_BINS, MIN_EXPONENT
     )
@@ -240,7 +247,7 @@ def _grad_stats_kernel(
         for step in range(0, tl.cdiv(stop - start, CAREFUL_BLOCK).to(tl.int32)):
             careful_index = start + step * CAREFUL_BLOCK + careful_lanes
             in_range = careful_index < stop
-            y = _widen(tl.load(base + careful_index, mask=in_range, other=0.0), ACC, IS_BF16)
+            y = _widen(tl.load(base + careful_index, mask=in_range, other=0.0), ACC, IS_BF16) * inv_scale
             ybits = _magnitude_bits(y, IS_FP64)
             finite = ybits < inf_bits
             y_nonzero = ybits != 0
@@ -390,6 +397,7 @@ def grad_stats_launch(
     out: torch.Tensor,
     out_rows: Sequence[int],
     *,
+    inv_scale: torch.Tensor | None = None,
     block: int | None = None,
     careful_block: int | None = None,
     chunk_numel: int | None = None,
@@ -406,6 +414,9 @@ def grad_stats_launch(
             interpreted (:func:`is_interpreted`). Empty tensors get a row of zeros.
         out: float64 ``(R, ROW_WIDTH)`` contiguous tensor on the same device.
         out_rows: for each tensor, the row of ``out`` it writes (distinct).
+        inv_scale: optional float32 one-element tensor on the same device; statistics are
+            then those of ``g * inv_scale`` (multiplied in float32, as ``GradScaler.unscale_``
+            does), read by the kernel so that no host synchronisation is needed.
         block, careful_block, chunk_numel, final_rows: override the tiling (tests); powers of
             two, ``chunk_numel`` a multiple of both blocks and at most 2**20.
     """
@@ -430,6 +441,10 @@ def grad_stats_launch(
         raise ValueError(f"grad_stats_launch: out is on {out.device}, the tensors on {device}")
     if len(out_rows) != len(values):
         raise ValueError(f"grad_stats_launch: {len(out_rows)} out_rows for {len(values)} tensors")
+    if inv_scale is not None and (
+        inv_scale.dtype != torch.float32 or inv_scale.numel() != 1 or inv_scale.device != device
+    ):
+        raise ValueError(f"grad_stats_launch: inv_scale must be a one-element float32 tensor on {device}")
 
     numels = np.fromiter((v.numel() for v in values), dtype=np.int64, count=len(values))
     sizes = _launch_sizes(int(numels.sum()), dtype, device)
@@ -450,6 +465,7 @@ def grad_stats_launch(
         len(values),
         dtype,
         out,
+        inv_scale=inv_scale,
         chunk_numel=chunk_numel,
         block=block,
         careful_block=careful_block,
@@ -482,6 +498,7 @@ def launch_table(
     dtype: torch.dtype,
     out: torch.Tensor,
     *,
+    inv_scale: torch.Tensor | None = None,
     chunk_numel: int,
     block: int,
     careful_block: int,
@@ -510,6 +527,7 @@ def launch_table(
             partial,
             _arrival(device, num_tensors),
             out,
+            out if inv_scale is None else inv_scale,  # any pointer when there is no scale
             num_tensors,
             chunk_numel,
             IN_DTYPE=_TRITON_DTYPES[dtype],
@@ -517,6 +535,7 @@ def launch_table(
             IS_FP64=dtype == torch.float64,
             IS_BF16=dtype == torch.bfloat16,
             ALIGNED=aligned,
+            HAS_SCALE=inv_scale is not None,
             BLOCK=block,
             CAREFUL_BLOCK=careful_block,
             FINAL_ROWS=final_rows,

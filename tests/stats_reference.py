@@ -64,3 +64,14 @@ def assert_matches_reference(stats, tensors, rtol: float = 1e-5) -> None:
             assert abs(stats.sumsq[i] - ref["sumsq"]) <= rtol * ref["sumsq"], (
                 f"{where}: sumsq {stats.sumsq[i]!r} vs {ref['sumsq']!r}"
             )
+
+
+def unscaled(tensor: torch.Tensor, inv_scale: float) -> torch.Tensor:
+    """``tensor * inv_scale`` as GradScaler.unscale_ computes it: inv_scale is a float32
+    value; the product is float32 (float64 for float64 tensors)."""
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    inv = torch.tensor(inv_scale, dtype=torch.float32)
+    if tensor.dtype == torch.float64:
+        return tensor * inv.double()
+    return tensor.float() * inv

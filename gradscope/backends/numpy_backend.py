@@ -123,25 +123,33 @@ def _readable_in_place(values: torch.Tensor) -> bool:
     return values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
 
 
-def _read(values: torch.Tensor, start: int, stop: int, ws: _Workspace) -> np.ndarray:
-    """Elements ``start:stop`` of a flat tensor as float32/float64 NumPy, in place when possible."""
+def _scaled(values: np.ndarray, inv_scale: float, out: np.ndarray) -> np.ndarray:
+    """``values * inv_scale`` into ``out``, with inv_scale rounded to float32 as a GradScaler holds it."""
+    return np.multiply(values, out.dtype.type(np.float32(inv_scale)), out=out)
+
+
+def _read(values: torch.Tensor, start: int, stop: int, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+    """Elements ``start:stop`` of a flat tensor (times ``inv_scale``, if given) as float32/float64
+    NumPy; read in place when possible."""
     if _readable_in_place(values):
-        return values.detach()[start:stop].numpy()
-    kind = _float_kind(values.dtype)
-    staged = ws.get("stage", kind, stop - start)
+        view = values.detach()[start:stop].numpy()
+        if inv_scale is None:
+            return view
+        return _scaled(view, inv_scale, ws.get("stage", view.dtype, view.size))
+    staged = ws.get("stage", _float_kind(values.dtype), stop - start)
     torch.from_numpy(staged).copy_(values.detach()[start:stop])
-    return staged
+    return staged if inv_scale is None else _scaled(staged, inv_scale, staged)
 
 
-def _read_packed(parts: Sequence[torch.Tensor], total: int, ws: _Workspace) -> np.ndarray:
-    """Several small flat tensors (one dtype and device) concatenated into one NumPy run."""
-    kind = _float_kind(parts[0].dtype)
-    staged = ws.get("stage", kind, total)
+def _read_packed(parts: Sequence[torch.Tensor], total: int, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+    """Several small flat tensors (one dtype and device) concatenated into one NumPy run
+    (times ``inv_scale``, if given)."""
+    staged = ws.get("stage", _float_kind(parts[0].dtype), total)
     if _readable_in_place(parts[0]):
         np.concatenate([p.detach().numpy() for p in parts], out=staged)
     else:
         torch.from_numpy(staged).copy_(torch.cat([p.detach() for p in parts]))
-    return staged
+    return staged if inv_scale is None else _scaled(staged, inv_scale, staged)
 
 
 # --------------------------------------------------------------------------------------
@@ -305,8 +313,8 @@ class _Slice:
     def numel(self) -> int:
         return self.stop - self.start
 
-    def rows(self, ws: _Workspace) -> np.ndarray:
-        return _run_row(_read(self.values, self.start, self.stop, ws), ws)[None, :]
+    def rows(self, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        return _run_row(_read(self.values, self.start, self.stop, ws, inv_scale), ws)[None, :]
 
 
 class _Pack:
@@ -319,8 +327,8 @@ class _Pack:
         self.parts: list[torch.Tensor] = []
         self.numel = 0
 
-    def rows(self, ws: _Workspace) -> np.ndarray:
-        values = _read_packed(self.parts, self.numel, ws)
+    def rows(self, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        values = _read_packed(self.parts, self.numel, ws, inv_scale)
         sizes = np.fromiter((p.numel() for p in self.parts), dtype=np.intp, count=len(self.parts))
         return _packed_rows(values, sizes, ws)
 
@@ -348,11 +356,11 @@ def _plan(flats: Sequence[FlatElements]) -> list[_Slice | _Pack]:
     return items
 
 
-def _run_items(items: Sequence[_Slice | _Pack]) -> list[np.ndarray]:
+def _run_items(items: Sequence[_Slice | _Pack], inv_scale: float | None) -> list[np.ndarray]:
     ws = _workspace()
     # Overflow of float64 squares beyond 1.3e154 is part of the result (sumsq = inf), not an error.
     with np.errstate(over="ignore", invalid="ignore"):
-        return [item.rows(ws) for item in items]
+        return [item.rows(ws, inv_scale) for item in items]
 
 
 def _split_evenly(items: Sequence[_Slice | _Pack], parts: int) -> list[Sequence[_Slice | _Pack]]:
@@ -364,7 +372,9 @@ def _split_evenly(items: Sequence[_Slice | _Pack], parts: int) -> list[Sequence[
     return [items[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def numpy_rows(flats: Sequence[FlatElements], num_threads: int | None = None) -> np.ndarray:
+def numpy_rows(
+    flats: Sequence[FlatElements], num_threads: int | None = None, inv_scale: float | None = None
+) -> np.ndarray:
     """Statistics rows (float64 ``(T, ROW_WIDTH)``) of flattened tensors, computed with NumPy.
 
     Rows describe ``flats[i].values``; sparse tensors' unstored zeros are not added here.
@@ -374,6 +384,9 @@ def numpy_rows(flats: Sequence[FlatElements], num_threads: int | None = None) ->
             any device (non-CPU tensors are copied to host chunk by chunk).
         num_threads: worker threads; default :func:`default_num_threads`. Results do not
             depend on it.
+        inv_scale: if given, statistics of ``g * inv_scale``, with inv_scale rounded to
+            float32 and the product in float32 (float64 for float64 tensors), as
+            ``GradScaler.unscale_`` computes it.
     """
     items = _plan(flats)
     if num_threads is None:
@@ -383,12 +396,12 @@ def numpy_rows(flats: Sequence[FlatElements], num_threads: int | None = None) ->
         runs = _split_evenly(items, num_threads)
         # The calling thread takes the first run itself; the pool takes the others.
         pool = _thread_pool(num_threads - 1)
-        futures = [pool.submit(_run_items, run) for run in runs[1:]]
-        results = _run_items(runs[0])
+        futures = [pool.submit(_run_items, run, inv_scale) for run in runs[1:]]
+        results = _run_items(runs[0], inv_scale)
         for future in futures:
             results.extend(future.result())
     else:
-        results = _run_items(items)
+        results = _run_items(items, inv_scale)
 
     partial: list[list[np.ndarray]] = [[] for _ in flats]
     for item, rows in zip(items, results, strict=True):

@@ -43,25 +43,40 @@ def serves(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_available()
 
 
-def launch_rows(flats: Sequence[FlatElements], out: torch.Tensor, out_rows: Sequence[int], **tiling) -> None:
+def launch_rows(
+    flats: Sequence[FlatElements],
+    out: torch.Tensor,
+    out_rows: Sequence[int],
+    inv_scale: torch.Tensor | None = None,
+    **tiling,
+) -> None:
     """Launch the kernels writing rows ``out_rows`` of the device buffer ``out``; no host sync.
 
-    ``flats`` share ``out``'s device. Sparse tensors' unstored zeros are not added here.
+    ``flats`` share ``out``'s device. With ``inv_scale`` (a one-element float32 tensor on that
+    device) the rows describe ``g * inv_scale``. Sparse tensors' unstored zeros are not added
+    here.
     """
     groups: dict[torch.dtype, list[int]] = {}
     for i, flat in enumerate(flats):
         groups.setdefault(flat.values.dtype, []).append(i)
     for members in groups.values():
-        kernels().grad_stats_launch([flats[i].values for i in members], out, [out_rows[i] for i in members], **tiling)
+        kernels().grad_stats_launch(
+            [flats[i].values for i in members],
+            out,
+            [out_rows[i] for i in members],
+            inv_scale=inv_scale,
+            **tiling,
+        )
 
 
-def triton_rows(flats: Sequence[FlatElements], **tiling) -> np.ndarray:
+def triton_rows(flats: Sequence[FlatElements], inv_scale: torch.Tensor | None = None, **tiling) -> np.ndarray:
     """Statistics rows (float64 ``(T, ROW_WIDTH)``) of flattened tensors, computed by the kernels.
 
     Rows describe ``flats[i].values``; sparse tensors' unstored zeros are not added here.
 
     Args:
         flats: tensors on devices that :func:`serves`.
+        inv_scale: optional one-element float32 tensor: rows then describe ``g * inv_scale``.
         tiling: optional ``block``, ``careful_block``, ``chunk_numel``, ``final_rows``
             overrides passed to the launcher (tests use them to force many chunks).
     """
@@ -72,7 +87,8 @@ def triton_rows(flats: Sequence[FlatElements], **tiling) -> np.ndarray:
     buffers = []
     for device, members in by_device.items():
         out = torch.empty((len(members), layout.ROW_WIDTH), dtype=torch.float64, device=device)
-        launch_rows([flats[i] for i in members], out, range(len(members)), **tiling)
+        scale = None if inv_scale is None else inv_scale.to(device)
+        launch_rows([flats[i] for i in members], out, range(len(members)), inv_scale=scale, **tiling)
         buffers.append((members, out))
     for members, out in buffers:  # one device-to-host copy per device, after all launches
         rows[members] = out.cpu().numpy()

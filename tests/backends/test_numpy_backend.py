@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stats_reference import assert_matches_reference
+from stats_reference import assert_matches_reference, unscaled
 from tensor_strategies import gradient_tensors, many_small_and_a_few_large
 
 from gradscope import TensorStats
@@ -13,8 +13,8 @@ from gradscope.backends import numpy_backend
 from gradscope.inputs import flat_elements
 
 
-def numpy_stats(tensors, num_threads=None) -> TensorStats:
-    rows = numpy_backend.numpy_rows([flat_elements(t) for t in tensors], num_threads=num_threads)
+def numpy_stats(tensors, num_threads=None, inv_scale=None) -> TensorStats:
+    rows = numpy_backend.numpy_rows([flat_elements(t) for t in tensors], num_threads=num_threads, inv_scale=inv_scale)
     return TensorStats.from_rows(rows)
 
 
@@ -44,6 +44,17 @@ def test_matches_reference_across_chunks_packs_and_threads(small_work_items, ten
 @given(tensors=many_small_and_a_few_large(), threads=st.integers(1, 3))
 def test_many_small_tensors_around_large_ones(small_work_items, tensors, threads):
     assert_matches_reference(numpy_stats(tensors, num_threads=threads), tensors)
+
+
+@settings(max_examples=100)
+@given(
+    tensors=st.lists(gradient_tensors(), min_size=1, max_size=8),
+    inv_scale=st.sampled_from([2.0**-16, 2.0**-24, 2.0**3, 1 / 3, 1e-30]),
+)
+def test_statistics_of_unscaled_gradients(small_work_items, tensors, inv_scale):
+    """With inv_scale, the statistics are those of g * inv_scale computed as GradScaler does."""
+    expected = [unscaled(t, inv_scale) for t in tensors]
+    assert_matches_reference(numpy_stats(tensors, num_threads=2, inv_scale=inv_scale), expected)
 
 
 @given(st.lists(gradient_tensors(), min_size=1, max_size=8))

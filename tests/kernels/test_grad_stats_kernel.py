@@ -16,7 +16,7 @@ import torch
 from conftest import requires_cuda
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stats_reference import assert_matches_reference, reference_row
+from stats_reference import assert_matches_reference, reference_row, unscaled
 from tensor_strategies import gradient_tensors, many_small_and_a_few_large
 
 from gradscope import TensorStats, layout
@@ -26,9 +26,10 @@ from gradscope.inputs import flat_elements
 SMALL_TILES = {"block": 64, "careful_block": 16, "chunk_numel": 256, "final_rows": 4}
 
 
-def kernel_stats(tensors, device, **tiling) -> TensorStats:
+def kernel_stats(tensors, device, inv_scale=None, **tiling) -> TensorStats:
     flats = [flat_elements(t.to(device)) for t in tensors]
-    return TensorStats.from_rows(triton_backend.triton_rows(flats, **tiling))
+    scale = None if inv_scale is None else torch.tensor([inv_scale], dtype=torch.float32, device=device)
+    return TensorStats.from_rows(triton_backend.triton_rows(flats, inv_scale=scale, **tiling))
 
 
 @settings(max_examples=60)
@@ -48,6 +49,17 @@ def test_many_small_tensors_around_large_ones(kernel_device, tensors):
 @given(st.lists(gradient_tensors(max_numel=3000), min_size=1, max_size=3))
 def test_matches_reference_default_tiles(kernel_device, tensors):
     assert_matches_reference(kernel_stats(tensors, kernel_device), tensors)
+
+
+@settings(max_examples=20)
+@given(
+    tensors=st.lists(gradient_tensors(max_numel=1500), min_size=1, max_size=3),
+    inv_scale=st.sampled_from([2.0**-16, 2.0**3, 1 / 3, 1e-30]),
+)
+def test_statistics_of_unscaled_gradients(kernel_device, tensors, inv_scale):
+    """With inv_scale, the statistics are those of g * inv_scale computed as GradScaler does."""
+    expected = [unscaled(t, inv_scale) for t in tensors]
+    assert_matches_reference(kernel_stats(tensors, kernel_device, inv_scale=inv_scale, **SMALL_TILES), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -156,8 +168,10 @@ _COMPILE_SCRIPT = textwrap.dedent(
     acc = tl.float64 if name == "float64" else tl.float32
     fn = k._grad_stats_kernel
     signature = {"tables_ptr": "*i64", "partial_ptr": "*fp64" if name == "float64" else "*fp32",
-                 "arrival_ptr": "*i32", "out_ptr": "*fp64", "num_tensors": "i32", "chunk_numel": "i32"}
+                 "arrival_ptr": "*i32", "out_ptr": "*fp64", "scale_ptr": "*fp32", "num_tensors": "i32",
+                 "chunk_numel": "i32"}
     constants = dict(IN_DTYPE=dtype, ACC=acc, IS_FP64=name == "float64", IS_BF16=name == "bfloat16", ALIGNED=True,
+                     HAS_SCALE=True,
                      BLOCK=block, CAREFUL_BLOCK=careful,
                      FINAL_ROWS=16, PARTIAL_HIST=k.PARTIAL_HIST, PARTIAL_WIDTH=k.PARTIAL_WIDTH,
                      PARTIAL_COLS=128, ROW_WIDTH=71,
