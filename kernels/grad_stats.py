@@ -375,21 +375,22 @@ def _arrival(device: torch.device, count: int) -> torch.Tensor:
     return counters
 
 
-def _launch_sizes(total: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(block, careful block, chunk elements, final rows, warps) for ``total`` elements.
+def _launch_sizes(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(block, careful block, chunk elements, final rows, warps) for one launch.
+
+    The chunk size is fixed, not derived from the launch's total size, so that a tensor's
+    row is bit-identical whichever other tensors share its launch (the monitor launches per
+    bucket of gradients in backward mode and all at once in step mode). 2**16 elements per
+    program keeps every SM busy from about 10M elements on an H100.
 
     Compiled sizes keep the kernel within 64 registers per thread on sm_90 (cuobjdump with
     Triton 3.9: 59-61 for 16/32-bit inputs, 52 for float64), so four 8-warp programs fit on
-    each SM; chunks aim at 8 programs per SM.
+    each SM.
     """
     if is_interpreted():
-        block, careful_block, final_rows, warps, programs = 1024, 256, 8, 1, 64
-    else:
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        block, careful_block = (1024, 256) if dtype == torch.float64 else (2048, 512)
-        final_rows, warps, programs = 16, 8, 8 * sms
-    chunk = triton.next_power_of_2(max(1, -(-total // programs)))
-    return block, careful_block, min(max(chunk, block), _MAX_CHUNK), final_rows, warps
+        return 1024, 256, 1 << 12, 8, 1
+    block, careful_block = (1024, 256) if dtype == torch.float64 else (2048, 512)
+    return block, careful_block, 1 << 16, 16, 8
 
 
 def grad_stats_launch(
@@ -447,7 +448,7 @@ def grad_stats_launch(
         raise ValueError(f"grad_stats_launch: inv_scale must be a one-element float32 tensor on {device}")
 
     numels = np.fromiter((v.numel() for v in values), dtype=np.int64, count=len(values))
-    sizes = _launch_sizes(int(numels.sum()), dtype, device)
+    sizes = _launch_sizes(dtype)
     block = block or sizes[0]
     careful_block = careful_block or sizes[1]
     chunk_numel = chunk_numel or max(sizes[2], block, careful_block)

@@ -75,3 +75,35 @@ def unscaled(tensor: torch.Tensor, inv_scale: float) -> torch.Tensor:
     if tensor.dtype == torch.float64:
         return tensor * inv.double()
     return tensor.float() * inv
+
+
+def reference_layers(grads_by_param: dict[str, torch.Tensor | None], row_of: dict[str, str]) -> dict[str, dict]:
+    """Reference statistics per row (layer) from final gradients: sums and counts add, max
+    takes max, histograms add; rows whose parameters all lack a gradient are absent."""
+    rows: dict[str, dict] = {}
+    for name, grad in grads_by_param.items():
+        if grad is None:
+            continue
+        ref = reference_row(grad)
+        row = rows.setdefault(row_of[name], {key: 0 for key in ref})
+        for key, value in ref.items():
+            row[key] = max(row[key], value) if key == "max_abs" else row[key] + value
+    return rows
+
+
+def assert_rows_match(series_by_field: dict, step_position: int, expected: dict[str, dict], rtol: float = 1e-5):
+    """Compare one sampled step of a monitor's history with :func:`reference_layers`."""
+    rows = series_by_field["norm"].rows
+    for r, name in enumerate(rows):
+        present = bool(series_by_field["present"].values[step_position, r])
+        assert present == (name in expected), f"row {name}: present={present}"
+        if not present:
+            assert np.isnan(series_by_field["norm"].values[step_position, r])
+            continue
+        ref = expected[name]
+        value = {field: series_by_field[field].values[step_position, r] for field in series_by_field}
+        for field in ("numel", "zeros", "nans", "infs", "max_abs"):
+            assert value[field] == ref[field], f"row {name}: {field} {value[field]} != {ref[field]}"
+        np.testing.assert_array_equal(value["hist"], ref["hist"], err_msg=f"row {name}")
+        assert abs(value["sum"] - ref["sum"]) <= rtol * ref["abs_sum"], f"row {name}: sum"
+        assert abs(value["sumsq"] - ref["sumsq"]) <= rtol * ref["sumsq"], f"row {name}: sumsq"

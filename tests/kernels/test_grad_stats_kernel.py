@@ -90,6 +90,16 @@ def test_bit_identical_across_runs(kernel_device):
     assert first.tobytes() == again.tobytes()
 
 
+def test_rows_do_not_depend_on_launch_companions(kernel_device):
+    """A tensor's row is bit-identical whether it is launched alone or with others (the
+    monitor's backward and step modes group gradients differently)."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(n, generator=g) * 10 ** torch.randn(n, generator=g) for n in (9000, 130, 5000)]
+    together = kernel_stats(tensors, kernel_device).to_rows()
+    alone = np.concatenate([kernel_stats([t], kernel_device).to_rows() for t in tensors])
+    assert together.tobytes() == alone.tobytes()
+
+
 def test_writes_only_its_rows(kernel_device):
     """The launcher writes the requested rows of a shared buffer and nothing else."""
     out = torch.full((5, layout.ROW_WIDTH), -7.0, dtype=torch.float64, device=kernel_device)

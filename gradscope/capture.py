@@ -1,0 +1,243 @@
+"""Capture engines: where a monitor's gradient statistics are computed, per device.
+
+A capture owns one statistics row per watched parameter on its device and fills them for
+sampled steps:
+
+* :class:`KernelCapture` launches the Triton kernel (CUDA, or CPU tensors in Triton's
+  interpreter). Gradients are launched in buckets as hooks deliver them, on the current
+  stream, into a device buffer; at the end of the step the buffer is copied to pinned host
+  memory with ``non_blocking=True`` and a CUDA event marks when it has landed. Nothing here
+  waits for the device; the host collects a step once its event has completed (or when it
+  is asked to, and then it waits). A small pool of buffers lets the host fall a few steps
+  behind.
+* :class:`NumpyCapture` runs the NumPy backend, on a worker thread in backward mode so that
+  it overlaps autograd, and waits for that thread at the end of backward so that no
+  gradient is still being read when user code may modify it (clipping, unscaling).
+
+Both compute each gradient's row with the same deterministic code whichever other
+gradients share a launch, so backward mode and step mode give identical numbers.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradscope import layout
+from gradscope.backends import numpy_backend, triton_backend
+from gradscope.inputs import FlatElements, flat_elements
+
+BUCKET_TENSORS = 64
+"""Gradients per kernel launch in backward mode (fewer launches, still overlapping backward)."""
+
+BUCKET_NUMEL = 1 << 25
+"""Elements per kernel launch in backward mode."""
+
+MAX_SLOTS = 8
+"""Sampled steps whose device buffers may be in flight before the host waits for the oldest."""
+
+
+@dataclass
+class _Slot:
+    rows: torch.Tensor  # device, float64 (count, ROW_WIDTH)
+    host: torch.Tensor  # pinned (CUDA) or the same tensor (CPU)
+    event: torch.cuda.Event | None
+    implicit_zeros: np.ndarray  # (count,) unstored zeros of sparse gradients, added on the host
+
+
+def _with_implicit_zeros(rows: np.ndarray, implicit_zeros: np.ndarray) -> np.ndarray:
+    rows[:, layout.NUMEL] += implicit_zeros
+    rows[:, layout.ZEROS] += implicit_zeros
+    return rows
+
+
+class KernelCapture:
+    """Statistics of the gradients on one device, by the Triton kernel (see module docstring).
+
+    Args:
+        device: a CUDA device, or CPU when the kernels are interpreted.
+        count: rows (watched parameters on this device).
+    """
+
+    def __init__(self, device: torch.device, count: int) -> None:
+        self.device = device
+        self.count = count
+        self._free: list[_Slot] = []
+        self._slots = 0
+        self._in_flight: deque[tuple[int, _Slot]] = deque()
+        self._done: list[tuple[int, np.ndarray]] = []
+        self._slot: _Slot | None = None
+        self._inv_scale: torch.Tensor | None = None
+        self._pending: list[tuple[int, FlatElements]] = []
+        self._pending_numel = 0
+
+    def _take_slot(self) -> _Slot:
+        if not self._free and self._slots >= MAX_SLOTS and self._in_flight:
+            # The host is MAX_SLOTS sampled steps behind the device: wait for the oldest.
+            self._in_flight[0][1].event.synchronize()
+            self._release_done()
+        if self._free:
+            return self._free.pop()
+        self._slots += 1
+        rows = torch.empty((self.count, layout.ROW_WIDTH), dtype=torch.float64, device=self.device)
+        zeros = np.zeros(self.count)
+        if self.device.type == "cuda":
+            host = torch.empty(rows.shape, dtype=torch.float64, pin_memory=True)
+            return _Slot(rows, host, torch.cuda.Event(), zeros)
+        return _Slot(rows, rows, None, zeros)
+
+    def start(self, inv_scale: torch.Tensor | None) -> None:
+        """Begin capturing a sampled step; ``inv_scale`` (float32 [1] on this device) unscales."""
+        self._slot = self._take_slot()
+        self._slot.implicit_zeros[:] = 0
+        self._inv_scale = inv_scale
+        self._pending.clear()
+        self._pending_numel = 0
+
+    def add(self, index: int, grad: torch.Tensor) -> None:
+        """Queue row ``index``'s final gradient; launches when a bucket is full."""
+        flat = flat_elements(grad)
+        self._pending.append((index, flat))
+        self._pending_numel += flat.values.numel()
+        if len(self._pending) >= BUCKET_TENSORS or self._pending_numel >= BUCKET_NUMEL:
+            self.flush()
+
+    def add_all(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
+        """Step mode: every gradient at once (one launch per dtype)."""
+        self._pending.extend((i, flat_elements(g)) for i, g in zip(indices, grads, strict=True))
+        self.flush()
+
+    def flush(self) -> None:
+        """Launch whatever is queued (on the current stream; no host sync)."""
+        if not self._pending:
+            return
+        indices = [i for i, _ in self._pending]
+        flats = [f for _, f in self._pending]
+        self._pending.clear()
+        self._pending_numel = 0
+        triton_backend.launch_rows(flats, self._slot.rows, indices, inv_scale=self._inv_scale)
+        for i, flat in zip(indices, flats, strict=True):
+            self._slot.implicit_zeros[i] = flat.implicit_zeros
+
+    end_backward = flush
+
+    def finish(self, step: int) -> None:
+        """End the step: launch the rest and start the copy of its rows to the host."""
+        self.flush()
+        slot, self._slot = self._slot, None
+        if slot.event is not None:
+            slot.host.copy_(slot.rows, non_blocking=True)
+            slot.event.record()
+        self._in_flight.append((step, slot))
+
+    def _release_done(self) -> None:
+        while self._in_flight:
+            step, slot = self._in_flight[0]
+            if slot.event is not None and not slot.event.query():
+                break
+            self._in_flight.popleft()
+            self._done.append((step, _with_implicit_zeros(slot.host.numpy().copy(), slot.implicit_zeros)))
+            self._free.append(slot)
+
+    def completed(self, block: bool = False) -> list[tuple[int, np.ndarray]]:
+        """Rows (float64 ``(count, ROW_WIDTH)``) of finished steps, oldest first; with
+        ``block``, waits for every step in flight."""
+        if block and self._in_flight and self._in_flight[-1][1].event is not None:
+            self._in_flight[-1][1].event.synchronize()
+        self._release_done()
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        self._free.clear()
+        self._in_flight.clear()
+        self._done.clear()
+        self._pending.clear()
+        self._slot = None
+
+
+class NumpyCapture:
+    """Statistics of gradients by the NumPy backend (see module docstring).
+
+    Args:
+        count: rows (watched parameters read by this capture).
+        threaded: compute on a worker thread as gradients arrive (backward mode).
+    """
+
+    def __init__(self, count: int, threaded: bool) -> None:
+        self.count = count
+        self._threaded = threaded
+        self._rows: np.ndarray | None = None
+        self._inv_scale: float | None = None
+        self._done: list[tuple[int, np.ndarray]] = []
+        self._tasks: queue.Queue | None = None
+        self._worker: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self, inv_scale: float | None) -> None:
+        self._rows = np.zeros((self.count, layout.ROW_WIDTH))
+        self._inv_scale = inv_scale
+
+    def _compute(self, index: int, flat: FlatElements) -> None:
+        try:
+            row = numpy_backend.numpy_rows([flat], num_threads=1, inv_scale=self._inv_scale)
+            self._rows[index] = _with_implicit_zeros(row, np.array([flat.implicit_zeros]))[0]
+        except BaseException as error:  # reported by the monitor; training goes on
+            self.error = error
+
+    def _work(self) -> None:
+        while True:
+            task = self._tasks.get()
+            try:
+                if task is None:
+                    return
+                self._compute(*task)
+            finally:
+                self._tasks.task_done()
+
+    def add(self, index: int, grad: torch.Tensor) -> None:
+        flat = flat_elements(grad)
+        if not self._threaded:
+            self._compute(index, flat)
+            return
+        if self._worker is None:
+            self._tasks = queue.Queue()
+            self._worker = threading.Thread(target=self._work, name="gradscope-capture", daemon=True)
+            self._worker.start()
+        self._tasks.put((index, flat))
+
+    def add_all(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
+        try:
+            flats = [flat_elements(g) for g in grads]
+            rows = numpy_backend.numpy_rows(flats, inv_scale=self._inv_scale)
+            implicit = np.array([f.implicit_zeros for f in flats], dtype=np.float64)
+            self._rows[list(indices)] = _with_implicit_zeros(rows, implicit)
+        except BaseException as error:
+            self.error = error
+
+    def end_backward(self) -> None:
+        """Wait until every gradient handed over so far has been read."""
+        if self._tasks is not None:
+            self._tasks.join()
+
+    def finish(self, step: int) -> None:
+        self.end_backward()
+        self._done.append((step, self._rows))
+        self._rows = None
+
+    def completed(self, block: bool = False) -> list[tuple[int, np.ndarray]]:
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._tasks.put(None)
+            self._worker.join()
+            self._worker = None
+        self._done.clear()

@@ -1,0 +1,572 @@
+"""``gradscope.watch``: per-layer gradient statistics captured during training, no host sync.
+
+::
+
+    mon = gradscope.watch(model)
+    for batch in data:
+        loss = model(batch).loss
+        loss.backward()
+        mon.step(loss=loss)          # end of one optimisation step; loss stays on the device
+        opt.step(); opt.zero_grad()
+    mon.history("norm")              # (steps, layers) NumPy array, steps and layer names
+
+In ``mode="backward"`` (the default) a ``register_post_accumulate_grad_hook`` on every
+watched parameter hands its gradient to a capture engine (:mod:`gradscope.capture`) as soon
+as it is final: on CUDA the Triton kernel is launched on the current stream while the rest
+of backward runs; on CPU a worker thread runs NumPy while autograd goes on, and the end of
+backward waits for it. In ``mode="step"`` everything is measured in one pass at
+``mon.step()``. Both give identical numbers.
+
+Statistics land in device buffers and reach the host through pinned memory and CUDA events;
+the host reads a step once its event has completed (usually one step later) or when asked
+(``history()``, ``stats()``, ``close()``), and only then waits.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from gradscope import layout
+from gradscope.backends import triton_backend
+from gradscope.capture import KernelCapture, NumpyCapture
+from gradscope.history import History, Series
+from gradscope.resources import StepClock, as_scalar, model_summary
+from gradscope.tensor_stats import TensorStats
+from gradscope.updates import UpdateTracker
+from gradscope.watched import ParamSelector, select, untracked, unwrap
+
+MODES = ("backward", "step")
+_WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
+_MAX_ERRORS = 100
+_CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
+_STEP_CAPACITY_LIMIT = 1 << 20
+
+
+def watch(
+    model: torch.nn.Module,
+    every: int = 1,
+    mode: str = "backward",
+    accumulation_steps: int = 1,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler=None,
+    track_updates: bool = False,
+    history: int = 10_000,
+    *,
+    granularity: str = "layer",
+    params: ParamSelector = None,
+    backend: str = "auto",
+    hist_history: int = 1_000,
+) -> Monitor:
+    """Start monitoring ``model``'s gradients; returns the :class:`Monitor`.
+
+    Args:
+        model: the model (a ``torch.compile`` wrapper is fine: its parameters are watched).
+        every: sample steps 0, every, 2*every, ...; on other steps the hooks return at once.
+        mode: ``"backward"`` (measure each gradient as soon as it is final, overlapping
+            backward) or ``"step"`` (measure all gradients at ``mon.step()``).
+        accumulation_steps: backward passes per optimisation step; gradients are measured
+            after the last one, when they are complete (backward mode).
+        optimizer: needed for ``track_updates``; also tells a ``scaler`` which optimizer's
+            gradients may already be unscaled.
+        scaler: a ``torch.amp.GradScaler``; statistics are then of the unscaled gradients
+            (``g * inv_scale`` as the scaler computes it), and steps it skips for overflow
+            show as ``skipped`` in the history.
+        track_updates: record per-layer weight norm, update norm ``||w_after - w_before||``
+            and their ratio on sampled steps (costs one copy of the watched parameters).
+        history: sampled steps kept in memory (oldest dropped).
+        granularity: ``"layer"`` (rows are modules) or ``"parameter"`` (rows are parameters).
+        params: which parameters: names or glob patterns, or a predicate ``(name, param)``.
+        backend: ``"auto"``, ``"triton"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
+        hist_history: sampled steps whose histograms are kept (the newest).
+
+    Raises:
+        RuntimeError: ``model`` is already watched by a monitor that is not closed.
+        ValueError / TypeError: an invalid argument (named in the message).
+    """
+    return Monitor(
+        model,
+        every=every,
+        mode=mode,
+        accumulation_steps=accumulation_steps,
+        optimizer=optimizer,
+        scaler=scaler,
+        track_updates=track_updates,
+        history=history,
+        granularity=granularity,
+        params=params,
+        backend=backend,
+        hist_history=hist_history,
+    )
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"watch: {name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _queue_end_of_backward(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` when the running backward pass ends (as DDP does); False if impossible."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+        return True
+    except Exception:
+        return False
+
+
+class _Hook:
+    """A parameter's post-accumulate-grad hook; holds the monitor weakly so that a monitor
+    dropped without ``close()`` does not stay alive through the model."""
+
+    __slots__ = ("index", "monitor")
+
+    def __init__(self, monitor: Monitor, index: int) -> None:
+        self.monitor = weakref.ref(monitor)
+        self.index = index
+
+    def __call__(self, param: torch.Tensor) -> None:
+        monitor = self.monitor()
+        if monitor is not None:
+            monitor._on_grad(self.index, param)
+
+
+class Monitor:
+    """Per-layer gradient statistics of a model, step by step. Create with :func:`watch`.
+
+    Attributes:
+        every, mode, accumulation_steps: as passed to :func:`watch`.
+        rows: names of the reported rows (layers, or parameters).
+        summary: parameters, trainable parameters, bytes and layers of the model.
+        errors: messages of failures inside gradscope (training was not interrupted).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        every: int,
+        mode: str,
+        accumulation_steps: int,
+        optimizer,
+        scaler,
+        track_updates: bool,
+        history: int,
+        granularity: str,
+        params: ParamSelector,
+        backend: str,
+        hist_history: int,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
+        self.every = _positive_int(every, "every")
+        self.accumulation_steps = _positive_int(accumulation_steps, "accumulation_steps")
+        _positive_int(history, "history")
+        _positive_int(hist_history, "hist_history")
+        if mode not in MODES:
+            raise ValueError(f"watch: mode must be one of {MODES}, got {mode!r}")
+        if backend not in ("auto", "triton", "numpy"):
+            raise ValueError(f"watch: backend must be 'auto', 'triton' or 'numpy', got {backend!r}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if track_updates and optimizer is None:
+            raise ValueError("watch: track_updates=True needs optimizer=")
+        if scaler is not None and not hasattr(scaler, "is_enabled"):
+            raise TypeError(f"watch: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        target = unwrap(model)
+        existing = _WATCHED.get(target)
+        if existing is not None and existing() is not None and not existing()._closed:
+            raise RuntimeError("watch: this model is already watched by a gradscope monitor; call close() on it first")
+
+        self.mode = mode
+        self._model = weakref.ref(target)
+        self._optimizer = optimizer
+        self._scaler = scaler
+        self._watched = select(model, params, granularity)
+        self.rows = self._watched.row_names
+        self.summary = model_summary(target, len(self.rows))
+        self.errors: list[str] = []
+        self._lock = threading.RLock()
+        self._closed = False
+        self._warned: set[str] = set()
+
+        # Capture engines, one per device the kernels serve, NumPy for the rest.
+        self._route: list[tuple[object, int]] = []
+        engines: dict[object, list[int]] = {}
+        for index, p in enumerate(self._watched.params):
+            key = self._engine_key(p.device, backend)
+            engines.setdefault(key, []).append(index)
+        self._captures: dict[object, KernelCapture | NumpyCapture] = {}
+        self._route = [None] * len(self._watched)
+        for key, members in engines.items():
+            if key == "numpy":
+                self._captures[key] = NumpyCapture(len(members), threaded=mode == "backward")
+            else:
+                self._captures[key] = KernelCapture(key, len(members))
+            for local, index in enumerate(members):
+                self._route[index] = (key, local)
+        self._members = {key: np.array(members) for key, members in engines.items()}
+
+        # Grouping parameter rows into reported rows (layers).
+        self._perm = np.argsort(self._watched.row_of, kind="stable")
+        self._row_starts = np.flatnonzero(np.r_[True, np.diff(self._watched.row_of[self._perm]) != 0])
+
+        device = next((p.device for p in self._watched.params if p.device.type == "cuda"), torch.device("cpu"))
+        self._clock = StepClock(device)
+        layer_numel = np.bincount(self._watched.row_of, weights=self._watched.numel, minlength=len(self.rows))
+        self._history = History(
+            self.rows,
+            every=self.every,
+            capacity=history,
+            hist_capacity=min(hist_history, history),
+            step_capacity=min(history * self.every, max(history, _STEP_CAPACITY_LIMIT)),
+            track_updates=track_updates,
+            hist_dtype=np.uint32 if layer_numel.max() < 2**32 else np.int64,
+        )
+
+        # Per-step state.
+        self._step = 0
+        self._backwards = 0  # backward passes finished in the open step
+        self._backward_open = False
+        self._capturing = False  # this backward is being measured
+        self._started: set = set()  # captures started for the open step
+        self._present = np.zeros(len(self._watched), dtype=bool)
+        self._order = np.full(len(self._watched), -1, dtype=np.int64)
+        self._next_order = 0
+        self._pending: dict[int, tuple[np.ndarray, np.ndarray, set, dict]] = {}
+
+        self._handles = []
+        if mode == "backward":
+            for index, p in enumerate(self._watched.params):
+                if p.requires_grad:
+                    self._handles.append(p.register_post_accumulate_grad_hook(_Hook(self, index)))
+        self._updates = UpdateTracker(optimizer, self._watched.params, self._update_step) if track_updates else None
+        _WATCHED[target] = weakref.ref(self)
+        self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+
+    # ---- set-up helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def _engine_key(device: torch.device, backend: str):
+        if backend != "numpy" and triton_backend.serves(device):
+            if backend == "triton" or device.type == "cuda":
+                return device
+        if backend == "triton":
+            raise ValueError(f"watch: backend='triton' cannot read parameters on {device}")
+        return "numpy"
+
+    # ---- hooks --------------------------------------------------------------------------
+
+    def _on_grad(self, index: int, param: torch.Tensor) -> None:
+        if self._closed:
+            return
+        try:
+            with self._lock:
+                if not self._backward_open:
+                    self._backward_open = True
+                    self._capturing = self._step % self.every == 0 and self._backwards == self.accumulation_steps - 1
+                    if not _queue_end_of_backward(self._on_backward_end):
+                        self._warn_once(
+                            "callback", "gradscope: cannot detect the end of backward; measuring at mon.step()"
+                        )
+                if not self._capturing:
+                    return
+                key, local = self._route[index]
+                if key not in self._started:
+                    self._start(key)
+                self._present[index] = True
+                self._order[index] = self._next_order
+                self._next_order += 1
+                self._captures[key].add(local, param.grad)
+        except Exception as error:
+            self._fail(error)
+
+    def _on_backward_end(self) -> None:
+        try:
+            with self._lock:
+                self._backward_open = False
+                self._backwards += 1
+                if self._capturing:
+                    self._capturing = False
+                    for key in self._started:
+                        self._captures[key].end_backward()
+        except Exception as error:
+            self._fail(error)
+
+    # ---- measuring ----------------------------------------------------------------------
+
+    def _scale_tensor(self) -> torch.Tensor | None:
+        """The GradScaler's scale (a device tensor), if the gradients are still scaled."""
+        scaler = self._scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        if scale is None:
+            return None
+        if self.mode == "step" and self._optimizer is not None:
+            state = getattr(scaler, "_per_optimizer_states", {}).get(id(self._optimizer), {})
+            if getattr(state.get("stage"), "name", None) == "UNSCALED":
+                return None  # scaler.unscale_(optimizer) ran before mon.step()
+        return scale
+
+    def _start(self, key) -> None:
+        scale = self._scale_tensor()
+        capture = self._captures[key]
+        if scale is None:
+            capture.start(None)
+        elif key == "numpy":
+            capture.start(float(scale.double().reciprocal().float()))
+        else:
+            capture.start(scale.double().reciprocal().float().to(key))  # as GradScaler computes it
+        self._started.add(key)
+
+    def _capture_step_mode(self) -> None:
+        grads: dict[object, tuple[list[int], list[torch.Tensor]]] = {}
+        for index, p in enumerate(self._watched.params):
+            if p.grad is not None:
+                key, local = self._route[index]
+                locals_, tensors = grads.setdefault(key, ([], []))
+                locals_.append(local)
+                tensors.append(p.grad)
+                self._present[index] = True
+        for key, (locals_, tensors) in grads.items():
+            self._start(key)
+            self._captures[key].add_all(locals_, tensors)
+
+    def step(self, loss=None, **metrics) -> None:
+        """Mark the end of one optimisation step (call it after backward, before ``optimizer.step()``).
+
+        Args:
+            loss: the step's loss, a number or a one-element tensor (kept on its device and
+                read later: this never synchronises).
+            metrics: other scalars of this step (numbers or one-element tensors).
+        """
+        if self._closed:
+            self._warn_once("closed", "gradscope: mon.step() after close() is ignored")
+            return
+        values = {}
+        for name, value in (("loss", loss), *metrics.items()):
+            if value is not None:
+                values[name] = as_scalar(value, name)
+        step = self._step
+        try:
+            with self._lock:
+                sampled = step % self.every == 0
+                if sampled:
+                    if self.mode == "step":
+                        self._capture_step_mode()
+                    for key in self._started:
+                        self._captures[key].finish(step)
+                    self._pending[step] = (self._present.copy(), self._order.copy(), set(self._started), {})
+                    self._raise_capture_errors()
+                scale = self._scaler_scale_value()
+                if scale is not None:
+                    values["grad_scale"] = scale
+                self._clock.tick(step, values)
+                if step % _CHECK_NEW_PARAMS_EVERY == 1:
+                    self._check_new_params()
+                self._collect(block=False)
+        except Exception as error:
+            self._fail(error)
+        finally:
+            with self._lock:
+                self._step += 1
+                self._backwards = 0
+                self._capturing = False
+                self._started = set()
+                self._present[:] = False
+                self._order[:] = -1
+                self._next_order = 0
+
+    def _scaler_scale_value(self):
+        scaler = self._scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return None if scale is None else scale.detach().reshape(())
+
+    def _update_step(self) -> int | None:
+        """The step an optimizer step now belongs to: the one ``mon.step()`` just closed."""
+        step = self._step - 1
+        if step < 0:
+            self._warn_once("order", "gradscope: call mon.step() after backward and before optimizer.step()")
+            return None
+        return step if step % self.every == 0 else None
+
+    def log(self, **metrics) -> None:
+        """Attach scalar metrics (numbers, or tensors read now) to the most recent step."""
+        if self._closed:
+            self._warn_once("closed-log", "gradscope: mon.log() after close() is ignored")
+            return
+        values = {name: float(as_scalar(value, name)) for name, value in metrics.items()}
+        with self._lock:
+            self._history.add_metrics(max(self._step - 1, 0), values)
+
+    # ---- collecting ---------------------------------------------------------------------
+
+    def _collect(self, block: bool) -> None:
+        for key, capture in self._captures.items():
+            for step, rows in capture.completed(block):
+                if step in self._pending:
+                    self._pending[step][3][key] = rows
+        for step in sorted(self._pending):
+            present, order, started, arrived = self._pending[step]
+            if len(arrived) < len(started):
+                break
+            del self._pending[step]
+            self._record_sampled(step, present, order, arrived)
+        for record in self._clock.completed(block):
+            step_values = {"step_time": record.step_time, "peak_memory": record.peak_memory, "energy": record.energy}
+            for name in ("loss", "grad_scale"):
+                if name in record.values:
+                    step_values[name] = record.values.pop(name)
+            self._history.add_step(record.step, **step_values)
+            if record.values:
+                self._history.add_metrics(record.step, record.values)
+        if self._updates is not None:
+            for step, weight_sq, update_sq in self._updates.completed(block):
+                self._history.add_updates(step, self._sum_rows(weight_sq), self._sum_rows(update_sq))
+
+    def _sum_rows(self, per_param: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(per_param[self._perm], self._row_starts)
+
+    def _record_sampled(self, step: int, present: np.ndarray, order: np.ndarray, arrived: dict) -> None:
+        param_rows = np.zeros((len(self._watched), layout.ROW_WIDTH))
+        for key, rows in arrived.items():
+            param_rows[self._members[key]] = rows
+        param_rows[~present] = 0
+        sorted_rows = param_rows[self._perm]
+        rows = np.add.reduceat(sorted_rows, self._row_starts, axis=0)
+        rows[:, layout.MAX_ABS] = np.maximum.reduceat(sorted_rows[:, layout.MAX_ABS], self._row_starts)
+        row_present = np.logical_or.reduceat(present[self._perm], self._row_starts)
+        ranked = np.where(present & (order >= 0), order, np.iinfo(np.int64).max)[self._perm]
+        row_order = np.minimum.reduceat(ranked, self._row_starts)
+        row_order[row_order == np.iinfo(np.int64).max] = -1
+        self._history.add_sampled(step, rows, row_present, row_order)
+
+    # ---- reading ------------------------------------------------------------------------
+
+    def history(self, field: str) -> Series:
+        """Values of ``field`` over the kept steps, oldest first (waits for pending steps).
+
+        Per-row fields (``(steps, rows)``; NaN where a row had no gradient): ``numel``,
+        ``sum``, ``sumsq``, ``max_abs``, ``zeros``, ``nans``, ``infs``, ``norm``, ``rms``,
+        ``mean``, ``zero_frac``, ``nonfinite``, ``finite``, ``present``,
+        ``backward_order`` (0 = the row whose gradient was final first), ``hist``
+        (``(steps, rows, 64)``), and with ``track_updates`` ``weight_norm``,
+        ``update_norm``, ``update_ratio``. Per-step fields (``(steps,)``, every step):
+        ``loss``, ``step_time`` (s), ``peak_memory`` (bytes), ``energy`` (J),
+        ``grad_scale``, ``skipped``, ``failed`` and every logged metric.
+        """
+        self._collect_now()
+        return self._history.series(field)
+
+    def fields(self) -> tuple[str, ...]:
+        """Names :meth:`history` accepts."""
+        self._collect_now()
+        return self._history.fields()
+
+    def stats(self, step: int | None = None) -> TensorStats:
+        """Statistics of the rows present at a sampled ``step`` (default: the latest)."""
+        self._collect_now()
+        if step is None:
+            step = self._history.latest_sampled()
+        found = self._history.sampled_rows(step) if step >= 0 else None
+        if found is None:
+            raise KeyError(f"step {step} is not a kept sampled step")
+        rows, present = found
+        return TensorStats.from_rows(rows[present], tuple(np.array(self.rows, dtype=object)[present]))
+
+    @property
+    def step_index(self) -> int:
+        """Steps completed so far (``mon.step()`` calls)."""
+        return self._step
+
+    def _collect_now(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._collect(block=True)
+
+    # ---- failures and warnings ----------------------------------------------------------
+
+    def _raise_capture_errors(self) -> None:
+        for source in (*self._captures.values(), self._updates):
+            error = getattr(source, "error", None)
+            if error is not None:
+                source.error = None
+                raise error
+
+    def _fail(self, error: BaseException) -> None:
+        step = self._step
+        self._history.mark_failed(step)
+        if len(self.errors) < _MAX_ERRORS:
+            self.errors.append(f"step {step}: {type(error).__name__}: {error}")
+        self._warn_once(
+            "failure",
+            f"gradscope: monitoring failed at step {step} ({type(error).__name__}: {error}); "
+            "training is not affected, the step is marked failed and later failures are listed in mon.errors",
+        )
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _check_new_params(self) -> None:
+        model = self._model()
+        if model is None:
+            return
+        new = untracked(model, self._watched)
+        if new:
+            self._warn_once(
+                "new-params",
+                f"gradscope: parameters added after watch() are not monitored: {', '.join(new[:10])}"
+                + (" ..." if len(new) > 10 else "")
+                + "; close() and watch() again to include them",
+            )
+
+    # ---- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove every hook and release the model (history stays readable). Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._collect(block=True)
+            except Exception as error:
+                self._fail(error)
+            self._closed = True
+            _remove_handles(self._handles)
+            if self._updates is not None:
+                self._updates.close()
+            for capture in self._captures.values():
+                capture.close()
+            self._pending.clear()
+            self._watched = None
+            self._optimizer = None
+            self._scaler = None
+            target = self._model()
+            if target is not None and _WATCHED.get(target) is not None and _WATCHED[target]() is self:
+                del _WATCHED[target]
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self._step}"
+        return f"<gradscope.Monitor {self.mode} mode, every={self.every}, {len(self.rows)} rows, {state}>"
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
