@@ -10,9 +10,12 @@ sampled steps:
   waits for the device; the host collects a step once its event has completed (or when it
   is asked to, and then it waits). A small pool of buffers lets the host fall a few steps
   behind.
-* :class:`NumpyCapture` runs the NumPy backend, on a worker thread in backward mode so that
-  it overlaps autograd, and waits for that thread at the end of backward so that no
-  gradient is still being read when user code may modify it (clipping, unscaling).
+* :class:`NumpyCapture` runs the NumPy backend. In backward mode, when the machine has cores
+  that autograd does not use, it runs on a worker thread as gradients arrive, overlapping
+  autograd; when autograd already uses every core (torch's default), a worker would only
+  compete with it, so gradients are gathered and measured on all cores when backward ends.
+  Either way the end of backward waits for the measurements, so that no gradient is still
+  being read when user code may modify it (clipping, unscaling).
 
 Both compute each gradient's row with the same deterministic code whichever other
 gradients share a launch, so backward mode and step mode give identical numbers.
@@ -167,14 +170,17 @@ class NumpyCapture:
 
     Args:
         count: rows (watched parameters read by this capture).
-        threaded: compute on a worker thread as gradients arrive (backward mode).
+        overlap: in backward mode, compute each gradient on a worker thread as soon as it
+            arrives, overlapping autograd; otherwise gradients are gathered and measured
+            together, on every core, when backward ends (or at ``mon.step()``).
     """
 
-    def __init__(self, count: int, threaded: bool) -> None:
+    def __init__(self, count: int, overlap: bool) -> None:
         self.count = count
-        self._threaded = threaded
+        self._overlap = overlap
         self._rows: np.ndarray | None = None
         self._inv_scale: float | None = None
+        self._gathered: list[tuple[int, FlatElements]] = []
         self._done: list[tuple[int, np.ndarray]] = []
         self._tasks: queue.Queue | None = None
         self._worker: threading.Thread | None = None
@@ -183,11 +189,14 @@ class NumpyCapture:
     def start(self, inv_scale: float | None) -> None:
         self._rows = np.zeros((self.count, layout.ROW_WIDTH))
         self._inv_scale = inv_scale
+        self._gathered.clear()
 
-    def _compute(self, index: int, flat: FlatElements) -> None:
+    def _compute(self, entries: Sequence[tuple[int, FlatElements]], num_threads: int | None) -> None:
         try:
-            row = numpy_backend.numpy_rows([flat], num_threads=1, inv_scale=self._inv_scale)
-            self._rows[index] = _with_implicit_zeros(row, np.array([flat.implicit_zeros]))[0]
+            flats = [flat for _, flat in entries]
+            rows = numpy_backend.numpy_rows(flats, num_threads=num_threads, inv_scale=self._inv_scale)
+            implicit = np.array([flat.implicit_zeros for flat in flats], dtype=np.float64)
+            self._rows[[index for index, _ in entries]] = _with_implicit_zeros(rows, implicit)
         except BaseException as error:  # reported by the monitor; training goes on
             self.error = error
 
@@ -197,14 +206,14 @@ class NumpyCapture:
             try:
                 if task is None:
                     return
-                self._compute(*task)
+                self._compute([task], num_threads=1)
             finally:
                 self._tasks.task_done()
 
     def add(self, index: int, grad: torch.Tensor) -> None:
         flat = flat_elements(grad)
-        if not self._threaded:
-            self._compute(index, flat)
+        if not self._overlap:
+            self._gathered.append((index, flat))
             return
         if self._worker is None:
             self._tasks = queue.Queue()
@@ -213,16 +222,14 @@ class NumpyCapture:
         self._tasks.put((index, flat))
 
     def add_all(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
-        try:
-            flats = [flat_elements(g) for g in grads]
-            rows = numpy_backend.numpy_rows(flats, inv_scale=self._inv_scale)
-            implicit = np.array([f.implicit_zeros for f in flats], dtype=np.float64)
-            self._rows[list(indices)] = _with_implicit_zeros(rows, implicit)
-        except BaseException as error:
-            self.error = error
+        self._gathered.extend((i, flat_elements(g)) for i, g in zip(indices, grads, strict=True))
+        self.end_backward()
 
     def end_backward(self) -> None:
-        """Wait until every gradient handed over so far has been read."""
+        """Measure what was gathered, and wait until every gradient handed over has been read."""
+        if self._gathered:
+            self._compute(self._gathered, num_threads=None)
+            self._gathered.clear()
         if self._tasks is not None:
             self._tasks.join()
 
@@ -241,3 +248,4 @@ class NumpyCapture:
             self._worker.join()
             self._worker = None
         self._done.clear()
+        self._gathered.clear()

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from gradscope import layout
-from gradscope.backends import triton_backend
+from gradscope.backends import numpy_backend, triton_backend
 from gradscope.capture import KernelCapture, NumpyCapture
 from gradscope.history import History, Series
 from gradscope.resources import StepClock, as_scalar, model_summary
@@ -109,6 +109,11 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"watch: {name} must be a positive integer, got {value!r}")
     return value
+
+
+def _spare_cores() -> bool:
+    """True when autograd (torch's intra-op threads) leaves CPU cores idle for a NumPy worker."""
+    return numpy_backend.default_num_threads() > torch.get_num_threads()
 
 
 def _queue_end_of_backward(callback: Callable[[], None]) -> bool:
@@ -205,7 +210,7 @@ class Monitor:
         self._route = [None] * len(self._watched)
         for key, members in engines.items():
             if key == "numpy":
-                self._captures[key] = NumpyCapture(len(members), threaded=mode == "backward")
+                self._captures[key] = NumpyCapture(len(members), overlap=mode == "backward" and _spare_cores())
             else:
                 self._captures[key] = KernelCapture(key, len(members))
             for local, index in enumerate(members):

@@ -11,14 +11,25 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture
-def bench_stats(monkeypatch):
+def load(name: str, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_stats", BENCHMARKS / "bench_stats.py")
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    yield module
+    return module
+
+
+@pytest.fixture
+def bench_stats(monkeypatch):
+    yield load("bench_stats", monkeypatch)
     sys.modules.pop("model_shapes", None)
+
+
+@pytest.fixture
+def bench_overhead(monkeypatch):
+    yield load("bench_overhead", monkeypatch)
+    for name in ("model_shapes", "bench_stats"):
+        sys.modules.pop(name, None)
 
 
 def test_writes_results_with_environment(bench_stats, tmp_path, capsys):
@@ -44,3 +55,16 @@ def test_model_shapes_have_their_advertised_sizes(bench_stats):
     assert sum(p.numel() for p in model_shapes.builtin_mlp().parameters()) == pytest.approx(25.7e6, rel=0.002)
     assert sum(math.prod(s) for _, s in model_shapes.gpt2_shapes()) == 124_439_808
     assert sum(math.prod(s) for _, s in model_shapes.llama_1b_shapes()) == pytest.approx(1.236e9, rel=0.001)
+
+
+def test_overhead_benchmark_runs_every_method(bench_overhead, tmp_path):
+    out = tmp_path / "overhead.json"
+    assert (
+        bench_overhead.main(["--models", "tiny", "--device", "cpu", "--rounds", "1", "--steps", "1", "--out", str(out)])
+        == 0
+    )
+    (entry,) = json.loads(out.read_text())["models"]
+    methods = [r["method"] for r in entry["results"]]
+    assert methods[:3] == ["no monitoring", "gradscope watch(every=1)", "gradscope watch(every=10)"]
+    assert {"per-parameter .norm().item()", "set_detect_anomaly(True)"} <= set(methods)
+    assert entry["results"][0]["x_plain"] == 1.0

@@ -49,10 +49,14 @@ def check_against_grads(mon, grads, sampled_steps):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("mode", ["backward", "step"])
-def test_numbers_equal_reference_numpy(name, mode):
+@pytest.mark.parametrize(("mode", "worker"), [("backward", True), ("backward", False), ("step", False)])
+def test_numbers_equal_reference_numpy(monkeypatch, name, mode, worker):
+    """worker: gradients measured on a worker thread during backward (machines with spare
+    cores), or gathered and measured on all cores when backward ends."""
+    monkeypatch.setattr(gradscope.monitor, "_spare_cores", lambda: worker)
     model = make(name)
     with gradscope.watch(model, mode=mode, backend="numpy") as mon:
+        assert next(iter(mon._captures.values()))._overlap is worker
         grads = train(name, model, mon, steps=3)
         check_against_grads(mon, grads, [0, 1, 2])
 

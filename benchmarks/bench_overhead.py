@@ -1,0 +1,279 @@
+"""Benchmark: what monitoring costs per training step, gradscope against today's alternatives.
+
+One interleaved run per model: each round trains a few steps with every method in turn,
+so that drifts of the machine (clock, other load) hit every method alike. Methods:
+
+* ``no monitoring``: the plain training step (forward, backward, optimizer step);
+* ``gradscope watch(every=1)`` and ``watch(every=10)``: every statistic, per layer;
+* ``per-parameter .norm().item()``: the hand-written loop (one host sync per parameter);
+* ``torch._foreach_norm + one sync``: the norm alone, as ``clip_grad_norm_`` computes it;
+* ``set_detect_anomaly(True)``: torch's anomaly mode;
+* ``tensorboard add_histogram``: a histogram per parameter per step (if installed);
+* ``wandb.watch(log="gradients", log_freq=1)``: offline (if installed).
+
+Models: on CPU the 25.7M-parameter MLP (8 x Linear 1792, batch 512) and a 6-layer
+TransformerEncoder (d=512); on CUDA a GPT-2-small-shaped decoder (124M parameters) under
+bfloat16 autocast. Prints step times and ratios to the unmonitored step; writes JSON under
+``benchmarks/results/``.
+
+Usage: python benchmarks/bench_overhead.py [--models mlp,transformer] [--device cpu|cuda] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from bench_stats import RESULTS, environment
+from torch import nn
+
+import gradscope
+
+# --------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------
+
+
+class GPT2Small(nn.Module):
+    """A GPT-2-small-shaped decoder (12 x d768, vocab 50257, tied embeddings): 124M parameters."""
+
+    def __init__(self, vocab: int = 50257, width: int = 768, layers: int = 12, context: int = 1024) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, width)
+        self.wpe = nn.Embedding(context, width)
+        block = nn.TransformerEncoderLayer(
+            width, 12, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
+        self.h = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.ln_f = nn.LayerNorm(width)
+        self.lm_head = nn.Linear(width, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.wte(tokens) + self.wpe(positions)
+        mask = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1], device=tokens.device)
+        return self.lm_head(self.ln_f(self.h(x, mask=mask, is_causal=True)))
+
+
+class Workload:
+    """A model, an optimizer and a fixed batch: ``loss()`` runs the forward pass."""
+
+    def __init__(self, name: str, device: str) -> None:
+        torch.manual_seed(0)
+        self.name, self.device = name, device
+        self.autocast = contextlib.nullcontext
+        if name == "tiny":  # a smoke test of this script
+            self.model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
+            self.inputs = torch.randn(16, 32, device=device)
+            self.targets = torch.randn(16, 8, device=device)
+            self.criterion = nn.functional.mse_loss
+            self.description = "a two-layer MLP (smoke test)"
+        elif name == "mlp":
+            layers: list[nn.Module] = []
+            for _ in range(8):
+                layers += [nn.Linear(1792, 1792), nn.ReLU()]
+            self.model = nn.Sequential(*layers[:-1]).to(device)
+            self.inputs = torch.randn(512, 1792, device=device)
+            self.targets = torch.randn(512, 1792, device=device)
+            self.criterion = nn.functional.mse_loss
+            self.description = "8 x Linear(1792, 1792), batch 512, SGD"
+        elif name == "transformer":
+            layer = nn.TransformerEncoderLayer(512, 8, 2048, dropout=0.0, batch_first=True)
+            self.model = nn.Sequential(nn.TransformerEncoder(layer, 6, enable_nested_tensor=False), nn.Linear(512, 16))
+            self.model.to(device)
+            self.inputs = torch.randn(8, 64, 512, device=device)
+            self.targets = torch.randn(8, 64, 16, device=device)
+            self.criterion = nn.functional.mse_loss
+            self.description = "6-layer TransformerEncoder d=512 (ff 2048), batch 8 x 64 tokens, SGD"
+        elif name == "gpt2":
+            self.model = GPT2Small().to(device)
+            self.inputs = torch.randint(0, 50257, (8, 512), device=device)
+            self.targets = torch.randint(0, 50257, (8, 512), device=device)
+            self.criterion = lambda logits, targets: nn.functional.cross_entropy(
+                logits.flatten(0, 1), targets.flatten()
+            )
+            self.autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+            self.description = "GPT-2 small shape (124M), batch 8 x 512 tokens, bf16 autocast, AdamW"
+        else:
+            raise SystemExit(f"unknown model {name!r}")
+        params = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(params, lr=1e-4) if name == "gpt2" else torch.optim.SGD(params, lr=1e-3)
+        self.parameters = sum(p.numel() for p in params)
+
+    def loss(self) -> torch.Tensor:
+        with self.autocast():
+            return self.criterion(self.model(self.inputs), self.targets)
+
+    def sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------
+# Methods: each returns (per-step callback after backward, context for the step, teardown)
+# --------------------------------------------------------------------------------------
+
+
+def method_none(work: Workload):
+    return (lambda step, loss: None), contextlib.nullcontext, lambda: None
+
+
+def method_gradscope(every: int, mode: str = "backward"):
+    def make(work: Workload):
+        mon = gradscope.watch(work.model, every=every, mode=mode)
+        return (lambda step, loss: mon.step(loss=loss)), contextlib.nullcontext, mon.close
+
+    return make
+
+
+def method_item_loop(work: Workload):
+    params = list(work.model.parameters())
+    return (lambda step, loss: [p.grad.norm().item() for p in params]), contextlib.nullcontext, lambda: None
+
+
+def method_foreach_norm(work: Workload):
+    params = list(work.model.parameters())
+
+    def after(step, loss):
+        torch.stack(torch._foreach_norm([p.grad for p in params])).cpu()
+
+    return after, contextlib.nullcontext, lambda: None
+
+
+def method_anomaly(work: Workload):
+    return (lambda step, loss: None), (lambda: torch.autograd.set_detect_anomaly(True)), lambda: None
+
+
+def method_tensorboard(work: Workload):
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tempfile.mkdtemp(prefix="gradscope-overhead-tb-"))
+    named = list(work.model.named_parameters())
+
+    def after(step, loss):
+        for name, p in named:
+            writer.add_histogram(name, p.grad, step)
+
+    return after, contextlib.nullcontext, writer.close
+
+
+def method_wandb(work: Workload):
+    import wandb
+
+    run = wandb.init(
+        mode="offline", dir=tempfile.mkdtemp(prefix="gradscope-overhead-wandb-"), project="gradscope-bench"
+    )
+    wandb.watch(work.model, log="gradients", log_freq=1)
+
+    def after(step, loss):
+        wandb.log({"loss": float(loss)})
+
+    def teardown():
+        wandb.unwatch(work.model)
+        run.finish()
+
+    return after, contextlib.nullcontext, teardown
+
+
+def available_methods() -> list[tuple[str, Callable]]:
+    methods = [
+        ("no monitoring", method_none),
+        ("gradscope watch(every=1)", method_gradscope(1)),
+        ("gradscope watch(every=10)", method_gradscope(10)),
+        ("gradscope watch(every=1, mode='step')", method_gradscope(1, "step")),
+        ("per-parameter .norm().item()", method_item_loop),
+        ("torch._foreach_norm + one sync", method_foreach_norm),
+        ("set_detect_anomaly(True)", method_anomaly),
+    ]
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+
+        methods.append(("tensorboard add_histogram", method_tensorboard))
+    except ImportError:
+        print("  (tensorboard not installed: add_histogram is not measured)")
+    try:
+        import wandb  # noqa: F401
+
+        methods.append(("wandb.watch(log='gradients')", method_wandb))
+    except ImportError:
+        print("  (wandb not installed: wandb.watch is not measured)")
+    return methods
+
+
+def run_steps(work: Workload, make, steps: int, warmup: int) -> list[float]:
+    after, context, teardown = make(work)
+    times = []
+    try:
+        for step in range(warmup + steps):
+            work.sync()
+            start = time.perf_counter()
+            with context():
+                work.optimizer.zero_grad(set_to_none=True)
+                loss = work.loss()
+                loss.backward()
+            after(step, loss)
+            work.optimizer.step()
+            work.sync()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    finally:
+        teardown()
+    return times
+
+
+def run_model(name: str, device: str, rounds: int, steps: int) -> dict:
+    work = Workload(name, device)
+    methods = available_methods()
+    print(f"\n{name}: {work.description}, {work.parameters / 1e6:.1f}M parameters, on {device}")
+    times: dict[str, list[float]] = {label: [] for label, _ in methods}
+    run_steps(work, method_none, steps=1, warmup=2)  # warm up kernels and allocator
+    for round_ in range(rounds):
+        # Rotate the order each round so that no method always runs first or after the heaviest.
+        shift = round_ % len(methods)
+        for label, make in methods[shift:] + methods[:shift]:
+            times[label] += run_steps(work, make, steps=steps, warmup=2)
+    base = statistics.median(times["no monitoring"])
+    results = []
+    print(f"  {'method':<38} {'median step ms':>15} {'x plain step':>13}")
+    for label, _ in methods:
+        median = statistics.median(times[label])
+        results.append(
+            {"method": label, "median_ms": median * 1e3, "steps": len(times[label]), "x_plain": median / base}
+        )
+        print(f"  {label:<38} {median * 1e3:>15.1f} {median / base:>13.3f}")
+    return {"model": name, "description": work.description, "parameters": work.parameters, "results": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--models", default=None, help="comma-separated: mlp, transformer, gpt2")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per method per round")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda needs a CUDA device", file=sys.stderr)
+        return 2
+    models = args.models.split(",") if args.models else (["gpt2"] if args.device == "cuda" else ["mlp", "transformer"])
+    env = environment(args.device)
+    print(f"gradscope {env['gradscope']} overhead benchmark on {env['device']} ({env['torch_threads']} torch threads)")
+    entries = [run_model(name, args.device, args.rounds, args.steps) for name in models]
+    out = Path(args.out) if args.out else RESULTS / f"overhead-{args.device}-{env['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "bench_overhead", "environment": env, "models": entries}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
