@@ -82,8 +82,9 @@ class KernelCapture:
 
     def _take_slot(self) -> _Slot:
         if not self._free and self._slots >= MAX_SLOTS and self._in_flight:
-            # The host is MAX_SLOTS sampled steps behind the device: wait for the oldest.
-            self._in_flight[0][1].event.synchronize()
+            oldest = self._in_flight[0][1]
+            if oldest.event is not None:  # the host is MAX_SLOTS sampled steps behind: wait
+                oldest.event.synchronize()
             self._release_done()
         if self._free:
             return self._free.pop()

@@ -76,7 +76,9 @@ def test_dense_views_are_read_in_place_and_gapped_views_copied():
 
 @pytest.mark.filterwarnings("ignore:Sparse:UserWarning")
 def test_sparse_tensors_give_values_and_implicit_zeros():
-    coo = torch.sparse_coo_tensor([[0, 0, 2]], [1.0, 2.0, 0.0], (5,))  # uncoalesced: index 0 twice
+    coo = torch.sparse_coo_tensor(
+        [[0, 0, 2]], [1.0, 2.0, 0.0], (5,), check_invariants=True
+    )  # uncoalesced: index 0 twice
     flat = flat_elements(coo)
     assert sorted(flat.values.tolist()) == [0.0, 3.0]
     assert flat.implicit_zeros == 3

@@ -237,6 +237,21 @@ def test_parameter_granularity_and_selection():
         assert len(mon._watched) == 3
 
 
+@pytest.mark.parametrize("mode", ["backward", "step"])
+def test_sparse_embedding_gradients(mode):
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 8, sparse=True), torch.nn.Linear(8, 1))
+    with gradscope.watch(model, mode=mode) as mon:
+        grads = []
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            model(torch.tensor([[1, 5, 5, 30 + step]])).sum().backward()
+            assert model[0].weight.grad.is_sparse
+            grads.append(snapshot(model))
+            mon.step()
+        check_against_grads(mon, grads, [0, 1])
+        assert mon.history("zero_frac").values[0, 0] == pytest.approx(37 / 40)
+
+
 def test_tied_parameters_are_counted_once():
     model = make("tied_embedding")
     with gradscope.watch(model) as mon:
