@@ -13,8 +13,9 @@ so that drifts of the machine (clock, other load) hit every method alike. Method
 
 Models: on CPU the 25.7M-parameter MLP (8 x Linear 1792, batch 512) and a 6-layer
 TransformerEncoder (d=512); on CUDA a GPT-2-small-shaped decoder (124M parameters) under
-bfloat16 autocast. Prints step times and ratios to the unmonitored step; writes JSON under
-``benchmarks/results/``.
+bfloat16 autocast. Prints step times and, per method, the median over rounds of its step
+time divided by the unmonitored step time of the same round (with the spread over rounds);
+writes JSON under ``benchmarks/results/``.
 
 Usage: python benchmarks/bench_overhead.py [--models mlp,transformer] [--device cpu|cuda] [--rounds 3]
 """
@@ -234,22 +235,33 @@ def run_model(name: str, device: str, rounds: int, steps: int) -> dict:
     work = Workload(name, device)
     methods = available_methods()
     print(f"\n{name}: {work.description}, {work.parameters / 1e6:.1f}M parameters, on {device}")
-    times: dict[str, list[float]] = {label: [] for label, _ in methods}
+    # times[label][round] = step times of that method in that round
+    times: dict[str, list[list[float]]] = {label: [] for label, _ in methods}
     run_steps(work, method_none, steps=1, warmup=2)  # warm up kernels and allocator
     for round_ in range(rounds):
         # Rotate the order each round so that no method always runs first or after the heaviest.
         shift = round_ % len(methods)
         for label, make in methods[shift:] + methods[:shift]:
-            times[label] += run_steps(work, make, steps=steps, warmup=2)
-    base = statistics.median(times["no monitoring"])
+            times[label].append(run_steps(work, make, steps=steps, warmup=2))
+    # Each round's medians are compared with the same round's unmonitored median, so that
+    # the machine's drift over minutes cancels; the ratio reported is the median over rounds.
+    base_rounds = [statistics.median(r) for r in times["no monitoring"]]
     results = []
-    print(f"  {'method':<38} {'median step ms':>15} {'x plain step':>13}")
+    print(f"  {'method':<38} {'median step ms':>15} {'x plain step':>13} {'rounds min..max':>17}")
     for label, _ in methods:
-        median = statistics.median(times[label])
+        ratios = [statistics.median(r) / b for r, b in zip(times[label], base_rounds, strict=True)]
+        median_ms = statistics.median([t for r in times[label] for t in r]) * 1e3
+        ratio = statistics.median(ratios)
         results.append(
-            {"method": label, "median_ms": median * 1e3, "steps": len(times[label]), "x_plain": median / base}
+            {
+                "method": label,
+                "median_ms": median_ms,
+                "steps": sum(len(r) for r in times[label]),
+                "x_plain": ratio,
+                "x_plain_rounds": ratios,
+            }
         )
-        print(f"  {label:<38} {median * 1e3:>15.1f} {median / base:>13.3f}")
+        print(f"  {label:<38} {median_ms:>15.1f} {ratio:>13.3f} {min(ratios):>8.3f}..{max(ratios):.3f}")
     return {"model": name, "description": work.description, "parameters": work.parameters, "results": results}
 
 

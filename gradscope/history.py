@@ -12,9 +12,9 @@ runs:
 A ring slot belongs to ``step`` (per-step ring) or ``step // every`` (sampled ring) modulo
 its capacity; writes for a step whose slot has since been reused are dropped.
 
-Memory: about ``rows * (77 + 16 if updates are tracked) * capacity`` bytes for sampled
-steps, ``rows * 256 * hist_capacity`` for histograms, and ``(8 + 6 fields + metrics) * 8 *
-step_capacity`` for per-step values.
+Memory, all allocated up front: ``rows * (61, or 77 with update tracking) * capacity`` bytes
+for sampled steps, ``rows * 256 * hist_capacity`` for histograms (``uint32`` counts), and
+``(49 + 8 per metric) * step_capacity`` for per-step values.
 """
 
 from __future__ import annotations

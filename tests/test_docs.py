@@ -20,10 +20,14 @@ def test_docstring_examples(module):
 
 
 def test_readme_quickstart_runs():
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README has no Python example"
-    namespace: dict = {}
-    exec(compile(blocks[0], "README quickstart", "exec"), namespace)
-    stats = namespace["stats"]
-    assert len(stats) == 4
-    assert stats.names == ("0.weight", "0.bias", "2.weight", "2.bias")
+    quickstart = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", quickstart, flags=re.S)
+    assert len(blocks) == 2, "the quickstart has a monitor example and a grad_stats example"
+    monitored: dict = {}
+    exec(compile(blocks[0], "README quickstart (watch)", "exec"), monitored)
+    assert monitored["norm"].shape == (100, 2)
+    assert list(monitored["steps"]) == list(range(100))
+    assert monitored["layers"] == ("0", "2")
+    single: dict = {}
+    exec(compile(blocks[1], "README quickstart (grad_stats)", "exec"), single)
+    assert single["stats"].names == ("0.weight", "0.bias", "2.weight", "2.bias")
