@@ -268,13 +268,13 @@ class Monitor:
     # ---- hooks --------------------------------------------------------------------------
 
     def _on_grad(self, index: int, param: torch.Tensor) -> None:
-        if self._closed:
+        if self._closed or self._step % self.every:  # unsampled step: nothing to do
             return
         try:
             with self._lock:
                 if not self._backward_open:
                     self._backward_open = True
-                    self._capturing = self._step % self.every == 0 and self._backwards == self.accumulation_steps - 1
+                    self._capturing = self._backwards == self.accumulation_steps - 1
                     if not _queue_end_of_backward(self._on_backward_end):
                         self._warn_once(
                             "callback", "gradscope: cannot detect the end of backward; measuring at mon.step()"
