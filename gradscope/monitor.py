@@ -201,13 +201,12 @@ class Monitor:
         self._warned: set[str] = set()
 
         # Capture engines, one per device the kernels serve, NumPy for the rest.
-        self._route: list[tuple[object, int]] = []
         engines: dict[object, list[int]] = {}
         for index, p in enumerate(self._watched.params):
             key = self._engine_key(p.device, backend)
             engines.setdefault(key, []).append(index)
         self._captures: dict[object, KernelCapture | NumpyCapture] = {}
-        self._route = [None] * len(self._watched)
+        self._route: list[tuple[object, int]] = [None] * len(self._watched)  # parameter -> (engine, row)
         for key, members in engines.items():
             if key == "numpy":
                 self._captures[key] = NumpyCapture(len(members), overlap=mode == "backward" and _spare_cores())
