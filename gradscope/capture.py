@@ -137,7 +137,7 @@ class KernelCapture:
         slot, self._slot = self._slot, None
         if slot.event is not None:
             slot.host.copy_(slot.rows, non_blocking=True)
-            slot.event.record()
+            slot.event.record(torch.cuda.current_stream(self.device))
         self._in_flight.append((step, slot))
 
     def _release_done(self) -> None:
