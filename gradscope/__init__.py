@@ -7,11 +7,14 @@ GPU and NumPy on CPU. ``watch`` captures them for every layer during training, w
 host synchronisation, into a bounded history.
 """
 
+from gradscope.findings import Finding
 from gradscope.history import Series
 from gradscope.layout import HIST_EDGES, HIST_MIN_EXPONENT, NUM_BINS
 from gradscope.monitor import Monitor, watch
+from gradscope.report import HealthReport, LayerHealth
 from gradscope.statistics import BACKENDS, grad_stats
 from gradscope.tensor_stats import TensorStats
+from gradscope.thresholds import Thresholds
 
 __version__ = "0.1.0"
 
@@ -20,9 +23,13 @@ __all__ = [
     "HIST_EDGES",
     "HIST_MIN_EXPONENT",
     "NUM_BINS",
+    "Finding",
+    "HealthReport",
+    "LayerHealth",
     "Monitor",
     "Series",
     "TensorStats",
+    "Thresholds",
     "__version__",
     "grad_stats",
     "watch",

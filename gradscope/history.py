@@ -195,20 +195,19 @@ class History:
             rows[:, layout.HIST :] = self._hist[hslot]
         return rows, self._present[slot].copy()
 
-    def series(self, name: str) -> Series:
-        """Values of ``name`` over the kept steps (see :class:`Series`)."""
+    def series(self, name: str, last: int | None = None) -> Series:
+        """Values of ``name`` over the kept steps (see :class:`Series`); ``last`` keeps only
+        that many of the newest."""
         if name in STEP_FIELDS or name in STEP_FLAGS or name in self._metrics:
-            return self._step_series(name)
+            return self._step_series(name, last)
         if name == "hist":
-            order = np.argsort(self._hist_step)
-            order = order[self._hist_step[order] >= 0]
+            order = _ring_order(self._hist_step, last)
             return Series(name, self._hist[order].astype(np.float64), self._hist_step[order], self.row_names)
         if name not in ROW_FIELDS and name not in UPDATE_FIELDS and name != "backward_order":
             raise KeyError(f"unknown history field {name!r}; known: {', '.join(self.fields())}")
         if name in UPDATE_FIELDS and self._updates is None:
             raise KeyError(f"{name!r} needs watch(..., track_updates=True, optimizer=...)")
-        order = np.argsort(self._sampled_step)
-        order = order[self._sampled_step[order] >= 0]
+        order = _ring_order(self._sampled_step, last)
         present = self._present[order]
         values = self._row_values(name, order)
         if name != "present":
@@ -246,9 +245,8 @@ class History:
                 return update_norm
             return update_norm / weight_norm
 
-    def _step_series(self, name: str) -> Series:
-        order = np.argsort(self._step)
-        order = order[self._step[order] >= 0]
+    def _step_series(self, name: str, last: int | None) -> Series:
+        order = _ring_order(self._step, last)
         steps = self._step[order]
         if name == "failed":
             return Series(name, self._failed[order].copy(), steps, None)
@@ -262,3 +260,20 @@ class History:
         if name in self._metrics:
             return Series(name, self._metrics[name][order].copy(), steps, None)
         return Series(name, self._step_values[order, STEP_FIELDS.index(name)].copy(), steps, None)
+
+
+def _ring_order(steps: np.ndarray, last: int | None = None) -> np.ndarray:
+    """Slots of a ring holding steps (-1 = empty), oldest step first, the newest ``last`` only.
+
+    Steps are written in increasing order, so the slots after the newest one, wrapping
+    around, are the oldest: a rotation, checked, with a sort as the fallback.
+    """
+    if not (steps >= 0).any():
+        return np.zeros(0, dtype=np.intp)
+    newest = int(np.argmax(steps))
+    order = (newest + 1 + np.arange(steps.shape[0])) % steps.shape[0]
+    order = order[steps[order] >= 0]
+    if np.any(np.diff(steps[order]) <= 0):
+        order = np.argsort(steps, kind="stable")
+        order = order[steps[order] >= 0]
+    return order if last is None else order[-last:]

@@ -35,9 +35,12 @@ import torch
 from gradscope import layout
 from gradscope.backends import numpy_backend, triton_backend
 from gradscope.capture import KernelCapture, NumpyCapture
+from gradscope.diagnostics import NonfiniteEvent, RunView
 from gradscope.history import History, Series
+from gradscope.report import HealthReport, build
 from gradscope.resources import StepClock, as_scalar, model_summary
 from gradscope.tensor_stats import TensorStats
+from gradscope.thresholds import Thresholds
 from gradscope.updates import UpdateTracker
 from gradscope.watched import ParamSelector, select, untracked, unwrap
 
@@ -46,6 +49,8 @@ _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> we
 _MAX_ERRORS = 100
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
 _STEP_CAPACITY_LIMIT = 1 << 20
+_KEPT_EVENTS = 32  # non-finite events remembered for the whole run
+_INITIAL_LOSSES = 64  # first losses remembered for the whole run (underfitting)
 
 
 def watch(
@@ -62,6 +67,7 @@ def watch(
     params: ParamSelector = None,
     backend: str = "auto",
     hist_history: int = 1_000,
+    thresholds: Thresholds | None = None,
 ) -> Monitor:
     """Start monitoring ``model``'s gradients; returns the :class:`Monitor`.
 
@@ -84,6 +90,7 @@ def watch(
         params: which parameters: names or glob patterns, or a predicate ``(name, param)``.
         backend: ``"auto"``, ``"triton"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
         hist_history: sampled steps whose histograms are kept (the newest).
+        thresholds: the health checks' :class:`gradscope.Thresholds` for :meth:`Monitor.report`.
 
     Raises:
         RuntimeError: ``model`` is already watched by a monitor that is not closed.
@@ -102,6 +109,7 @@ def watch(
         params=params,
         backend=backend,
         hist_history=hist_history,
+        thresholds=thresholds,
     )
 
 
@@ -166,6 +174,7 @@ class Monitor:
         params: ParamSelector,
         backend: str,
         hist_history: int,
+        thresholds: Thresholds | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -183,6 +192,9 @@ class Monitor:
             raise ValueError("watch: track_updates=True needs optimizer=")
         if scaler is not None and not hasattr(scaler, "is_enabled"):
             raise TypeError(f"watch: scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        if thresholds is not None and not isinstance(thresholds, Thresholds):
+            raise TypeError(f"watch: thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
+        self.thresholds = thresholds or Thresholds()
         target = unwrap(model)
         existing = _WATCHED.get(target)
         if existing is not None and existing() is not None and not existing()._closed:
@@ -194,6 +206,7 @@ class Monitor:
         self._scaler = scaler
         self._watched = select(model, params, granularity)
         self.rows = self._watched.row_names
+        self.row_types = self._watched.row_types
         self.summary = model_summary(target, len(self.rows))
         self.errors: list[str] = []
         self._lock = threading.RLock()
@@ -243,6 +256,11 @@ class Monitor:
         self._order = np.full(len(self._watched), -1, dtype=np.int64)
         self._next_order = 0
         self._pending: dict[int, tuple[np.ndarray, np.ndarray, set, dict]] = {}
+        # Events remembered for the whole run, beyond the history's window.
+        self._nonfinite_events: list[NonfiniteEvent] = []
+        self._nonfinite_steps = 0
+        self._first_bad_loss: tuple[int, float] | None = None
+        self._initial_losses: list[float] = []
 
         self._handles = []
         if mode == "backward":
@@ -425,6 +443,12 @@ class Monitor:
             del self._pending[step]
             self._record_sampled(step, present, order, arrived)
         for record in self._clock.completed(block):
+            loss = record.values.get("loss")
+            if loss is not None:
+                if not np.isfinite(loss) and self._first_bad_loss is None:
+                    self._first_bad_loss = (record.step, loss)
+                elif np.isfinite(loss) and len(self._initial_losses) < _INITIAL_LOSSES:
+                    self._initial_losses.append(loss)
             step_values = {"step_time": record.step_time, "peak_memory": record.peak_memory, "energy": record.energy}
             for name in ("loss", "grad_scale"):
                 if name in record.values:
@@ -452,6 +476,23 @@ class Monitor:
         row_order = np.minimum.reduceat(ranked, self._row_starts)
         row_order[row_order == np.iinfo(np.int64).max] = -1
         self._history.add_sampled(step, rows, row_present, row_order)
+        bad = row_present & (rows[:, layout.NANS] + rows[:, layout.INFS] > 0)
+        if bad.any():
+            self._nonfinite_steps += 1
+            if len(self._nonfinite_events) < _KEPT_EVENTS:
+                affected = np.flatnonzero(bad)
+                known = bool((row_order[affected] >= 0).all())
+                # First in backward order (nearest the loss); without it, last in model order.
+                affected = affected[np.argsort(row_order[affected], kind="stable")] if known else affected[::-1]
+                self._nonfinite_events.append(
+                    NonfiniteEvent(
+                        step=step,
+                        rows=tuple(int(r) for r in affected),
+                        nans=int(rows[bad, layout.NANS].sum()),
+                        infs=int(rows[bad, layout.INFS].sum()),
+                        backward_order_known=known,
+                    )
+                )
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -485,6 +526,80 @@ class Monitor:
             raise KeyError(f"step {step} is not a kept sampled step")
         rows, present = found
         return TensorStats.from_rows(rows[present], tuple(np.array(self.rows, dtype=object)[present]))
+
+    def report(self, thresholds: Thresholds | None = None, wait: bool = False) -> HealthReport:
+        """The run's health: status, findings, per-layer rows and resources.
+
+        Cheap enough to call every step: it reads what has reached the host (on GPU, steps
+        whose results are still in flight are judged by the next call) over a bounded
+        window of sampled steps. ``wait=True`` first waits for every step in flight.
+        ``thresholds`` overrides the monitor's :class:`gradscope.Thresholds`.
+        """
+        thresholds = thresholds or self.thresholds
+        if not isinstance(thresholds, Thresholds):
+            raise TypeError(f"report: thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
+        with self._lock:
+            if not self._closed:
+                self._collect(block=wait)
+            return build(self._view(thresholds), thresholds, self.rows, self.row_types, self.summary)
+
+    def _view(self, thresholds: Thresholds) -> RunView | None:
+        h = self._history
+        window = max(thresholds.sustain, thresholds.spike_window + 1, thresholds.trend_window)
+        present = h.series("present", last=window)
+        loss = h.series("loss")
+        if len(present) == 0 and len(loss) == 0:
+            return None
+
+        def rows(name: str) -> np.ndarray:
+            return h.series(name, last=window).values
+
+        def steps(name: str) -> np.ndarray:
+            return h.series(name).values
+
+        metrics = {}
+        for name in h.metric_names:
+            series = h.series(name)
+            ok = np.isfinite(series.values)
+            metrics[name] = (series.steps[ok], series.values[ok])
+        # Each row's histogram at its latest sampled step with a gradient (when still kept).
+        latest_hist = np.full((len(self.rows), layout.NUM_BINS), np.nan)
+        seen = present.values.any(axis=0) if len(present) else np.zeros(len(self.rows), dtype=bool)
+        newest = len(present) - 1 - np.argmax(present.values[::-1], axis=0) if len(present) else None
+        for index in np.unique(newest[seen]) if newest is not None else ():
+            found = h.sampled_rows(int(present.steps[index]))
+            if found is not None:
+                members = seen & (newest == index)
+                latest_hist[members] = found[0][members, layout.HIST :]
+        tracked = self._updates is not None
+        initial = self._initial_losses[: thresholds.smooth]
+        return RunView(
+            rows=self.rows,
+            row_types=self.row_types,
+            sampled_steps=present.steps,
+            present=present.values,
+            numel=rows("numel"),
+            finite=rows("finite"),
+            zeros=rows("zeros"),
+            nonfinite=rows("nonfinite"),
+            sumsq=rows("sumsq"),
+            max_abs=rows("max_abs"),
+            update_ratio=rows("update_ratio") if tracked else None,
+            weight_norm=rows("weight_norm") if tracked else None,
+            steps=loss.steps,
+            loss=loss.values,
+            skipped=steps("skipped"),
+            step_time=steps("step_time"),
+            peak_memory=steps("peak_memory"),
+            energy=steps("energy"),
+            metrics=metrics,
+            nonfinite_events=tuple(self._nonfinite_events),
+            nonfinite_steps=self._nonfinite_steps,
+            first_bad_loss=self._first_bad_loss,
+            initial_loss=float(np.mean(initial)) if initial else None,
+            summary=dict(self.summary),
+            latest_hist=latest_hist,
+        )
 
     @property
     def step_index(self) -> int:

@@ -32,6 +32,7 @@ class WatchedParams:
         names: parameter names, without ``torch.compile``'s ``_orig_mod.`` prefix.
         trainable: bool ``(P,)``, whether each parameter required grad at ``watch()``.
         row_names: names of the reported rows (layers, or parameters).
+        row_types: class name of the module owning each row (``"Linear"``, ``"Embedding"``).
         row_of: int ``(P,)``, the row of each parameter.
         numel: int64 ``(P,)``, elements per parameter.
         selector: the ``params=`` predicate the selection was made with.
@@ -41,6 +42,7 @@ class WatchedParams:
     names: tuple[str, ...]
     trainable: np.ndarray
     row_names: tuple[str, ...]
+    row_types: tuple[str, ...]
     row_of: np.ndarray
     numel: np.ndarray
     selector: Callable[[str, torch.nn.Parameter], bool]
@@ -87,20 +89,27 @@ def select(model: torch.nn.Module, params: ParamSelector = None, granularity: st
     if granularity not in ("layer", "parameter"):
         raise ValueError(f"watch: granularity must be 'layer' or 'parameter', got {granularity!r}")
     wanted = _selector(params)
-    chosen = [(name, p) for name, p in unwrap(model).named_parameters() if wanted(name, p)]
+    target = unwrap(model)
+    chosen = [(name, p) for name, p in target.named_parameters() if wanted(name, p)]
     if not chosen:
         raise ValueError("watch: no parameters selected" + ("" if params is None else f" by params={params!r}"))
     names = tuple(name for name, _ in chosen)
+    modules = dict(target.named_modules())
     rows_by_name: dict[str, int] = {}
+    row_types: list[str] = []
     row_of = np.empty(len(chosen), dtype=np.int64)
     for i, name in enumerate(names):
         row = layer_name(name) if granularity == "layer" else name
+        if row not in rows_by_name:
+            owner = modules.get(name.rpartition(".")[0], target)
+            row_types.append(type(owner).__name__)
         row_of[i] = rows_by_name.setdefault(row, len(rows_by_name))
     return WatchedParams(
         params=tuple(p for _, p in chosen),
         names=names,
         trainable=np.array([p.requires_grad for _, p in chosen], dtype=bool),
         row_names=tuple(rows_by_name),
+        row_types=tuple(row_types),
         row_of=row_of,
         numel=np.array([p.numel() for _, p in chosen], dtype=np.int64),
         selector=wanted,

@@ -16,6 +16,7 @@ def test_rows_group_parameters_by_module_in_order():
     watched = select(model)
     assert watched.names == ("0.weight", "0.bias", "1.weight", "1.bias")
     assert watched.row_names == ("0", "1")
+    assert watched.row_types == ("Linear", "LayerNorm")
     assert watched.row_of.tolist() == [0, 0, 1, 1]
     assert watched.numel.tolist() == [6, 3, 3, 3]
 

@@ -1,0 +1,14 @@
+"""Health checks: each module turns a :class:`RunView` into findings of one family.
+
+One concept per module, so that adding a check touches one file: ``nonfinite`` (NaN/Inf,
+GradScaler overflow), ``exploding``, ``vanishing``, ``dead``, ``update_ratio``
+(stalled updates) and ``loss`` (plateau, divergence, over- and underfitting). Every check is
+a function ``detect(view, thresholds) -> list[Finding]``.
+"""
+
+from gradscope.diagnostics import dead, exploding, loss, nonfinite, update_ratio, vanishing
+from gradscope.diagnostics.view import NonfiniteEvent, RunView
+
+CHECKS = (nonfinite.detect, exploding.detect, vanishing.detect, dead.detect, update_ratio.detect, loss.detect)
+
+__all__ = ["CHECKS", "NonfiniteEvent", "RunView"]

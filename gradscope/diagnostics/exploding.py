@@ -1,0 +1,95 @@
+"""``exploding``: a layer above the rms ceiling, a spike of the total norm, or a steady rise."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradscope.diagnostics.view import RunView, layer_list, steady_rise, trailing_run
+from gradscope.findings import SUGGESTIONS, Finding
+from gradscope.thresholds import Thresholds
+
+
+def detect(view: RunView, t: Thresholds) -> list[Finding]:
+    findings = []
+    steps = view.sampled_steps
+    if len(steps) == 0:
+        return findings
+    rms = view.rms
+    with np.errstate(invalid="ignore"):
+        run, start = trailing_run(rms > t.explode_rms, view.present)
+    above = np.flatnonzero(run >= t.sustain)
+    if above.size:
+        latest = np.array([rms[view.present[:, r], r][-1] for r in above])
+        worst = above[np.argmax(latest)]
+        names = [view.rows[r] for r in above[np.argsort(-latest)]]
+        findings.append(
+            Finding(
+                kind="exploding",
+                severity="warning",
+                layer=view.rows[worst],
+                step=int(steps[-1]),
+                since_step=int(steps[start[worst]]),
+                message=(
+                    f"gradient rms above {t.explode_rms:g} for {int(run[worst])} sampled steps in {len(names)} "
+                    f"layers ({layer_list(names)}); largest {float(latest.max()):.3g} in '{view.rows[worst]}'"
+                ),
+                suggestion=SUGGESTIONS["exploding"],
+                evidence={
+                    "ceiling": t.explode_rms,
+                    "rms": dict(zip([view.rows[r] for r in above], latest.tolist(), strict=True)),
+                },
+                layers=tuple(names),
+            )
+        )
+
+    total = view.total_norm
+    spikes = []
+    for i in range(max(1, len(total) - t.spike_window), len(total)):
+        previous = total[max(0, i - t.spike_window) : i]
+        previous = previous[np.isfinite(previous) & (previous > 0)]
+        if len(previous) >= 5 and total[i] > t.spike_factor * np.median(previous):
+            spikes.append((i, float(np.median(previous))))
+    if spikes:
+        i, median = spikes[-1]
+        findings.append(
+            Finding(
+                kind="exploding",
+                severity="warning",
+                layer=None,
+                step=int(steps[i]),
+                since_step=int(steps[spikes[0][0]]),
+                message=(
+                    f"total gradient norm spiked to {float(total[i]):.3g} at step {int(steps[i])}, "
+                    f"{float(total[i]) / median:.0f}x its running median ({median:.3g}); {len(spikes)} spikes recently"
+                ),
+                suggestion=SUGGESTIONS["exploding"],
+                evidence={
+                    "norm": float(total[i]),
+                    "running_median": median,
+                    "spike_steps": [int(steps[j]) for j, _ in spikes],
+                },
+            )
+        )
+
+    if len(total) >= t.trend_window:
+        window = total[-t.trend_window :]
+        with np.errstate(divide="ignore"):
+            slope, correlation = steady_rise(np.log10(window))
+        rise = slope * (t.trend_window - 1)
+        if rise >= np.log10(t.trend_growth) and correlation >= 0.9:
+            findings.append(
+                Finding(
+                    kind="exploding",
+                    severity="warning",
+                    layer=None,
+                    step=int(steps[-1]),
+                    since_step=int(steps[-t.trend_window]),
+                    message=(
+                        f"total gradient norm rose steadily {10**rise:.0f}x over the last {t.trend_window} "
+                        f"sampled steps (now {float(total[-1]):.3g})"
+                    ),
+                    suggestion=SUGGESTIONS["exploding"],
+                    evidence={"growth": float(10**rise), "correlation": correlation, "window": t.trend_window},
+                )
+            )
+    return findings

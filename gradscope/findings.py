@@ -1,0 +1,130 @@
+"""``Finding``: one problem a health check found, where, since when, and what to try."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SEVERITIES = ("info", "warning", "critical")
+"""From least to most severe. ``info`` findings do not change a report's status."""
+
+KINDS = (
+    "nonfinite",
+    "overflow",
+    "exploding",
+    "vanishing",
+    "dead",
+    "stalled_updates",
+    "plateau",
+    "divergence",
+    "overfitting",
+    "underfitting",
+)
+
+SUGGESTIONS = {
+    "nonfinite": (
+        "The cause lies between the reported layer and the loss (it is the first layer, in backward "
+        "order, whose gradient went non-finite): look for log/sqrt/division of values near zero and "
+        "float16/bfloat16 overflow there. Lower the learning rate, clip gradients, use a GradScaler with "
+        "float16, and rerun that step under torch.autograd.detect_anomaly() to name the exact operation."
+    ),
+    "overflow": (
+        "A GradScaler skipped steps whose scaled gradients overflowed. A few skips while it finds its "
+        "scale are normal; if they keep happening, lower the initial scale (GradScaler(init_scale=...)) "
+        "or the learning rate, and check for exploding gradients."
+    ),
+    "exploding": (
+        "Clip gradients (torch.nn.utils.clip_grad_norm_), lower the learning rate or add warm-up, check "
+        "the loss scale and reduction (a sum over a large batch instead of a mean), and check "
+        "initialisation (weights too large) and normalisation layers."
+    ),
+    "vanishing": (
+        "Check initialisation (Kaiming for ReLU-like, Xavier for tanh) and activations (sigmoid/tanh "
+        "saturate: prefer ReLU/GELU), add normalisation (LayerNorm/BatchNorm) or residual connections, "
+        "and make sure the loss is not scaled down to nothing."
+    ),
+    "dead": (
+        "Almost every gradient element is exactly zero: units that never activate (dead ReLUs) or a "
+        "branch whose output does not reach the loss. Lower the learning rate, use LeakyReLU/GELU, check "
+        "biases and initialisation (large negative biases), and check the layer is used in forward."
+    ),
+    "stalled_updates_low": (
+        "Each step barely changes these weights: the learning rate is too low for them, a scheduler has "
+        "decayed it to nothing, or the optimizer does not hold these parameters. Raise the learning rate "
+        "or check the scheduler and the optimizer's parameter groups."
+    ),
+    "stalled_updates_high": (
+        "Each step changes these weights by a large fraction of their size: the learning rate is too "
+        "high for them. Lower it, add warm-up, or give these layers their own parameter group."
+    ),
+    "plateau": (
+        "No progress for a while: stop early at the best step (and keep its checkpoint), or lower the "
+        "learning rate (ReduceLROnPlateau, a cosine schedule); if it plateaus high, the model may need "
+        "more capacity or better data."
+    ),
+    "divergence": (
+        "The loss is rising: lower the learning rate, add warm-up and gradient clipping, and check the "
+        "data (a bad shard, label noise) and numerically risky operations."
+    ),
+    "overfitting": (
+        "Validation gets worse while training improves: stop early at the best validation step, add "
+        "regularisation (weight decay, dropout), augment or add data, or use a smaller model."
+    ),
+    "underfitting": (
+        "The training loss is not going down: check the learning rate (too low or too high), the data "
+        "and labels (targets shuffled against inputs?), that gradients reach the weights (see vanishing "
+        "or dead findings), and the model's capacity."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in a training run.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        severity: ``"info"``, ``"warning"`` or ``"critical"``.
+        layer: the layer (row) concerned, or None for the loss, metrics or the whole model.
+        step: the step the finding refers to (the latest step it holds, or the step of an event).
+        since_step: the first step of the problem (equal to ``step`` for single events).
+        message: what was found, with the numbers that matter.
+        suggestion: what usually helps, specific to the kind.
+        evidence: the numbers behind the verdict (plain JSON types).
+        layers: every layer concerned (``layer`` is the one to look at first).
+    """
+
+    kind: str
+    severity: str
+    layer: str | None
+    step: int
+    since_step: int
+    message: str
+    suggestion: str
+    evidence: dict = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown finding kind {self.kind!r}")
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"unknown severity {self.severity!r}")
+        if not self.layers and self.layer is not None:
+            object.__setattr__(self, "layers", (self.layer,))
+
+    @property
+    def rank(self) -> int:
+        """0 for info, 1 for warning, 2 for critical."""
+        return SEVERITIES.index(self.severity)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": self.kind,
+            "severity": self.severity,
+            "layer": self.layer,
+            "step": int(self.step),
+            "since_step": int(self.since_step),
+            "message": self.message,
+            "suggestion": self.suggestion,
+            "evidence": self.evidence,
+            "layers": list(self.layers),
+        }
