@@ -354,12 +354,41 @@ def main(argv: list[str] | None = None) -> int:
         print_set(entry)
         entries.append(entry)
 
-    if not args.demo:
+    if args.demo:
+        print_demo_training(args.device)
+    else:
         out = Path(args.out) if args.out else RESULTS / f"stats-{args.device}-{env['date'][:10]}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"benchmark": "bench_stats", "environment": env, "sets": entries}, indent=2) + "\n")
         print(f"\nwrote {out}")
     return 0
+
+
+def print_demo_training(device: str) -> None:
+    """Train a small MLP twice under gradscope.watch, healthy and with a dead layer, and print
+    both health reports."""
+    for fault in (None, "dead"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
+        ).to(device)
+        if fault == "dead":
+            with torch.no_grad():
+                model[2].bias.fill_(-50.0)  # every unit of the second layer stays off
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        g = torch.Generator(device=device).manual_seed(1)
+        teacher = torch.randn(32, 1, generator=g, device=device)
+        with gradscope.watch(model, optimizer=opt, track_updates=True) as mon:
+            for _ in range(200):
+                x = torch.randn(64, 32, generator=g, device=device)
+                loss = torch.nn.functional.mse_loss(model(x), torch.tanh(x @ teacher))
+                loss.backward()
+                mon.step(loss=loss)
+                opt.step()
+                opt.zero_grad()
+            title = "with a dead layer (bias -50 behind a ReLU)" if fault else "healthy"
+            print(f"\nTraining a small MLP for 200 steps under gradscope.watch(), {title}: mon.report()")
+            print(mon.report(wait=True))
 
 
 class TensorStatsView:

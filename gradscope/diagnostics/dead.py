@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradscope.diagnostics.view import RunView, trailing_run
+from gradscope.diagnostics.view import RunView, for_steps, trailing_run
 from gradscope.findings import SUGGESTIONS, Finding
 from gradscope.thresholds import Thresholds
 
@@ -32,7 +32,7 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
                 since_step=int(steps[start[r]]),
                 message=(
                     f"{100 * frac:.1f}% of the gradient of '{view.rows[r]}' is exactly zero, "
-                    f"for {int(run[r])} sampled steps"
+                    f"{for_steps(int(run[r]), int(start[r]))}"
                 ),
                 suggestion=SUGGESTIONS["dead"],
                 evidence={"zero_frac": frac, "threshold": t.dead_zero_frac, "numel": int(view.numel[last, r])},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradscope.diagnostics.view import RunView, layer_list, steady_rise, trailing_run
+from gradscope.diagnostics.view import RunView, for_steps, layer_list, steady_rise, trailing_run
 from gradscope.findings import SUGGESTIONS, Finding
 from gradscope.thresholds import Thresholds
 
@@ -30,8 +30,9 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
                 step=int(steps[-1]),
                 since_step=int(steps[start[worst]]),
                 message=(
-                    f"gradient rms above {t.explode_rms:g} for {int(run[worst])} sampled steps in {len(names)} "
-                    f"layers ({layer_list(names)}); largest {float(latest.max()):.3g} in '{view.rows[worst]}'"
+                    f"gradient rms above {t.explode_rms:g} {for_steps(int(run[worst]), int(start[worst]))} in "
+                    f"{len(names)} layers ({layer_list(names)}); largest {float(latest.max()):.3g} "
+                    f"in '{view.rows[worst]}'"
                 ),
                 suggestion=SUGGESTIONS["exploding"],
                 evidence={

@@ -16,13 +16,19 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
     ratio = view.update_ratio[tracked]
     weight = view.weight_norm[tracked]
     steps = view.sampled_steps[tracked]
+    all_zero = view.zero_frac[tracked] >= 1.0  # no gradient to apply: a dead layer, reported as such
     if len(steps) == 0:
         return []
     findings = []
     with np.errstate(invalid="ignore"):
         judged = weight > 1e-12  # a weight of zero has no meaningful ratio
         cases = (
-            ("low", (ratio < t.update_ratio_low) & judged, "too small: learning rate too low?", t.update_ratio_low),
+            (
+                "low",
+                (ratio < t.update_ratio_low) & judged & ~all_zero,
+                "too small: learning rate too low?",
+                t.update_ratio_low,
+            ),
             ("high", (ratio > t.update_ratio_high) & judged, "too large: learning rate too high?", t.update_ratio_high),
         )
     for side, condition, what, bound in cases:

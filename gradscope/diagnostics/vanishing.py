@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradscope.diagnostics.view import RunView, layer_list, trailing_run
+from gradscope.diagnostics.view import RunView, for_steps, layer_list, trailing_run
 from gradscope.findings import SUGGESTIONS, Finding
 from gradscope.thresholds import Thresholds
 
@@ -34,9 +34,9 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
             step=int(steps[-1]),
             since_step=int(steps[start[hit].max()]),
             message=(
-                f"gradients vanish in {len(names)} layers ({layer_list(names)}) for {int(run[hit].min())} sampled "
-                f"steps: rms {float(latest.min()):.2e} in '{view.rows[worst]}' against {reference:.2e} "
-                f"in the largest layer"
+                f"gradients vanish in {len(names)} layers ({layer_list(names)}) "
+                f"{for_steps(int(run[hit].min()), int(start[hit].max()))}: rms {float(latest.min()):.2e} in "
+                f"'{view.rows[worst]}' against {reference:.2e} in the largest layer"
             ),
             suggestion=SUGGESTIONS["vanishing"],
             evidence={

@@ -105,6 +105,11 @@ def trailing_run(mask: np.ndarray, present: np.ndarray | None = None) -> tuple[n
     return count, starts
 
 
+def for_steps(count: int, start: int) -> str:
+    """'for N sampled steps', saying 'at least' when the run reaches back to the window's start."""
+    return f"for {'at least ' if start == 0 else ''}{count} sampled steps"
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over ``window`` values, ignoring NaN (NaN where the window has none)."""
     ok = np.isfinite(values)
