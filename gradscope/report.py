@@ -120,7 +120,12 @@ def build(
         return HealthReport(
             "healthy", (), None, layers, dict(summary), -1, note="no steps recorded yet: nothing to judge"
         )
-    findings = [finding for check in CHECKS for finding in check(view, thresholds)]
+    findings, failed = [], []
+    for check in CHECKS:
+        try:
+            findings += check(view, thresholds)
+        except Exception as error:  # a broken check must not take the report (or training) down
+            failed.append(f"{check.__module__.rsplit('.', 1)[-1]}: {type(error).__name__}: {error}")
     findings.sort(key=lambda f: (-f.rank, f.since_step))
     worst = max((f.rank for f in findings), default=0)
     status = STATUSES[worst] if worst > 0 else "healthy"
@@ -135,6 +140,7 @@ def build(
         layers=_layers(view, findings),
         resources=_resources(view),
         step=step,
+        note=("checks that failed: " + "; ".join(failed)) if failed else None,
     )
 
 
@@ -171,7 +177,7 @@ def _layers(view: RunView, findings: list[Finding]) -> tuple[LayerHealth, ...]:
                 rms=float(rms[i, r]),
                 max_abs=float(view.max_abs[i, r]),
                 zero_frac=float(zero_frac[i, r]),
-                hist=[int(c) for c in hist] if hist is not None else None,
+                hist=hist.astype(np.int64).tolist() if hist is not None else None,
                 update_ratio=float(ratio) if np.isfinite(ratio) else None,
                 status=status.get(name, "healthy"),
             )

@@ -310,3 +310,24 @@ def test_report_does_not_wait_unless_asked():
     with gradscope.watch(model) as mon:
         train(model, mon, steps=2)
         assert mon.report(wait=True).step == 1
+
+
+def test_a_failing_check_is_noted_not_raised(monkeypatch):
+    from gradscope import report as report_module
+
+    def broken(view, thresholds):
+        raise ZeroDivisionError("simulated")
+
+    monkeypatch.setattr(report_module, "CHECKS", (broken, *report_module.CHECKS[1:]))
+    with gradscope.watch(nn.Linear(2, 1)) as mon:
+        mon.step(loss=1.0)
+        report = mon.report()
+    assert "simulated" in report.note and report.status == "healthy"
+
+
+def test_loss_starting_at_zero():
+    with gradscope.watch(nn.Linear(2, 1)) as mon:
+        for step in range(120):
+            mon.step(loss=float(step))
+        (divergence,) = [f for f in mon.report().findings if f.kind == "divergence"]
+    assert divergence.evidence["best"] == 0.0

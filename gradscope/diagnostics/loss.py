@@ -110,8 +110,9 @@ def _divergence(steps, smooth, t) -> list[Finding]:
         return []
     best_at = int(np.argmin(v))
     best, last = float(v[best_at]), float(v[-1])
+    scale = abs(best) or abs(last) or 1.0  # a best loss of exactly 0 has no relative scale
     slope, correlation = steady_rise(v[-t.divergence_window :])
-    if last - best > t.divergence_rise * abs(best) and slope > 0 and correlation >= 0.8:
+    if last - best > t.divergence_rise * scale and slope > 0 and correlation >= 0.8:
         return [
             Finding(
                 kind="divergence",
@@ -120,7 +121,7 @@ def _divergence(steps, smooth, t) -> list[Finding]:
                 step=int(steps[-1]),
                 since_step=int(steps[best_at]),
                 message=(
-                    f"the loss is rising steadily: {last:.4g} now, {100 * (last - best) / abs(best):.0f}% above its "
+                    f"the loss is rising steadily: {last:.4g} now, {100 * (last - best) / scale:.0f}% above its "
                     f"best {best:.4g} at step {int(steps[best_at])}"
                 ),
                 suggestion=SUGGESTIONS["divergence"],
