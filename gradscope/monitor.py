@@ -261,6 +261,7 @@ class Monitor:
         self._nonfinite_steps = 0
         self._first_bad_loss: tuple[int, float] | None = None
         self._initial_losses: list[float] = []
+        self._failed_steps: set[int] = set()  # their measurements are not trusted: recorded as absent
 
         self._handles = []
         if mode == "backward":
@@ -301,10 +302,10 @@ class Monitor:
                 key, local = self._route[index]
                 if key not in self._started:
                     self._start(key)
+                self._captures[key].add(local, param.grad)
                 self._present[index] = True
                 self._order[index] = self._next_order
                 self._next_order += 1
-                self._captures[key].add(local, param.grad)
         except Exception as error:
             self._fail(error)
 
@@ -464,6 +465,9 @@ class Monitor:
         return np.add.reduceat(per_param[self._perm], self._row_starts)
 
     def _record_sampled(self, step: int, present: np.ndarray, order: np.ndarray, arrived: dict) -> None:
+        if step in self._failed_steps:
+            self._failed_steps.discard(step)
+            present = np.zeros_like(present)
         param_rows = np.zeros((len(self._watched), layout.ROW_WIDTH))
         for key, rows in arrived.items():
             param_rows[self._members[key]] = rows
@@ -623,6 +627,8 @@ class Monitor:
     def _fail(self, error: BaseException) -> None:
         step = self._step
         self._history.mark_failed(step)
+        if step % self.every == 0:
+            self._failed_steps.add(step)
         if len(self.errors) < _MAX_ERRORS:
             self.errors.append(f"step {step}: {type(error).__name__}: {error}")
         self._warn_once(

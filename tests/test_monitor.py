@@ -380,7 +380,9 @@ def test_exception_in_a_hook_never_stops_training(monkeypatch):
         assert len(relevant) == 1, "the failure is reported once"
         assert list(mon.history("failed").values) == [False, True, False, False]
         assert mon.errors and "simulated capture failure" in mon.errors[0]
-        assert mon.history("present").values[2].all()  # later steps are measured again
+        present = mon.history("present").values
+        assert not present[1].any(), "a failed step's measurements are not recorded as zeros"
+        assert present[2].all()  # later steps are measured again
 
 
 def test_parameters_added_after_watch_are_reported():
