@@ -49,6 +49,7 @@ _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> we
 _MAX_ERRORS = 100
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
 _STEP_CAPACITY_LIMIT = 1 << 20
+_NO_ORDER = np.iinfo(np.int64).max
 _KEPT_EVENTS = 32  # non-finite events remembered for the whole run
 _INITIAL_LOSSES = 64  # first losses remembered for the whole run (underfitting)
 
@@ -468,6 +469,10 @@ class Monitor:
         if step in self._failed_steps:
             self._failed_steps.discard(step)
             present = np.zeros_like(present)
+        if not present.any():  # no gradient at all this step (e.g. mon.step() without backward)
+            rows = len(self.rows)
+            self._history.add_sampled(step, np.zeros((rows, layout.ROW_WIDTH)), np.zeros(rows, bool), np.full(rows, -1))
+            return
         param_rows = np.zeros((len(self._watched), layout.ROW_WIDTH))
         for key, rows in arrived.items():
             param_rows[self._members[key]] = rows
@@ -476,9 +481,9 @@ class Monitor:
         rows = np.add.reduceat(sorted_rows, self._row_starts, axis=0)
         rows[:, layout.MAX_ABS] = np.maximum.reduceat(sorted_rows[:, layout.MAX_ABS], self._row_starts)
         row_present = np.logical_or.reduceat(present[self._perm], self._row_starts)
-        ranked = np.where(present & (order >= 0), order, np.iinfo(np.int64).max)[self._perm]
+        ranked = np.where(present & (order >= 0), order, _NO_ORDER)[self._perm]
         row_order = np.minimum.reduceat(ranked, self._row_starts)
-        row_order[row_order == np.iinfo(np.int64).max] = -1
+        row_order[row_order == _NO_ORDER] = -1
         self._history.add_sampled(step, rows, row_present, row_order)
         bad = row_present & (rows[:, layout.NANS] + rows[:, layout.INFS] > 0)
         if bad.any():
