@@ -35,10 +35,10 @@ import torch
 from gradscope import layout
 from gradscope.backends import numpy_backend, triton_backend
 from gradscope.capture import KernelCapture, NumpyCapture
-from gradscope.diagnostics import NonfiniteEvent, RunView
-from gradscope.history import History, Series
-from gradscope.report import HealthReport, build
+from gradscope.history import Series
+from gradscope.report import HealthReport
 from gradscope.resources import StepClock, as_scalar, model_summary
+from gradscope.run import RunInfo, RunState
 from gradscope.tensor_stats import TensorStats
 from gradscope.thresholds import Thresholds
 from gradscope.updates import UpdateTracker
@@ -48,10 +48,7 @@ MODES = ("backward", "step")
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
 _MAX_ERRORS = 100
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
-_STEP_CAPACITY_LIMIT = 1 << 20
 _NO_ORDER = np.iinfo(np.int64).max
-_KEPT_EVENTS = 32  # non-finite events remembered for the whole run
-_INITIAL_LOSSES = 64  # first losses remembered for the whole run (underfitting)
 
 
 def watch(
@@ -236,15 +233,20 @@ class Monitor:
 
         device = next((p.device for p in self._watched.params if p.device.type == "cuda"), torch.device("cpu"))
         self._clock = StepClock(device)
-        layer_numel = np.bincount(self._watched.row_of, weights=self._watched.numel, minlength=len(self.rows))
-        self._history = History(
-            self.rows,
-            every=self.every,
-            capacity=history,
-            hist_capacity=min(hist_history, history),
-            step_capacity=min(history * self.every, max(history, _STEP_CAPACITY_LIMIT)),
-            track_updates=track_updates,
-            hist_dtype=np.uint32 if layer_numel.max() < 2**32 else np.int64,
+        row_numel = np.bincount(self._watched.row_of, weights=self._watched.numel, minlength=len(self.rows))
+        self._run = RunState(
+            RunInfo(
+                rows=self.rows,
+                row_types=self.row_types,
+                summary=self.summary,
+                every=self.every,
+                mode=mode,
+                granularity=granularity,
+                history=history,
+                hist_history=hist_history,
+                track_updates=track_updates,
+                row_numel=tuple(int(n) for n in row_numel),
+            )
         )
 
         # Per-step state.
@@ -257,11 +259,6 @@ class Monitor:
         self._order = np.full(len(self._watched), -1, dtype=np.int64)
         self._next_order = 0
         self._pending: dict[int, tuple[np.ndarray, np.ndarray, set, dict]] = {}
-        # Events remembered for the whole run, beyond the history's window.
-        self._nonfinite_events: list[NonfiniteEvent] = []
-        self._nonfinite_steps = 0
-        self._first_bad_loss: tuple[int, float] | None = None
-        self._initial_losses: list[float] = []
         self._failed_steps: set[int] = set()  # their measurements are not trusted: recorded as absent
 
         self._handles = []
@@ -429,7 +426,7 @@ class Monitor:
             return
         values = {name: float(as_scalar(value, name)) for name, value in metrics.items()}
         with self._lock:
-            self._history.add_metrics(max(self._step - 1, 0), values)
+            self._run.add_metrics(max(self._step - 1, 0), values)
 
     # ---- collecting ---------------------------------------------------------------------
 
@@ -445,22 +442,11 @@ class Monitor:
             del self._pending[step]
             self._record_sampled(step, present, order, arrived)
         for record in self._clock.completed(block):
-            loss = record.values.get("loss")
-            if loss is not None:
-                if not np.isfinite(loss) and self._first_bad_loss is None:
-                    self._first_bad_loss = (record.step, loss)
-                elif np.isfinite(loss) and len(self._initial_losses) < _INITIAL_LOSSES:
-                    self._initial_losses.append(loss)
-            step_values = {"step_time": record.step_time, "peak_memory": record.peak_memory, "energy": record.energy}
-            for name in ("loss", "grad_scale"):
-                if name in record.values:
-                    step_values[name] = record.values.pop(name)
-            self._history.add_step(record.step, **step_values)
-            if record.values:
-                self._history.add_metrics(record.step, record.values)
+            values = {"step_time": record.step_time, "peak_memory": record.peak_memory, "energy": record.energy}
+            self._run.add_step(record.step, {**values, **record.values})
         if self._updates is not None:
             for step, weight_sq, update_sq in self._updates.completed(block):
-                self._history.add_updates(step, self._sum_rows(weight_sq), self._sum_rows(update_sq))
+                self._run.add_updates(step, self._sum_rows(weight_sq), self._sum_rows(update_sq))
 
     def _sum_rows(self, per_param: np.ndarray) -> np.ndarray:
         return np.add.reduceat(per_param[self._perm], self._row_starts)
@@ -471,7 +457,7 @@ class Monitor:
             present = np.zeros_like(present)
         if not present.any():  # no gradient at all this step (e.g. mon.step() without backward)
             rows = len(self.rows)
-            self._history.add_sampled(step, np.zeros((rows, layout.ROW_WIDTH)), np.zeros(rows, bool), np.full(rows, -1))
+            self._run.add_sampled(step, np.zeros((rows, layout.ROW_WIDTH)), np.zeros(rows, bool), np.full(rows, -1))
             return
         param_rows = np.zeros((len(self._watched), layout.ROW_WIDTH))
         for key, rows in arrived.items():
@@ -484,24 +470,7 @@ class Monitor:
         ranked = np.where(present & (order >= 0), order, _NO_ORDER)[self._perm]
         row_order = np.minimum.reduceat(ranked, self._row_starts)
         row_order[row_order == _NO_ORDER] = -1
-        self._history.add_sampled(step, rows, row_present, row_order)
-        bad = row_present & (rows[:, layout.NANS] + rows[:, layout.INFS] > 0)
-        if bad.any():
-            self._nonfinite_steps += 1
-            if len(self._nonfinite_events) < _KEPT_EVENTS:
-                affected = np.flatnonzero(bad)
-                known = bool((row_order[affected] >= 0).all())
-                # First in backward order (nearest the loss); without it, last in model order.
-                affected = affected[np.argsort(row_order[affected], kind="stable")] if known else affected[::-1]
-                self._nonfinite_events.append(
-                    NonfiniteEvent(
-                        step=step,
-                        rows=tuple(int(r) for r in affected),
-                        nans=int(rows[bad, layout.NANS].sum()),
-                        infs=int(rows[bad, layout.INFS].sum()),
-                        backward_order_known=known,
-                    )
-                )
+        self._run.add_sampled(step, rows, row_present, row_order)
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -518,23 +487,17 @@ class Monitor:
         ``grad_scale``, ``skipped``, ``failed`` and every logged metric.
         """
         self._collect_now()
-        return self._history.series(field)
+        return self._run.series(field)
 
     def fields(self) -> tuple[str, ...]:
         """Names :meth:`history` accepts."""
         self._collect_now()
-        return self._history.fields()
+        return self._run.fields()
 
     def stats(self, step: int | None = None) -> TensorStats:
         """Statistics of the rows present at a sampled ``step`` (default: the latest)."""
         self._collect_now()
-        if step is None:
-            step = self._history.latest_sampled()
-        found = self._history.sampled_rows(step) if step >= 0 else None
-        if found is None:
-            raise KeyError(f"step {step} is not a kept sampled step")
-        rows, present = found
-        return TensorStats.from_rows(rows[present], tuple(np.array(self.rows, dtype=object)[present]))
+        return self._run.stats(step)
 
     def report(self, thresholds: Thresholds | None = None, wait: bool = False) -> HealthReport:
         """The run's health: status, findings, per-layer rows and resources.
@@ -544,71 +507,10 @@ class Monitor:
         window of sampled steps. ``wait=True`` first waits for every step in flight.
         ``thresholds`` overrides the monitor's :class:`gradscope.Thresholds`.
         """
-        thresholds = thresholds or self.thresholds
-        if not isinstance(thresholds, Thresholds):
-            raise TypeError(f"report: thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
         with self._lock:
             if not self._closed:
                 self._collect(block=wait)
-            return build(self._view(thresholds), thresholds, self.rows, self.row_types, self.summary)
-
-    def _view(self, thresholds: Thresholds) -> RunView | None:
-        h = self._history
-        window = max(thresholds.sustain, thresholds.spike_window + 1, thresholds.trend_window)
-        present = h.series("present", last=window)
-        loss = h.series("loss")
-        if len(present) == 0 and len(loss) == 0:
-            return None
-
-        def rows(name: str) -> np.ndarray:
-            return h.series(name, last=window).values
-
-        def steps(name: str) -> np.ndarray:
-            return h.series(name).values
-
-        metrics = {}
-        for name in h.metric_names:
-            series = h.series(name)
-            ok = np.isfinite(series.values)
-            metrics[name] = (series.steps[ok], series.values[ok])
-        # Each row's histogram at its latest sampled step with a gradient (when still kept).
-        latest_hist = np.full((len(self.rows), layout.NUM_BINS), np.nan)
-        seen = present.values.any(axis=0) if len(present) else np.zeros(len(self.rows), dtype=bool)
-        newest = len(present) - 1 - np.argmax(present.values[::-1], axis=0) if len(present) else None
-        for index in np.unique(newest[seen]) if newest is not None else ():
-            found = h.sampled_rows(int(present.steps[index]))
-            if found is not None:
-                members = seen & (newest == index)
-                latest_hist[members] = found[0][members, layout.HIST :]
-        tracked = self._updates is not None
-        initial = self._initial_losses[: thresholds.smooth]
-        return RunView(
-            rows=self.rows,
-            row_types=self.row_types,
-            sampled_steps=present.steps,
-            present=present.values,
-            numel=rows("numel"),
-            finite=rows("finite"),
-            zeros=rows("zeros"),
-            nonfinite=rows("nonfinite"),
-            sumsq=rows("sumsq"),
-            max_abs=rows("max_abs"),
-            update_ratio=rows("update_ratio") if tracked else None,
-            weight_norm=rows("weight_norm") if tracked else None,
-            steps=loss.steps,
-            loss=loss.values,
-            skipped=steps("skipped"),
-            step_time=steps("step_time"),
-            peak_memory=steps("peak_memory"),
-            energy=steps("energy"),
-            metrics=metrics,
-            nonfinite_events=tuple(self._nonfinite_events),
-            nonfinite_steps=self._nonfinite_steps,
-            first_bad_loss=self._first_bad_loss,
-            initial_loss=float(np.mean(initial)) if initial else None,
-            summary=dict(self.summary),
-            latest_hist=latest_hist,
-        )
+            return self._run.report(thresholds or self.thresholds)
 
     @property
     def step_index(self) -> int:
@@ -631,7 +533,7 @@ class Monitor:
 
     def _fail(self, error: BaseException) -> None:
         step = self._step
-        self._history.mark_failed(step)
+        self._run.mark_failed(step)
         if step % self.every == 0:
             self._failed_steps.add(step)
         if len(self.errors) < _MAX_ERRORS:

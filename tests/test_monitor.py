@@ -313,7 +313,7 @@ def test_history_is_bounded_and_memory_stays_flat():
         assert list(mon.history("norm").steps) == [12, 14, 16, 18]
         assert list(mon.history("hist").steps) == [16, 18]
         assert list(mon.history("loss").steps) == list(range(12, 20))  # history x every steps
-        sizes = [a.nbytes for a in vars(mon._history).values() if isinstance(a, np.ndarray)]
+        sizes = [a.nbytes for a in vars(mon._run.history).values() if isinstance(a, np.ndarray)]
         tracemalloc.start()
         for step in range(1000):  # every ring slot written at least once
             mon.step(loss=float(step))
@@ -323,7 +323,7 @@ def test_history_is_bounded_and_memory_stays_flat():
         after, _ = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert after - before < 100_000, f"memory grew by {after - before} bytes over 100k steps"
-        assert sizes == [a.nbytes for a in vars(mon._history).values() if isinstance(a, np.ndarray)]
+        assert sizes == [a.nbytes for a in vars(mon._run.history).values() if isinstance(a, np.ndarray)]
         assert list(mon.history("loss").steps) == list(range(101_012, 101_020))
 
 
