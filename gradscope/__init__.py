@@ -12,6 +12,7 @@ from gradscope.history import Series
 from gradscope.layout import HIST_EDGES, HIST_MIN_EXPONENT, NUM_BINS
 from gradscope.monitor import Monitor, watch
 from gradscope.report import HealthReport, LayerHealth
+from gradscope.runlog import Run, RunLogError, load_run
 from gradscope.statistics import BACKENDS, grad_stats
 from gradscope.tensor_stats import TensorStats
 from gradscope.thresholds import Thresholds
@@ -27,10 +28,13 @@ __all__ = [
     "HealthReport",
     "LayerHealth",
     "Monitor",
+    "Run",
+    "RunLogError",
     "Series",
     "TensorStats",
     "Thresholds",
     "__version__",
     "grad_stats",
+    "load_run",
     "watch",
 ]

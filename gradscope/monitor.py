@@ -24,21 +24,27 @@ the host reads a step once its event has completed (usually one step later) or w
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import os
 import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from gradscope import layout
+from gradscope import layout, records
 from gradscope.backends import numpy_backend, triton_backend
 from gradscope.capture import KernelCapture, NumpyCapture
+from gradscope.exporters import Exporter
 from gradscope.history import Series
+from gradscope.pump import RecordPump
 from gradscope.report import HealthReport
 from gradscope.resources import StepClock, as_scalar, model_summary
 from gradscope.run import RunInfo, RunState
+from gradscope.runlog import RunLog
 from gradscope.tensor_stats import TensorStats
 from gradscope.thresholds import Thresholds
 from gradscope.updates import UpdateTracker
@@ -66,6 +72,8 @@ def watch(
     backend: str = "auto",
     hist_history: int = 1_000,
     thresholds: Thresholds | None = None,
+    log_dir: str | os.PathLike | None = None,
+    exporters: Sequence[Exporter] = (),
 ) -> Monitor:
     """Start monitoring ``model``'s gradients; returns the :class:`Monitor`.
 
@@ -89,6 +97,10 @@ def watch(
         backend: ``"auto"``, ``"triton"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
         hist_history: sampled steps whose histograms are kept (the newest).
         thresholds: the health checks' :class:`gradscope.Thresholds` for :meth:`Monitor.report`.
+        log_dir: a new directory for the run log (JSON Lines, read back with
+            :func:`gradscope.load_run`), written off the training thread.
+        exporters: more destinations for the run's records, e.g.
+            ``[gradscope.exporters.TensorBoardExporter("runs/tb")]``.
 
     Raises:
         RuntimeError: ``model`` is already watched by a monitor that is not closed.
@@ -108,7 +120,15 @@ def watch(
         backend=backend,
         hist_history=hist_history,
         thresholds=thresholds,
+        log_dir=log_dir,
+        exporters=exporters,
     )
+
+
+def _version() -> str:
+    from gradscope import __version__
+
+    return __version__
 
 
 def _positive_int(value, name: str) -> int:
@@ -173,6 +193,8 @@ class Monitor:
         backend: str,
         hist_history: int,
         thresholds: Thresholds | None = None,
+        log_dir: str | os.PathLike | None = None,
+        exporters: Sequence[Exporter] = (),
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -193,6 +215,14 @@ class Monitor:
         if thresholds is not None and not isinstance(thresholds, Thresholds):
             raise TypeError(f"watch: thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
         self.thresholds = thresholds or Thresholds()
+        exporters = list(exporters)
+        for exporter in exporters:
+            if not isinstance(exporter, Exporter):
+                raise TypeError(
+                    f"watch: exporters must be gradscope.exporters.Exporter objects, got {type(exporter).__name__}"
+                )
+        if log_dir is not None:
+            exporters.insert(0, RunLog(log_dir))
         target = unwrap(model)
         existing = _WATCHED.get(target)
         if existing is not None and existing() is not None and not existing()._closed:
@@ -234,20 +264,26 @@ class Monitor:
         device = next((p.device for p in self._watched.params if p.device.type == "cuda"), torch.device("cpu"))
         self._clock = StepClock(device)
         row_numel = np.bincount(self._watched.row_of, weights=self._watched.numel, minlength=len(self.rows))
-        self._run = RunState(
-            RunInfo(
-                rows=self.rows,
-                row_types=self.row_types,
-                summary=self.summary,
-                every=self.every,
-                mode=mode,
-                granularity=granularity,
-                history=history,
-                hist_history=hist_history,
-                track_updates=track_updates,
-                row_numel=tuple(int(n) for n in row_numel),
-            )
+        info = RunInfo(
+            rows=self.rows,
+            row_types=self.row_types,
+            summary=self.summary,
+            every=self.every,
+            mode=mode,
+            granularity=granularity,
+            history=history,
+            hist_history=hist_history,
+            track_updates=track_updates,
+            row_numel=tuple(int(n) for n in row_numel),
+            extra={
+                "gradscope": _version(),
+                "torch": torch.__version__,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            },
         )
+        self._run = RunState(info)
+        header = records.Header(info.to_dict(), thresholds=dataclasses.asdict(self.thresholds))
+        self._pump = RecordPump(exporters, header) if exporters else None
 
         # Per-step state.
         self._step = 0
@@ -426,7 +462,7 @@ class Monitor:
             return
         values = {name: float(as_scalar(value, name)) for name, value in metrics.items()}
         with self._lock:
-            self._run.add_metrics(max(self._step - 1, 0), values)
+            self._emit(records.Metrics(max(self._step - 1, 0), values))
 
     # ---- collecting ---------------------------------------------------------------------
 
@@ -443,10 +479,16 @@ class Monitor:
             self._record_sampled(step, present, order, arrived)
         for record in self._clock.completed(block):
             values = {"step_time": record.step_time, "peak_memory": record.peak_memory, "energy": record.energy}
-            self._run.add_step(record.step, {**values, **record.values})
+            self._emit(records.StepValues(record.step, {**values, **record.values}))
         if self._updates is not None:
             for step, weight_sq, update_sq in self._updates.completed(block):
-                self._run.add_updates(step, self._sum_rows(weight_sq), self._sum_rows(update_sq))
+                self._emit(records.Updates(step, self._sum_rows(weight_sq), self._sum_rows(update_sq)))
+
+    def _emit(self, record: records.Record) -> None:
+        """Apply a record to the run's state and hand it to the exporters."""
+        self._run.apply(record)
+        if self._pump is not None:
+            self._pump.put(record)
 
     def _sum_rows(self, per_param: np.ndarray) -> np.ndarray:
         return np.add.reduceat(per_param[self._perm], self._row_starts)
@@ -457,7 +499,9 @@ class Monitor:
             present = np.zeros_like(present)
         if not present.any():  # no gradient at all this step (e.g. mon.step() without backward)
             rows = len(self.rows)
-            self._run.add_sampled(step, np.zeros((rows, layout.ROW_WIDTH)), np.zeros(rows, bool), np.full(rows, -1))
+            self._emit(
+                records.Sampled(step, np.zeros((rows, layout.ROW_WIDTH)), np.zeros(rows, bool), np.full(rows, -1))
+            )
             return
         param_rows = np.zeros((len(self._watched), layout.ROW_WIDTH))
         for key, rows in arrived.items():
@@ -470,7 +514,7 @@ class Monitor:
         ranked = np.where(present & (order >= 0), order, _NO_ORDER)[self._perm]
         row_order = np.minimum.reduceat(ranked, self._row_starts)
         row_order[row_order == _NO_ORDER] = -1
-        self._run.add_sampled(step, rows, row_present, row_order)
+        self._emit(records.Sampled(step, rows, row_present, row_order))
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -533,7 +577,7 @@ class Monitor:
 
     def _fail(self, error: BaseException) -> None:
         step = self._step
-        self._run.mark_failed(step)
+        self._emit(records.Failed(step))
         if step % self.every == 0:
             self._failed_steps.add(step)
         if len(self.errors) < _MAX_ERRORS:
@@ -579,6 +623,9 @@ class Monitor:
                 self._updates.close()
             for capture in self._captures.values():
                 capture.close()
+            if self._pump is not None:
+                self._pump.close(self._step)
+                self.errors.extend(self._pump.errors)
             self._pending.clear()
             self._watched = None
             self._optimizer = None

@@ -14,11 +14,11 @@ records are:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from gradscope import layout
+from gradscope import layout, records
 from gradscope.diagnostics import NonfiniteEvent, RunView
 from gradscope.history import STEP_FIELDS, History, Series
 from gradscope.report import HealthReport, build
@@ -62,6 +62,16 @@ class RunInfo:
     row_numel: tuple[int, ...]
     extra: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunInfo:
+        data = dict(data)
+        for name in ("rows", "row_types", "row_numel"):
+            data[name] = tuple(data[name])
+        return cls(**data)
+
 
 class RunState:
     """History plus the events a report must never forget, fed by records."""
@@ -83,6 +93,19 @@ class RunState:
         self.initial_losses: list[float] = []
 
     # ---- records ------------------------------------------------------------------------
+
+    def apply(self, record: records.Record) -> None:
+        """Apply one record (see :mod:`gradscope.records`)."""
+        if isinstance(record, records.Sampled):
+            self.add_sampled(record.step, record.rows, record.present, record.order)
+        elif isinstance(record, records.StepValues):
+            self.add_step(record.step, record.values)
+        elif isinstance(record, records.Metrics):
+            self.add_metrics(record.step, record.values)
+        elif isinstance(record, records.Updates):
+            self.add_updates(record.step, record.weight_sq, record.update_sq)
+        elif isinstance(record, records.Failed):
+            self.mark_failed(record.step)
 
     def add_sampled(self, step: int, rows: np.ndarray, present: np.ndarray, order: np.ndarray) -> None:
         """A sampled step: float64 ``(R, ROW_WIDTH)`` rows, bool ``(R,)`` presence, int ``(R,)``
