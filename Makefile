@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[dev]"
 	touch $@
 
+# Trains the built-in model healthy, then with a NaN fault: health reports on the terminal,
+# run logs and visual reports (HTML + PNG) under runs/.
 demo: $(VENV)/.installed
-	$(PY) benchmarks/bench_stats.py --demo
+	$(VENV)/bin/gradscope demo --fault none
+	$(VENV)/bin/gradscope demo --fault nan
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
@@ -28,8 +31,7 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 
 bench: $(VENV)/.installed
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[dev,bench]"
-	$(PY) benchmarks/bench_stats.py
+	$(VENV)/bin/gradscope bench
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis runs

@@ -14,10 +14,9 @@ For each gradient set (real model shapes) it times, in the same run:
   on CPU the single-threaded NumPy backend, and on GPU the no-sync launch the monitor uses.
 
 It prints a table of times, bandwidth and ratios, and writes JSON (device, versions, date,
-commit) under ``benchmarks/results/``. ``--demo`` runs the built-in MLP only, prints its
-gradient statistics and the table, and writes nothing.
+commit) under ``benchmarks/results/``.
 
-Usage: python benchmarks/bench_stats.py [--demo] [--sets mlp-25.7m,gpt2-124m] [--device cpu|cuda]
+Usage: python benchmarks/bench_stats.py [--sets mlp-25.7m,gpt2-124m] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -320,7 +319,6 @@ def environment(device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo", action="store_true", help="built-in MLP only, show its statistics, write nothing")
     parser.add_argument("--sets", default=None, help="comma-separated gradient sets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=10)
@@ -332,9 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --device cuda needs a CUDA device", file=sys.stderr)
         return 2
 
-    if args.demo:
-        sets = ["mlp-25.7m"]
-    elif args.sets:
+    if args.sets:
         sets = args.sets.split(",")
     else:
         sets = ["mlp-25.7m", "gpt2-124m"] + (["gpt2-124m-bf16", "llama-1b-bf16"] if args.device == "cuda" else [])
@@ -342,76 +338,18 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     print(f"gradscope {env['gradscope']} stats benchmark on {env['device']} ({env['cpu_threads']} CPU threads)")
     print(f"torch {env['torch']}, numpy {env['numpy']}, triton {env['triton']}, python {env['python']}")
-    if args.demo:
-        grads, names = mlp_gradients(args.device)
-        stats = gradscope.grad_stats(grads)
-        print("\nGradient statistics of the built-in MLP after one backward pass (gradscope.grad_stats):")
-        print(TensorStatsView(stats, names))
 
     entries = []
     for name in sets:
-        entry = run_set(name, args.device, args.repeats if not args.demo else 5, with_slow=True)
+        entry = run_set(name, args.device, args.repeats, with_slow=True)
         print_set(entry)
         entries.append(entry)
 
-    if args.demo:
-        print_demo_training(args.device)
-    else:
-        out = Path(args.out) if args.out else RESULTS / f"stats-{args.device}-{env['date'][:10]}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"benchmark": "bench_stats", "environment": env, "sets": entries}, indent=2) + "\n")
-        print(f"\nwrote {out}")
+    out = Path(args.out) if args.out else RESULTS / f"stats-{args.device}-{env['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "bench_stats", "environment": env, "sets": entries}, indent=2) + "\n")
+    print(f"\nwrote {out}")
     return 0
-
-
-def print_demo_training(device: str) -> None:
-    """Train a small MLP twice under gradscope.watch, healthy and with a dead layer, and print
-    both health reports."""
-    for fault in (None, "dead"):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(
-            torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
-        ).to(device)
-        if fault == "dead":
-            with torch.no_grad():
-                model[2].bias.fill_(-50.0)  # every unit of the second layer stays off
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        g = torch.Generator(device=device).manual_seed(1)
-        teacher = torch.randn(32, 1, generator=g, device=device)
-        with gradscope.watch(model, optimizer=opt, track_updates=True) as mon:
-            for _ in range(200):
-                x = torch.randn(64, 32, generator=g, device=device)
-                loss = torch.nn.functional.mse_loss(model(x), torch.tanh(x @ teacher))
-                loss.backward()
-                mon.step(loss=loss)
-                opt.step()
-                opt.zero_grad()
-            title = "with a dead layer (bias -50 behind a ReLU)" if fault else "healthy"
-            print(f"\nTraining a small MLP for 200 steps under gradscope.watch(), {title}: mon.report()")
-            print(mon.report(wait=True))
-
-
-class TensorStatsView:
-    """The first rows of a TensorStats with the histogram drawn as a sparkline."""
-
-    _BARS = " ▁▂▃▄▅▆▇█"
-
-    def __init__(self, stats, names: list[str]) -> None:
-        self.stats, self.names = stats, names
-
-    def __str__(self) -> str:
-        s = self.stats
-        lines = [
-            f"  {'parameter':<12} {'numel':>9} {'norm':>9} {'max|g|':>9} {'zero%':>6}  log2|g| histogram 2^-48 .. 2^16"
-        ]
-        for i, name in enumerate(self.names):
-            hist = s.hist[i].astype(float)
-            top = hist.max() or 1.0
-            bars = "".join(self._BARS[round(8 * v / top)] for v in hist)
-            numbers = f"{s.numel[i]:>9d} {s.norm[i]:>9.2e} {s.max_abs[i]:>9.2e} {100 * s.zero_frac[i]:>6.1f}"
-            lines.append(f"  {name:<12} {numbers}  {bars}")
-        lines.append(f"  total norm {s.total_norm:.4e}; non-finite values: {int(s.nonfinite.sum())}")
-        return "\n".join(lines)
 
 
 if __name__ == "__main__":

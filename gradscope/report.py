@@ -98,10 +98,13 @@ class HealthReport:
                 )
         if self.findings:
             lines.append("  findings, most severe first:")
+            suggested = set()
             for f in self.findings:
                 where = f" in '{f.layer}'" if f.layer else ""
                 lines.append(f"  [{f.severity}] {f.kind}{where}, step {f.step}: {f.message}")
-                lines.append(f"      try: {f.suggestion}")
+                if f.suggestion not in suggested:  # each advice once, at its first finding
+                    lines.append(f"      try: {f.suggestion}")
+                    suggested.add(f.suggestion)
         if self.resources:
             parts = [f"{key}={_resource(key, value)}" for key, value in self.resources.items()]
             lines.append("  resources: " + ", ".join(parts))

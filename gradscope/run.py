@@ -235,4 +235,5 @@ class RunState:
             initial_loss=float(np.mean(initial)) if initial else None,
             summary=dict(self.info.summary),
             latest_hist=latest_hist,
+            backward_order=rows("backward_order"),
         )

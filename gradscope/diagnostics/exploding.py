@@ -19,25 +19,37 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
         run, start = trailing_run(rms > t.explode_rms, view.present)
     above = np.flatnonzero(run >= t.sustain)
     if above.size:
-        latest = np.array([rms[view.present[:, r], r][-1] for r in above])
+        latest_index = [int(np.flatnonzero(view.present[:, r])[-1]) for r in above]
+        latest = rms[latest_index, above]
         worst = above[np.argmax(latest)]
         names = [view.rows[r] for r in above[np.argsort(-latest)]]
+        # Gradients flow from the loss toward the input: the first of these layers in backward
+        # order is where the gradient first rises above the ceiling (e.g. a faulty custom op).
+        origin = None
+        if view.backward_order is not None:
+            order = view.backward_order[latest_index, above]
+            if np.all(order >= 0):
+                origin = above[np.argmin(order)]
+        where = f"largest {float(latest.max()):.3g} in '{view.rows[worst]}'"
+        if origin is not None and len(above) > 1:
+            where = f"first in backward order (nearest the loss) '{view.rows[origin]}'; " + where
         findings.append(
             Finding(
                 kind="exploding",
                 severity="warning",
-                layer=view.rows[worst],
+                layer=view.rows[worst if origin is None else origin],
                 step=int(steps[-1]),
                 since_step=int(steps[start[worst]]),
                 message=(
                     f"gradient rms above {t.explode_rms:g} {for_steps(int(run[worst]), int(start[worst]))} in "
-                    f"{len(names)} layers ({layer_list(names)}); largest {float(latest.max()):.3g} "
-                    f"in '{view.rows[worst]}'"
+                    f"{len(names)} layers ({layer_list(names)}); {where}"
                 ),
                 suggestion=SUGGESTIONS["exploding"],
                 evidence={
                     "ceiling": t.explode_rms,
                     "rms": dict(zip([view.rows[r] for r in above], latest.tolist(), strict=True)),
+                    "largest": view.rows[worst],
+                    "first_in_backward_order": None if origin is None else view.rows[origin],
                 },
                 layers=tuple(names),
             )

@@ -112,32 +112,48 @@ def _divergence(steps, smooth, t) -> list[Finding]:
     best, last = float(v[best_at]), float(v[-1])
     scale = abs(best) or abs(last) or 1.0  # a best loss of exactly 0 has no relative scale
     slope, correlation = steady_rise(v[-t.divergence_window :])
-    if last - best > t.divergence_rise * scale and slope > 0 and correlation >= 0.8:
-        return [
-            Finding(
-                kind="divergence",
-                severity="critical",
-                layer=None,
-                step=int(steps[-1]),
-                since_step=int(steps[best_at]),
-                message=(
-                    f"the loss is rising steadily: {last:.4g} now, {100 * (last - best) / scale:.0f}% above its "
-                    f"best {best:.4g} at step {int(steps[best_at])}"
-                ),
-                suggestion=SUGGESTIONS["divergence"],
-                evidence={"loss": last, "best": best, "best_step": int(steps[best_at]), "correlation": correlation},
-            )
-        ]
-    return []
+    threshold = best + t.divergence_rise * scale
+    if last > threshold and slope > 0 and correlation >= 0.8:
+        message = (
+            f"the loss is rising steadily: {last:.4g} now, {100 * (last - best) / scale:.0f}% above its "
+            f"best {best:.4g} at step {int(steps[best_at])}"
+        )
+        pattern = "rising"
+    elif best_at < len(v) - t.divergence_window and np.all(v[-t.divergence_window :] > threshold):
+        # A jump that stays: the loss left its best and has not come back for a whole window.
+        jumped = best_at + int(np.argmax(v[best_at:] > threshold))
+        message = (
+            f"the loss jumped at step {int(steps[jumped])} and has stayed up: {last:.4g} now, "
+            f"{100 * (last - best) / scale:.0f}% above its best {best:.4g} at step {int(steps[best_at])}"
+        )
+        pattern = "jump"
+    else:
+        return []
+    return [
+        Finding(
+            kind="divergence",
+            severity="critical",
+            layer=None,
+            step=int(steps[-1]),
+            since_step=int(steps[best_at]),
+            message=message,
+            suggestion=SUGGESTIONS["divergence"],
+            evidence={"loss": last, "best": best, "best_step": int(steps[best_at]), "pattern": pattern},
+        )
+    ]
 
 
 def _underfitting(view: RunView, smooth, t) -> list[Finding]:
+    """The loss has never dropped much below where it started (a model that learned and then
+    got worse is diverging, not underfitting)."""
     if view.initial_loss is None or view.steps[-1] + 1 < t.underfit_steps:
         return []
-    start, now = view.initial_loss, float(smooth[-1]) if np.isfinite(smooth[-1]) else np.nan
-    if not np.isfinite(now) or start == 0:
+    finite = smooth[np.isfinite(smooth)]
+    start = view.initial_loss
+    if not len(finite) or start == 0 or not np.isfinite(smooth[-1]):
         return []
-    drop = (start - now) / abs(start)
+    best = float(finite.min())
+    drop = (start - best) / abs(start)
     if drop >= t.underfit_min_drop:
         return []
     return [
@@ -148,11 +164,11 @@ def _underfitting(view: RunView, smooth, t) -> list[Finding]:
             step=int(view.steps[-1]),
             since_step=0,
             message=(
-                f"the training loss has dropped only {100 * drop:.1f}% in {int(view.steps[-1]) + 1} steps "
-                f"(from {start:.4g} to {now:.4g}): the model is not learning"
+                f"the training loss has dropped at most {100 * drop:.1f}% in {int(view.steps[-1]) + 1} steps "
+                f"(from {start:.4g} to {best:.4g} at best): the model is not learning"
             ),
             suggestion=SUGGESTIONS["underfitting"],
-            evidence={"initial_loss": start, "loss": now, "drop": drop},
+            evidence={"initial_loss": start, "loss": float(smooth[-1]), "best": best, "drop": drop},
         )
     ]
 

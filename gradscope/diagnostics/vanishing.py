@@ -13,7 +13,10 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
     if len(view.sampled_steps) == 0:
         return []
     rms = view.rms_nonzero  # sparse gradients are judged by the values they do have
-    largest = np.nanmax(np.where(np.isfinite(rms), rms, np.nan), axis=1, initial=0.0)
+    # The reference is the largest layer that is not itself exploding: a layer is not
+    # vanishing merely because another one explodes.
+    usable = np.isfinite(rms) & (rms <= t.explode_rms)
+    largest = np.max(np.where(usable, rms, 0.0), axis=1, initial=0.0)
     with np.errstate(invalid="ignore"):
         small = (rms < t.vanish_rms) | (rms < t.vanish_ratio * largest[:, None])
     run, start = trailing_run(small, view.present)

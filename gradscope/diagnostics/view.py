@@ -58,6 +58,7 @@ class RunView:
     initial_loss: float | None = None  # mean loss of the run's first steps
     summary: dict = field(default_factory=dict)
     latest_hist: np.ndarray | None = None  # (R, 64): each row's histogram at its latest present step
+    backward_order: np.ndarray | None = None  # (S, R): 0 = final first (nearest the loss), -1 unknown, NaN absent
 
     @property
     def rms(self) -> np.ndarray:

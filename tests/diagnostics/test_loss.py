@@ -1,5 +1,7 @@
 """Loss and metric checks on loss sequences: plateau, divergence, over- and underfitting."""
 
+import re
+
 import numpy as np
 import torch
 
@@ -50,6 +52,18 @@ def test_divergence_when_the_loss_rises_steadily():
         (divergence,) = findings(mon, "divergence")
         assert divergence.severity == "critical" and mon.report().status == "critical"
         assert 95 <= divergence.evidence["best_step"] <= 105
+
+
+def test_divergence_when_the_loss_jumps_and_stays_up():
+    losses = np.r_[np.linspace(2.0, 0.8, 150), np.full(150, 2.0)]
+    with monitor_with_losses(losses) as mon:
+        (divergence,) = findings(mon, "divergence")
+        assert divergence.evidence["pattern"] == "jump"
+        assert re.search(r"jumped at step 15[0-4]\b", divergence.message)  # within the smoothing window
+        assert 140 <= divergence.evidence["best_step"] <= 150
+        assert not findings(mon, "underfitting"), "it learned, then broke: that is not underfitting"
+    with monitor_with_losses(np.r_[np.linspace(2.0, 0.8, 150), np.full(30, 2.0), np.full(120, 0.8)]) as mon:
+        assert not findings(mon, "divergence"), "a spike that recovered"
 
 
 def test_noisy_but_flat_loss_is_not_divergence():

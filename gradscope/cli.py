@@ -1,0 +1,238 @@
+"""The ``gradscope`` command: ``demo``, ``report`` and ``bench``.
+
+``gradscope demo`` trains the built-in model (:mod:`gradscope.demo`) with or without a fault,
+prints the health report and writes the run log and the visual report; ``gradscope report
+RUN`` prints a saved run's report and renders it; ``gradscope bench`` runs the benchmarks of a
+source checkout. A user's mistake (a missing file, a bad flag, a missing optional extra)
+prints one line and exits with status 1 or 2, never a traceback (set ``GRADSCOPE_DEBUG=1``
+to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+USER_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ImportError,
+    ValueError,  # includes RunLogError
+)
+"""Exceptions that mean the user asked for something impossible: one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (and exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _fail(message: str) -> int:
+    print(f"gradscope: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _progress(total: int, description: str):
+    """A progress callback ``(step, loss)`` and a function that finishes it: tqdm when
+    installed (the ``cli`` extra), otherwise a line every tenth of the run."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is not None:
+        bar = tqdm(total=total, desc=description, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+        def update(step: int, loss) -> None:
+            bar.update(1)
+            if step % 10 == 0 or step == total - 1:
+                bar.set_postfix(loss=f"{float(loss):.4g}", refresh=False)
+
+        return update, bar.close
+    every = max(1, total // 10)
+
+    def report_line(step: int, loss) -> None:
+        if (step + 1) % every == 0 or step == total - 1:
+            print(f"{description}: step {step + 1}/{total}, loss {float(loss):.4g}", file=sys.stderr)
+
+    return report_line, lambda: None
+
+
+def _render(source, report, html: Path | None, png: Path | None, title: str) -> list[Path]:
+    """Write the visual report as HTML and/or PNG; returns the files written."""
+    from gradscope import visual
+
+    written = []
+    if html is not None:
+        visual.write_html(source, html, report=report, title=title)
+        written.append(html)
+    if png is not None:
+        visual.write_png(source, png, report=report)
+        written.append(png)
+    return written
+
+
+def _visual_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    from gradscope import demo
+    from gradscope.runlog import check_log_dir
+
+    if args.steps < 1:
+        return _fail(f"--steps must be a positive integer, got {args.steps}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: no CUDA device is available here (use --device cpu)")
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"demo-{args.fault}-{stamp}"
+    check_log_dir(out)  # before any work: a directory that already holds a run is refused at once
+    expected = demo.EXPECTED[args.fault]
+    print(f"gradscope demo: {demo.DEPTH + 2}-layer MLP on synthetic data, fault: {args.fault}, {args.steps} steps")
+    print(f"  what to expect: {expected.explanation}")
+    update, finish = _progress(args.steps, f"training ({args.fault})")
+    started = time.perf_counter()
+    try:
+        mon = demo.run(args.fault, args.steps, device=args.device, log_dir=out, progress=update)
+    finally:
+        finish()
+    seconds = time.perf_counter() - started
+    report = mon.report()
+    print(report)
+    print(f"\ntrained {args.steps} steps in {seconds:.1f} s; run log: {out}/")
+    ok = _expectation_met(report, expected)
+    print(("  as expected: " if ok else "  NOT as expected: ") + expected.explanation)
+    if _visual_available():
+        files = _render(mon, report, out / "report.html", out / "report.png", f"gradscope demo: {args.fault}")
+        print("  visual report: " + ", ".join(str(f) for f in files))
+    else:
+        print("  visual report skipped: it needs matplotlib (pip install 'gradscope-diagnostics[viz]')")
+    print(f"  read it back: gradscope report {out}")
+    return 0 if ok else 1
+
+
+def _expectation_met(report, expected) -> bool:
+    gradient_kinds = {"nonfinite", "exploding", "vanishing", "dead", "stalled_updates", "overflow"}
+    if expected.kind is None:
+        return report.status == "healthy" and not any(f.kind in gradient_kinds for f in report.findings)
+    return any(f.kind == expected.kind and f.layer == expected.layer for f in report.findings)
+
+
+def cmd_report(args) -> int:
+    from gradscope.runlog import load_run
+
+    run = load_run(args.run)
+    report = run.report()
+    if args.json:
+        print(report.to_json(indent=2))
+    else:
+        state = "" if run.closed else " (not closed: the run is still going, or it stopped without close())"
+        print(f"gradscope run {args.run}: {len(run.rows)} layers, {len(run.files)} log file(s){state}")
+        print(report)
+    if args.html or args.png:
+        if not _visual_available():
+            return _fail("--html/--png need matplotlib: pip install 'gradscope-diagnostics[viz]'")
+        title = f"gradscope run: {Path(args.run).resolve().name}"
+        html = Path(args.html) if args.html else None
+        png = Path(args.png) if args.png else None
+        files = _render(run, report, html, png, title)
+        print("visual report: " + ", ".join(str(f) for f in files), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def benchmarks_dir() -> Path | None:
+    """The benchmarks/ folder of the source checkout gradscope runs from, if any."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    return folder if (folder / "bench_overhead.py").is_file() else None
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    folder = benchmarks_dir()
+    if folder is None:
+        return _fail(
+            "the benchmarks are scripts of the source tree (benchmarks/), not part of the installed package: "
+            "run 'gradscope bench' from a clone installed with 'pip install -e .', or 'make bench'"
+        )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: no CUDA device is available here (use --device cpu)")
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="gradscope-bench-")) if args.quick else None)
+    runs = [
+        ("bench_overhead.py", ["--models", "tiny", "--rounds", "1", "--steps", "2"] if args.quick else []),
+        ("bench_stats.py", ["--sets", "tiny", "--repeats", "3"] if args.quick else []),
+        ("bench_runlog.py", ["--steps", "20", "--layers", "20"] if args.quick else []),
+    ]
+    status = 0
+    for script, extra in runs:
+        command = [sys.executable, str(folder / script), "--device", device, *extra]
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            command += ["--out", str(out / f"{Path(script).stem}-{device}.json")]
+        print(f"$ {' '.join(command[1:])}", flush=True)
+        status = status or subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+    return status
+
+
+def parser() -> argparse.ArgumentParser:
+    from gradscope import __version__
+    from gradscope.demo import FAULTS
+
+    root = _Parser(prog="gradscope", description="Gradient diagnostics for PyTorch training runs.")
+    root.add_argument("--version", action="version", version=f"gradscope {__version__}")
+    commands = root.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="train the built-in model (optionally with a fault) and report on it")
+    demo.add_argument("--fault", choices=FAULTS, default="none", help="the fault to inject (default: none)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
+    demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
+    demo.add_argument("--out", help="a new directory for the run log and visual report (default: runs/demo-...)")
+    demo.set_defaults(handler=cmd_demo)
+
+    report = commands.add_parser("report", help="print a saved run's health report and render its visual report")
+    report.add_argument("run", metavar="RUN", help="a run log directory (watch(log_dir=...)) or one of its files")
+    report.add_argument("--html", metavar="FILE", help="write the visual report as one self-contained HTML file")
+    report.add_argument("--png", metavar="FILE", help="write the visual report's panels as one PNG")
+    report.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    report.set_defaults(handler=cmd_report)
+
+    bench = commands.add_parser("bench", help="run the overhead, statistics and run-log benchmarks here")
+    bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    bench.add_argument("--quick", action="store_true", help="tiny inputs: checks the benchmarks run, not timings")
+    bench.add_argument("--out", metavar="DIR", help="write the JSON results here (default: benchmarks/results)")
+    bench.set_defaults(handler=cmd_bench)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except USER_ERRORS as error:
+        if os.environ.get("GRADSCOPE_DEBUG"):
+            raise
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        print("gradscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""The built-in demo: a small model trained on synthetic data, healthy or with one fault.
+
+``gradscope demo`` (and ``make demo``) trains :class:`DemoNet`, an MLP classifier of ten
+blocks, on a synthetic task (inputs drawn from a normal distribution, labels from a fixed
+random teacher network; nothing is downloaded) with Adam, under :func:`gradscope.watch`,
+optionally with one of the faults gradscope is built to find:
+
+``none``
+    ReLU blocks with He initialisation: the report is healthy.
+``vanishing``
+    sigmoid blocks with PyTorch's default initialisation: each block shrinks the gradient
+    about tenfold, so the layers nearest the input get ~1e-9 of the last layer's gradient
+    and the model does not learn.
+``exploding``
+    from a third of the way in, ``blocks.4`` runs a custom activation whose backward
+    multiplies the gradient by 1e5 (its forward is correct, so the loss looks normal): the
+    gradient explodes from ``blocks.4`` down to the input.
+``dead``
+    ``blocks.3``'s bias starts at -50 behind its ReLU: the block never activates, gets no
+    gradient, and passes none to the layers before it.
+``nan``
+    from halfway, ``blocks.4`` computes ``torch.where(x > 0, torch.sqrt(x), 0)``: the
+    forward is finite, but the unused branch's gradient ``0 * NaN`` is NaN, in ``blocks.4``
+    and every layer below it. The optimizer writes the NaN into those weights and the loss
+    jumps up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from gradscope.monitor import Monitor
+
+FAULTS = ("none", "vanishing", "exploding", "dead", "nan")
+
+WIDTH = 64
+DEPTH = 10
+INPUTS = 32
+CLASSES = 8
+BATCH = 128
+FAULTY_BLOCK = {"exploding": 4, "dead": 3, "nan": 4}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the health report should say about a fault: its finding kind and layer."""
+
+    kind: str | None
+    layer: str | None
+    explanation: str
+
+
+EXPECTED = {
+    "none": Expected(None, None, "healthy training: no findings about gradients"),
+    "vanishing": Expected("vanishing", "input", "gradients vanish toward the input, worst in 'input'"),
+    "exploding": Expected(
+        "exploding", "blocks.4.linear", "gradients explode from 'blocks.4.linear' (a custom op's faulty backward)"
+    ),
+    "dead": Expected(
+        "dead", "blocks.3.linear", "'blocks.3.linear' is dead (bias -50 behind a ReLU); the layers before it starve"
+    ),
+    "nan": Expected("nonfinite", "blocks.4.linear", "NaN gradients start in 'blocks.4.linear' (the torch.where trap)"),
+}
+"""For each fault, the finding the health report must contain and the layer it must name."""
+
+
+class _FaultyBackwardReLU(torch.autograd.Function):
+    """ReLU whose backward multiplies the gradient by ``factor``: a custom op's bug."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.factor = factor
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0) * ctx.factor, None
+
+
+class Block(nn.Module):
+    """``activation(linear(x))`` with a switchable activation."""
+
+    def __init__(self, width: int, activation: str) -> None:
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        if self.activation == "relu":
+            return torch.relu(x)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(x)
+        if self.activation == "faulty_backward":
+            return _FaultyBackwardReLU.apply(x, 1e5)
+        if self.activation == "where_sqrt":
+            return torch.where(x > 0, torch.sqrt(x), 0.0)
+        raise ValueError(f"unknown activation {self.activation!r}")
+
+
+class DemoNet(nn.Module):
+    """``input -> blocks.0 ... blocks.7 -> head``: an MLP classifier, ``INPUTS`` to ``CLASSES``."""
+
+    def __init__(self, activation: str = "relu") -> None:
+        super().__init__()
+        self.input = nn.Linear(INPUTS, WIDTH)
+        self.blocks = nn.ModuleList(Block(WIDTH, activation) for _ in range(DEPTH))
+        self.head = nn.Linear(WIDTH, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def build(fault: str, device: str | torch.device = "cpu", seed: int = 0) -> DemoNet:
+    """The demo model for ``fault``, initialised deterministically from ``seed``."""
+    if fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
+    torch.manual_seed(seed)
+    model = DemoNet("sigmoid" if fault == "vanishing" else "relu")
+    if fault != "vanishing":
+        with torch.no_grad():
+            for block in model.blocks:
+                nn.init.kaiming_normal_(block.linear.weight, nonlinearity="relu")
+    if fault == "dead":
+        with torch.no_grad():
+            model.blocks[FAULTY_BLOCK["dead"]].linear.bias.fill_(-50.0)
+    return model.to(device)
+
+
+class SyntheticTask:
+    """Batches of a fixed random teacher's labels: ``x ~ N(0, 1)``, ``y = argmax(teacher(x))``.
+
+    The teacher is a random 2-layer tanh network, so the task is learnable but not trivially
+    (the loss keeps falling for hundreds of steps).
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", seed: int = 1) -> None:
+        self.device = torch.device(device)
+        g = torch.Generator().manual_seed(seed)
+        self._w1 = torch.randn(INPUTS, 2 * WIDTH, generator=g).to(self.device) / INPUTS**0.5
+        self._w2 = torch.randn(2 * WIDTH, CLASSES, generator=g).to(self.device) / WIDTH**0.5
+        self._generator = torch.Generator(device=self.device).manual_seed(seed + 1)
+
+    def batch(self, size: int = BATCH) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randn(size, INPUTS, generator=self._generator, device=self.device)
+        return x, (torch.tanh(x @ self._w1) @ self._w2).argmax(dim=1)
+
+
+def run(
+    fault: str = "none",
+    steps: int = 300,
+    *,
+    device: str | torch.device = "cpu",
+    log_dir: str | os.PathLike | None = None,
+    exporters: Sequence = (),
+    eval_every: int = 25,
+    progress: Callable[[int, float], None] | None = None,
+) -> Monitor:
+    """Train the demo model with ``fault`` for ``steps`` steps under :func:`gradscope.watch`.
+
+    The monitor watches every layer with update tracking and writes to ``log_dir`` and
+    ``exporters`` if given. Every step reports its loss to ``mon.step``; every
+    ``eval_every`` steps a held-out batch's loss and accuracy go to ``mon.log``
+    (``val_loss``, ``val_accuracy``). ``progress`` is called after each step with the step
+    index and the loss tensor.
+
+    Returns:
+        The closed monitor (its history and report stay readable).
+    """
+    from gradscope.monitor import watch
+
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    model = build(fault, device)
+    task = SyntheticTask(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    held_out = task.batch(1024)
+    with watch(model, optimizer=opt, track_updates=True, log_dir=log_dir, exporters=exporters) as mon:
+        for step in range(steps):
+            if fault == "exploding" and step == steps // 3:
+                model.blocks[FAULTY_BLOCK["exploding"]].activation = "faulty_backward"
+            if fault == "nan" and step == steps // 2:
+                model.blocks[FAULTY_BLOCK["nan"]].activation = "where_sqrt"
+            x, y = task.batch()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.step(loss=loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (step + 1) % eval_every == 0 or step == steps - 1:
+                with torch.no_grad():
+                    logits = model(held_out[0])
+                    val_loss = nn.functional.cross_entropy(logits, held_out[1])
+                    accuracy = (logits.argmax(dim=1) == held_out[1]).float().mean()
+                mon.log(val_loss=val_loss, val_accuracy=accuracy)
+            if progress is not None:
+                progress(step, loss.detach())
+    return mon

@@ -1,0 +1,123 @@
+"""The ``gradscope`` command, run as a user runs it: a separate process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gradscope
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def gradscope_cli(*args, cwd=None, timeout=300):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("GRADSCOPE_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "gradscope.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def assert_one_line_error(done, status, *fragments):
+    assert done.returncode == status, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert lines[0].startswith("gradscope")
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "gradscope"
+    if not script.exists():
+        pytest.skip("gradscope is not installed into this interpreter's environment")
+    done = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"gradscope {gradscope.__version__}"
+
+
+@pytest.fixture(scope="module")
+def nan_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "nan"
+    done = gradscope_cli("demo", "--fault", "nan", "--steps", "120", "--out", out)
+    return done, out
+
+
+def test_demo_prints_the_report_and_writes_the_run(nan_demo):
+    done, out = nan_demo
+    assert done.returncode == 0, done.stderr
+    assert "gradscope health: CRITICAL" in done.stdout
+    assert "[critical] nonfinite in 'blocks.4.linear', step 60" in done.stdout
+    assert "as expected" in done.stdout
+    assert (out / "gradscope-00000.jsonl").is_file()
+    assert (out / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert gradscope.load_run(out).report().first_nonfinite == (60, "blocks.4.linear")
+    assert "120/120" in done.stderr  # the progress bar reached the end
+
+
+def test_demo_without_a_fault_is_healthy(tmp_path):
+    done = gradscope_cli("demo", "--steps", "300", "--out", tmp_path / "none")
+    assert done.returncode == 0, done.stderr
+    assert "gradscope health: HEALTHY" in done.stdout and "as expected" in done.stdout
+
+
+def test_report_prints_and_renders_a_saved_run(nan_demo, tmp_path):
+    _, out = nan_demo
+    done = gradscope_cli("report", out, "--html", tmp_path / "r.html", "--png", tmp_path / "r.png")
+    assert done.returncode == 0, done.stderr
+    assert "gradscope health: CRITICAL" in done.stdout and "nonfinite in 'blocks.4.linear'" in done.stdout
+    assert (tmp_path / "r.html").stat().st_size > 10_000 and (tmp_path / "r.png").stat().st_size > 10_000
+    done = gradscope_cli("report", out / "gradscope-00000.jsonl", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == gradscope.load_run(out).report().to_dict()
+
+
+def test_bench_quick_runs_every_benchmark(tmp_path):
+    done = gradscope_cli("bench", "--quick", "--device", "cpu", "--out", tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert written == ["bench_overhead-cpu.json", "bench_runlog-cpu.json", "bench_stats-cpu.json"]
+    assert "x unmonitored" in done.stdout and "x floor" in done.stdout
+
+
+def test_user_mistakes_are_one_line(tmp_path):
+    assert_one_line_error(gradscope_cli("report", tmp_path / "nowhere"), 1, "no run log at")
+    (tmp_path / "gradscope-00000.jsonl").write_text("hello\n")
+    assert_one_line_error(gradscope_cli("report", tmp_path), 1, "gradscope-00000.jsonl:1", "not a gradscope run log")
+    assert_one_line_error(gradscope_cli("demo", "--fault", "typo"), 2, "invalid choice: 'typo'")
+    assert_one_line_error(gradscope_cli("demo", "--steps", "many"), 2, "invalid int value")
+    assert_one_line_error(gradscope_cli("demo", "--steps", "0"), 1, "--steps must be a positive integer")
+    assert_one_line_error(gradscope_cli("demo", "--out", tmp_path, "--steps", "5"), 1, "already holds a gradscope run")
+    assert_one_line_error(gradscope_cli("frobnicate"), 2, "invalid choice")
+    assert_one_line_error(gradscope_cli(), 2, "required")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_device_is_a_clear_error(tmp_path):
+    assert_one_line_error(gradscope_cli("demo", "--device", "cuda", "--out", tmp_path / "x"), 1, "no CUDA device")
+
+
+def test_without_the_optional_extras(tmp_path, monkeypatch, capsys):
+    """No tqdm: progress lines instead of a bar; no matplotlib: the run is still logged and
+    reported, the visual report is skipped with a note, and asking for it is a clear error."""
+    from gradscope import cli
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # makes `import tqdm` fail
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["demo", "--fault", "dead", "--steps", "30", "--out", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert "training (dead): step 30/30" in captured.err
+    assert "visual report skipped: it needs matplotlib" in captured.out
+    assert not (tmp_path / "run" / "report.html").exists()
+    assert cli.main(["report", str(tmp_path / "run"), "--html", str(tmp_path / "r.html")]) == 1
+    assert "need matplotlib" in capsys.readouterr().err
