@@ -34,6 +34,7 @@ import torch
 
 from gradscope import layout
 from gradscope.backends import numpy_backend, triton_backend
+from gradscope.distributed import CombinedRows, ShardedRows, wait_all, works_done
 from gradscope.inputs import FlatElements, flat_elements
 
 BUCKET_TENSORS = 64
@@ -49,9 +50,15 @@ MAX_SLOTS = 8
 @dataclass
 class _Slot:
     rows: torch.Tensor  # device, float64 (count, ROW_WIDTH)
-    host: torch.Tensor  # pinned (CUDA) or the same tensor (CPU)
+    host: torch.Tensor  # pinned (CUDA) or the same tensor (CPU); the wire buffer's copy when combined
     event: torch.cuda.Event | None
     implicit_zeros: np.ndarray  # (count,) unstored zeros of sparse gradients, added on the host
+    works: list  # collectives still running (CPU process groups)
+
+
+Completed = tuple[int, "np.ndarray | CombinedRows | None"]
+"""A finished sampled step: its rows (float64 ``(count, ROW_WIDTH)``), or with a combiner the
+rows combined across ranks, or None when a rank failed to measure it."""
 
 
 def _with_implicit_zeros(rows: np.ndarray, implicit_zeros: np.ndarray) -> np.ndarray:
@@ -66,15 +73,18 @@ class KernelCapture:
     Args:
         device: a CUDA device, or CPU when the kernels are interpreted.
         count: rows (watched parameters on this device).
+        combiner: combines the rows across ranks (sharded gradients) before they go to the host.
     """
 
-    def __init__(self, device: torch.device, count: int) -> None:
+    def __init__(self, device: torch.device, count: int, combiner: ShardedRows | None = None) -> None:
         self.device = device
         self.count = count
+        self.combiner = combiner
+        self.zero_rows = combiner is not None  # rows of absent parameters must read as zeros
         self._free: list[_Slot] = []
         self._slots = 0
         self._in_flight: deque[tuple[int, _Slot]] = deque()
-        self._done: list[tuple[int, np.ndarray]] = []
+        self._done: list[Completed] = []
         self._slot: _Slot | None = None
         self._inv_scale: torch.Tensor | None = None
         self._pending: list[tuple[int, FlatElements]] = []
@@ -85,6 +95,7 @@ class KernelCapture:
             oldest = self._in_flight[0][1]
             if oldest.event is not None:  # the host is MAX_SLOTS sampled steps behind: wait
                 oldest.event.synchronize()
+            wait_all(oldest.works)
             self._release_done()
         if self._free:
             return self._free.pop()
@@ -92,14 +103,17 @@ class KernelCapture:
         rows = torch.empty((self.count, layout.ROW_WIDTH), dtype=torch.float64, device=self.device)
         zeros = np.zeros(self.count)
         if self.device.type == "cuda":
-            host = torch.empty(rows.shape, dtype=torch.float64, pin_memory=True)
-            return _Slot(rows, host, torch.cuda.Event(), zeros)
-        return _Slot(rows, rows, None, zeros)
+            shape = rows.shape if self.combiner is None else (self.combiner.numel,)
+            host = torch.empty(shape, dtype=torch.float64, pin_memory=True)
+            return _Slot(rows, host, torch.cuda.Event(), zeros, [])
+        return _Slot(rows, rows, None, zeros, [])
 
     def start(self, inv_scale: torch.Tensor | None) -> None:
         """Begin capturing a sampled step; ``inv_scale`` (float32 [1] on this device) unscales."""
         self._slot = self._take_slot()
         self._slot.implicit_zeros[:] = 0
+        if self.zero_rows:
+            self._slot.rows.zero_()  # rows of parameters without a gradient must add nothing
         self._inv_scale = inv_scale
         self._pending.clear()
         self._pending_numel = 0
@@ -131,29 +145,65 @@ class KernelCapture:
 
     end_backward = flush
 
-    def finish(self, step: int) -> None:
-        """End the step: launch the rest and start the copy of its rows to the host."""
+    def device_rows(self) -> torch.Tensor:
+        """The open step's rows so far (float64 ``(count, ROW_WIDTH)`` on the device), after
+        launching what is queued; no host sync."""
         self.flush()
+        return self._slot.rows
+
+    def finish(self, step: int, failed: bool = False) -> None:
+        """End the step: launch the rest and start the copy of its rows to the host.
+
+        With a combiner the rows are combined across ranks first; every rank issues those
+        collectives even when it ``failed`` to measure the step (or fails here), so that no
+        rank is left waiting.
+        """
+        error = None
+        try:
+            self.flush()
+        except Exception as caught:
+            error = caught
         slot, self._slot = self._slot, None
+        source = slot.rows
+        if self.combiner is not None:
+            if slot.implicit_zeros.any():
+                extra = torch.tensor(slot.implicit_zeros, dtype=torch.float64).to(self.device)
+                slot.rows[:, layout.NUMEL] += extra
+                slot.rows[:, layout.ZEROS] += extra
+                slot.implicit_zeros[:] = 0
+            source, slot.works = self.combiner.issue(slot.rows, failed=failed or error is not None)
+            if slot.event is None:
+                slot.host = source
         if slot.event is not None:
-            slot.host.copy_(slot.rows, non_blocking=True)
+            slot.host.copy_(source, non_blocking=True)
             slot.event.record(torch.cuda.current_stream(self.device))
         self._in_flight.append((step, slot))
+        if error is not None:
+            raise error
 
     def _release_done(self) -> None:
         while self._in_flight:
             step, slot = self._in_flight[0]
             if slot.event is not None and not slot.event.query():
                 break
+            if not works_done(slot.works):
+                break
             self._in_flight.popleft()
-            self._done.append((step, _with_implicit_zeros(slot.host.numpy().copy(), slot.implicit_zeros)))
+            if self.combiner is not None:
+                slot.works = []
+                self._done.append((step, self.combiner.decode(slot.host.numpy())))
+            else:
+                self._done.append((step, _with_implicit_zeros(slot.host.numpy().copy(), slot.implicit_zeros)))
             self._free.append(slot)
 
-    def completed(self, block: bool = False) -> list[tuple[int, np.ndarray]]:
-        """Rows (float64 ``(count, ROW_WIDTH)``) of finished steps, oldest first; with
-        ``block``, waits for every step in flight."""
-        if block and self._in_flight and self._in_flight[-1][1].event is not None:
-            self._in_flight[-1][1].event.synchronize()
+    def completed(self, block: bool = False) -> list[Completed]:
+        """Finished steps, oldest first (see :data:`Completed`); with ``block``, waits for
+        every step in flight."""
+        if block and self._in_flight:
+            if self._in_flight[-1][1].event is not None:
+                self._in_flight[-1][1].event.synchronize()
+            for _, slot in self._in_flight:
+                wait_all(slot.works)
         self._release_done()
         done, self._done = self._done, []
         return done
@@ -174,15 +224,18 @@ class NumpyCapture:
         overlap: in backward mode, compute each gradient on a worker thread as soon as it
             arrives, overlapping autograd; otherwise gradients are gathered and measured
             together, on every core, when backward ends (or at ``mon.step()``).
+        combiner: combines the rows across ranks (sharded gradients on CPU, gloo).
     """
 
-    def __init__(self, count: int, overlap: bool) -> None:
+    def __init__(self, count: int, overlap: bool, combiner: ShardedRows | None = None) -> None:
         self.count = count
         self._overlap = overlap
+        self.combiner = combiner
         self._rows: np.ndarray | None = None
         self._inv_scale: float | None = None
         self._gathered: list[tuple[int, FlatElements]] = []
         self._done: list[tuple[int, np.ndarray]] = []
+        self._combining: deque[tuple[int, torch.Tensor, list]] = deque()
         self._tasks: queue.Queue | None = None
         self._worker: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -234,12 +287,38 @@ class NumpyCapture:
         if self._tasks is not None:
             self._tasks.join()
 
-    def finish(self, step: int) -> None:
+    def device_rows(self) -> torch.Tensor:
+        """The open step's rows (float64 ``(count, ROW_WIDTH)``, CPU), once measured."""
         self.end_backward()
-        self._done.append((step, self._rows))
-        self._rows = None
+        return torch.from_numpy(self._rows)
 
-    def completed(self, block: bool = False) -> list[tuple[int, np.ndarray]]:
+    def finish(self, step: int, failed: bool = False) -> None:
+        """End the step (with a combiner, every rank issues its collectives, even one that
+        ``failed`` to measure the step; see :meth:`KernelCapture.finish`)."""
+        error = None
+        try:
+            self.end_backward()
+        except Exception as caught:
+            error = caught
+        rows, self._rows = self._rows, None
+        if self.combiner is None:
+            self._done.append((step, rows))
+        else:
+            failed = failed or error is not None or self.error is not None
+            wire, works = self.combiner.issue(torch.from_numpy(rows), failed=failed)
+            self._combining.append((step, wire, works))
+        if error is not None:
+            raise error
+
+    def completed(self, block: bool = False) -> list[Completed]:
+        while self._combining:
+            step, wire, works = self._combining[0]
+            if block:
+                wait_all(works)
+            elif not works_done(works):
+                break
+            self._combining.popleft()
+            self._done.append((step, self.combiner.decode(wire.numpy())))
         done, self._done = self._done, []
         return done
 
@@ -250,3 +329,4 @@ class NumpyCapture:
             self._worker = None
         self._done.clear()
         self._gathered.clear()
+        self._combining.clear()

@@ -9,6 +9,7 @@ SEVERITIES = ("info", "warning", "critical")
 
 KINDS = (
     "nonfinite",
+    "rank_desync",
     "overflow",
     "exploding",
     "vanishing",
@@ -26,6 +27,12 @@ SUGGESTIONS = {
         "order, whose gradient went non-finite): look for log/sqrt/division of values near zero and "
         "float16/bfloat16 overflow there. Lower the learning rate, clip gradients, use a GradScaler with "
         "float16, and rerun that step under torch.autograd.detect_anomaly() to name the exact operation."
+    ),
+    "rank_desync": (
+        "DDP ranks hold different gradients after the all-reduce, so their weights drift apart. Look for "
+        "parameters DDP does not synchronise (_ddp_params_and_buffers_to_ignore, parameters created after "
+        "wrapping), gradient code that depends on the rank (clipping or scaling on one rank), no_sync() "
+        "left on for the last micro-batch, and non-deterministic custom all-reduce hooks."
     ),
     "overflow": (
         "A GradScaler skipped steps whose scaled gradients overflowed. A few skips while it finds its "

@@ -34,13 +34,17 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from gradscope import layout, records
+from gradscope import distributed, layout, records
 from gradscope.backends import numpy_backend, triton_backend
 from gradscope.capture import KernelCapture, NumpyCapture
+from gradscope.distributed import CombinedRows, ShardedRows
 from gradscope.exporters import Exporter
 from gradscope.history import Series
+from gradscope.noise_scale import NoiseScale
 from gradscope.pump import RecordPump
+from gradscope.replicas import ReplicaCheck, install_hook
 from gradscope.report import HealthReport
 from gradscope.resources import StepClock, as_scalar, model_summary
 from gradscope.run import RunInfo, RunState
@@ -48,7 +52,7 @@ from gradscope.runlog import RunLog
 from gradscope.tensor_stats import TensorStats
 from gradscope.thresholds import Thresholds
 from gradscope.updates import UpdateTracker
-from gradscope.watched import ParamSelector, select, untracked, unwrap
+from gradscope.watched import ParamSelector, find_ddp, select, untracked, unwrap
 
 MODES = ("backward", "step")
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
@@ -74,6 +78,11 @@ def watch(
     thresholds: Thresholds | None = None,
     log_dir: str | os.PathLike | None = None,
     exporters: Sequence[Exporter] = (),
+    log_rank: int | None = 0,
+    check_consistency: bool = False,
+    comm_hook: bool = True,
+    batch_size: int | None = None,
+    noise_scale_decay: float = 0.95,
 ) -> Monitor:
     """Start monitoring ``model``'s gradients; returns the :class:`Monitor`.
 
@@ -101,6 +110,25 @@ def watch(
             :func:`gradscope.load_run`), written off the training thread.
         exporters: more destinations for the run's records, e.g.
             ``[gradscope.exporters.TensorBoardExporter("runs/tb")]``.
+        log_rank: in a distributed run, the (global) rank that writes the run log, feeds
+            the exporters and warns; the others stay silent (every rank still has the
+            same history and report). None: every rank logs, into ``log_dir/rank-NNNNN``.
+        check_consistency: DDP only: compare the ranks' averaged gradients at every
+            sampled step (one small collective) and report ranks that disagree as a
+            critical ``rank_desync`` finding.
+        comm_hook: DDP only: register gradscope's communication hook (DDP's averaging plus
+            one norm per bucket before and after it, on sampled steps) for the gradient
+            noise scale and the rank a non-finite gradient came from. Skipped, with a
+            warning, when the model already has a hook.
+        batch_size: DDP: examples per rank per optimisation step, to express the noise
+            scale in examples (None: in per-rank batches).
+        noise_scale_decay: DDP: decay of the noise scale's moving averages, per sampled step.
+
+    Distributed runs (see :mod:`gradscope.distributed`): with DDP the statistics are those of
+    the averaged gradient, measured when DDP has finished averaging; with sharded (DTensor,
+    FSDP2) parameters each rank measures its shard and two asynchronous all-reduces per
+    sampled step combine them, so every rank reports the numbers of the whole gradient.
+    Every rank must call ``watch()`` and ``mon.step()`` alike.
 
     Raises:
         RuntimeError: ``model`` is already watched by a monitor that is not closed.
@@ -122,6 +150,11 @@ def watch(
         thresholds=thresholds,
         log_dir=log_dir,
         exporters=exporters,
+        log_rank=log_rank,
+        check_consistency=check_consistency,
+        comm_hook=comm_hook,
+        batch_size=batch_size,
+        noise_scale_decay=noise_scale_decay,
     )
 
 
@@ -195,6 +228,11 @@ class Monitor:
         thresholds: Thresholds | None = None,
         log_dir: str | os.PathLike | None = None,
         exporters: Sequence[Exporter] = (),
+        log_rank: int | None = 0,
+        check_consistency: bool = False,
+        comm_hook: bool = True,
+        batch_size: int | None = None,
+        noise_scale_decay: float = 0.95,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -221,8 +259,15 @@ class Monitor:
                 raise TypeError(
                     f"watch: exporters must be gradscope.exporters.Exporter objects, got {type(exporter).__name__}"
                 )
-        if log_dir is not None:
-            exporters.insert(0, RunLog(log_dir))
+        if batch_size is not None:
+            _positive_int(batch_size, "batch_size")
+        if not isinstance(noise_scale_decay, (int, float)) or not 0 <= noise_scale_decay < 1:
+            raise ValueError(f"watch: noise_scale_decay must be in [0, 1), got {noise_scale_decay!r}")
+        world_all = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if log_rank is not None and (
+            isinstance(log_rank, bool) or not isinstance(log_rank, int) or not 0 <= log_rank < world_all
+        ):
+            raise ValueError(f"watch: log_rank must be None or a rank in [0, {world_all}), got {log_rank!r}")
         target = unwrap(model)
         existing = _WATCHED.get(target)
         if existing is not None and existing() is not None and not existing()._closed:
@@ -233,6 +278,18 @@ class Monitor:
         self._optimizer = optimizer
         self._scaler = scaler
         self._watched = select(model, params, granularity)
+        self.topology = topo = distributed.topology(model, self._watched.params, self._watched.names)
+        if check_consistency and topo.kind != "replicated":
+            raise ValueError("watch: check_consistency=True needs a DistributedDataParallel model")
+        if track_updates and topo.kind == "sharded":
+            raise ValueError("watch: track_updates=True is not supported with sharded (DTensor) parameters yet")
+        self.is_logging_rank = log_rank is None or topo.global_rank == log_rank
+        if not self.is_logging_rank:
+            exporters, log_dir = [], None  # silent: the logging rank has the same numbers
+        elif log_rank is None and world_all > 1 and log_dir is not None:
+            log_dir = os.path.join(log_dir, f"rank-{topo.global_rank:05d}")
+        if log_dir is not None:
+            exporters.insert(0, RunLog(log_dir))
         self.rows = self._watched.row_names
         self.row_types = self._watched.row_types
         self.summary = model_summary(target, len(self.rows))
@@ -246,16 +303,49 @@ class Monitor:
         for index, p in enumerate(self._watched.params):
             key = self._engine_key(p.device, backend)
             engines.setdefault(key, []).append(index)
+        if len(engines) > 1 and (topo.kind == "sharded" or check_consistency):
+            raise ValueError(
+                "watch: in a distributed run the watched parameters must be on one device; "
+                f"found {sorted(str(p.device) for p in {p.device: p for p in self._watched.params}.values())}"
+            )
         self._captures: dict[object, KernelCapture | NumpyCapture] = {}
         self._route: list[tuple[object, int]] = [None] * len(self._watched)  # parameter -> (engine, row)
         for key, members in engines.items():
+            device = torch.device("cpu") if key == "numpy" else key
+            combiner = ShardedRows(topo, np.array(members), device) if topo.kind == "sharded" else None
             if key == "numpy":
-                self._captures[key] = NumpyCapture(len(members), overlap=mode == "backward" and _spare_cores())
+                overlap = mode == "backward" and _spare_cores()
+                self._captures[key] = NumpyCapture(len(members), overlap=overlap, combiner=combiner)
             else:
-                self._captures[key] = KernelCapture(key, len(members))
+                self._captures[key] = KernelCapture(key, len(members), combiner=combiner)
             for local, index in enumerate(members):
                 self._route[index] = (key, local)
         self._members = {key: np.array(members) for key, members in engines.items()}
+
+        # DDP: gradscope's communication hook, the noise scale and the per-step check.
+        self._replicated = topo.kind == "replicated"
+        self._hook_state = None
+        self._noise: NoiseScale | None = None
+        self._replicas: ReplicaCheck | None = None
+        if self._replicated and topo.world > 1:
+            if comm_hook:
+                self._hook_state, why = install_hook(find_ddp(model))
+                if self._hook_state is None:
+                    self._warn_once(
+                        "comm-hook",
+                        f"gradscope: {why}; the gradient noise scale and the rank a non-finite gradient "
+                        "came from are not measured (watch(..., comm_hook=False) silences this)",
+                    )
+                else:
+                    self._noise = NoiseScale(topo.world, batch_size, noise_scale_decay)
+            if self._hook_state is not None or check_consistency:
+                (key,) = engines
+                device = torch.device("cpu") if key == "numpy" else key
+                self._replicas = ReplicaCheck(
+                    topo.group, topo.rank, topo.world, len(self._watched), check_consistency, device
+                )
+                if check_consistency and key != "numpy":
+                    self._captures[key].zero_rows = True
 
         # Grouping parameter rows into reported rows (layers).
         self._perm = np.argsort(self._watched.row_of, kind="stable")
@@ -279,6 +369,7 @@ class Monitor:
                 "gradscope": _version(),
                 "torch": torch.__version__,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                **({"distributed": topo.to_dict()} if topo.kind != "single" or topo.world > 1 else {}),
             },
         )
         self._run = RunState(info)
@@ -305,6 +396,8 @@ class Monitor:
         self._updates = UpdateTracker(optimizer, self._watched.params, self._update_step) if track_updates else None
         _WATCHED[target] = weakref.ref(self)
         self._finalizer = weakref.finalize(self, _remove_handles, self._handles)
+        if self._hook_state is not None:
+            self._hook_state.measuring = True  # step 0 is sampled
 
     # ---- set-up helpers -----------------------------------------------------------------
 
@@ -331,27 +424,37 @@ class Monitor:
                         self._warn_once(
                             "callback", "gradscope: cannot detect the end of backward; measuring at mon.step()"
                         )
-                if not self._capturing:
-                    return
+                if not self._capturing or self._step in self._failed_steps:
+                    return  # not measured, or void already: one failure per step is enough
+                self._order[index] = self._next_order
+                self._next_order += 1
+                if self._replicated:
+                    return  # DDP has not averaged this gradient yet: measured when backward ends
                 key, local = self._route[index]
                 if key not in self._started:
                     self._start(key)
-                self._captures[key].add(local, param.grad)
+                self._captures[key].add(local, distributed.local_tensor(param.grad))
                 self._present[index] = True
-                self._order[index] = self._next_order
-                self._next_order += 1
         except Exception as error:
             self._fail(error)
 
-    def _on_backward_end(self) -> None:
+    def _on_backward_end(self, deferred: bool = False) -> None:
         try:
             with self._lock:
+                if self._replicated and self._capturing and not deferred:
+                    # DDP queues its own end-of-backward callback (which finishes averaging)
+                    # after ours: measure from a callback queued behind it.
+                    if _queue_end_of_backward(lambda: self._on_backward_end(deferred=True)):
+                        return
                 self._backward_open = False
                 self._backwards += 1
                 if self._capturing:
                     self._capturing = False
-                    for key in self._started:
-                        self._captures[key].end_backward()
+                    if self._replicated:
+                        self._capture_step_mode()
+                    else:
+                        for key in self._started:
+                            self._captures[key].end_backward()
         except Exception as error:
             self._fail(error)
 
@@ -389,7 +492,7 @@ class Monitor:
                 key, local = self._route[index]
                 locals_, tensors = grads.setdefault(key, ([], []))
                 locals_.append(local)
-                tensors.append(p.grad)
+                tensors.append(distributed.local_tensor(p.grad))
                 self._present[index] = True
         for key, (locals_, tensors) in grads.items():
             self._start(key)
@@ -416,10 +519,11 @@ class Monitor:
                 sampled = step % self.every == 0
                 if sampled:
                     if self.mode == "step":
-                        self._capture_step_mode()
-                    for key in self._started:
-                        self._captures[key].finish(step)
-                    self._pending[step] = (self._present.copy(), self._order.copy(), set(self._started), {})
+                        try:
+                            self._capture_step_mode()
+                        except Exception as error:
+                            self._fail(error)  # the step is void, but its collectives still run
+                    self._finish_sampled(step)
                     self._raise_capture_errors()
                 scale = self._scaler_scale_value()
                 if scale is not None:
@@ -439,6 +543,42 @@ class Monitor:
                 self._present[:] = False
                 self._order[:] = -1
                 self._next_order = 0
+                if self._hook_state is not None:
+                    self._hook_state.measuring = self._step % self.every == 0
+
+    def _finish_sampled(self, step: int) -> None:
+        """End a sampled step's captures and issue its collectives. In a distributed run every
+        rank issues the same collectives at every sampled step, whatever happened locally
+        (a failure here only voids the step), so that no rank waits forever."""
+        failed = step in self._failed_steps
+        errors = []
+        if self.topology.kind == "sharded":
+            for key, capture in self._captures.items():
+                if key not in self._started:  # no gradient here: this rank still combines zeros
+                    capture.start(None)
+                    self._started.add(key)
+        sources = set(self._started)
+        if self._replicas is not None:
+            rows = local_sq = averaged_sq = None
+            try:
+                if self._hook_state is not None:
+                    local_sq, averaged_sq = self._hook_state.take()
+                if self._replicas.check_consistency and self._started:
+                    (key,) = self._started
+                    rows = self._captures[key].device_rows()
+            except Exception as error:
+                errors.append(error)
+                failed = True
+            self._replicas.issue(step, local_sq, averaged_sq, rows, failed)
+            sources.add("replicas")
+        for key in self._started:
+            try:
+                self._captures[key].finish(step, failed=failed)
+            except Exception as error:
+                errors.append(error)
+        self._pending[step] = (self._present.copy(), self._order.copy(), sources, {})
+        if errors:
+            raise errors[0]
 
     def _scaler_scale_value(self):
         scaler = self._scaler
@@ -471,6 +611,10 @@ class Monitor:
             for step, rows in capture.completed(block):
                 if step in self._pending:
                     self._pending[step][3][key] = rows
+        if self._replicas is not None:
+            for step, result in self._replicas.completed(block):
+                if step in self._pending:
+                    self._pending[step][3]["replicas"] = result
         for step in sorted(self._pending):
             present, order, started, arrived = self._pending[step]
             if len(arrived) < len(started):
@@ -494,18 +638,35 @@ class Monitor:
         return np.add.reduceat(per_param[self._perm], self._row_starts)
 
     def _record_sampled(self, step: int, present: np.ndarray, order: np.ndarray, arrived: dict) -> None:
+        replica = arrived.pop("replicas", None)
+        if replica is not None:
+            self._record_replicas(step, replica)
+        if any(payload is None for payload in arrived.values()) and step not in self._failed_steps:
+            self._emit(records.Failed(step))  # another rank could not measure this step
+            self._failed_steps.add(step)
         if step in self._failed_steps:
             self._failed_steps.discard(step)
             present = np.zeros_like(present)
+        n_params = len(self._watched)
+        param_rows = np.zeros((n_params, layout.ROW_WIDTH))
+        param_rank = np.full(n_params, -1, dtype=np.int64)
+        param_ranks = np.zeros(n_params, dtype=np.int64)
+        for key, payload in arrived.items():
+            members = self._members[key]
+            if isinstance(payload, CombinedRows):
+                param_rows[members] = payload.rows
+                param_rank[members] = payload.nonfinite_rank
+                param_ranks[members] = payload.nonfinite_ranks
+            elif payload is not None:
+                param_rows[members] = payload
+        if self.topology.kind == "sharded" and present.any():
+            present = present | (param_rows[:, layout.NUMEL] > 0)  # another rank held this gradient
         if not present.any():  # no gradient at all this step (e.g. mon.step() without backward)
             rows = len(self.rows)
             self._emit(
                 records.Sampled(step, np.zeros((rows, layout.ROW_WIDTH)), np.zeros(rows, bool), np.full(rows, -1))
             )
             return
-        param_rows = np.zeros((len(self._watched), layout.ROW_WIDTH))
-        for key, rows in arrived.items():
-            param_rows[self._members[key]] = rows
         param_rows[~present] = 0
         sorted_rows = param_rows[self._perm]
         rows = np.add.reduceat(sorted_rows, self._row_starts, axis=0)
@@ -514,7 +675,31 @@ class Monitor:
         ranked = np.where(present & (order >= 0), order, _NO_ORDER)[self._perm]
         row_order = np.minimum.reduceat(ranked, self._row_starts)
         row_order[row_order == _NO_ORDER] = -1
-        self._emit(records.Sampled(step, rows, row_present, row_order))
+        rank = ranks = None
+        if self.topology.kind == "sharded":
+            first = np.where(present & (param_rank >= 0), param_rank, _NO_ORDER)[self._perm]
+            rank = np.minimum.reduceat(first, self._row_starts)
+            rank[rank == _NO_ORDER] = -1
+            ranks = np.maximum.reduceat(np.where(present, param_ranks, 0)[self._perm], self._row_starts)
+        elif self._replicated:
+            bad = row_present & (rows[:, layout.NANS] + rows[:, layout.INFS] > 0)
+            culprits = replica.nonfinite_ranks if replica is not None else ()
+            rank = np.where(bad, min(culprits) if culprits else -1, -1)
+            ranks = np.where(bad, len(culprits), 0)
+        self._emit(records.Sampled(step, rows, row_present, row_order, rank, ranks))
+
+    def _record_replicas(self, step: int, result) -> None:
+        """What the DDP replicas' collective said about ``step``: noise scale, disagreement."""
+        if result.desync_params:
+            layers = sorted({int(self._watched.row_of[i]) for i in result.desync_params})
+            self._emit(records.Desync(step, tuple(layers), result.desync_ranks))
+        if self._noise is not None and not np.isnan(result.small_sq):
+            value = self._noise.update(result.small_sq, result.big_sq)
+            self._emit(
+                records.StepValues(
+                    step, {"noise_scale": value, "grad_sq_small": result.small_sq, "grad_sq_big": result.big_sq}
+                )
+            )
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -591,7 +776,8 @@ class Monitor:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
+            if self.is_logging_rank:  # other ranks of a distributed run stay silent
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _check_new_params(self) -> None:
         model = self._model()
@@ -623,6 +809,11 @@ class Monitor:
                 self._updates.close()
             for capture in self._captures.values():
                 capture.close()
+            if self._hook_state is not None:
+                self._hook_state.measuring = False  # the hook goes on averaging, measuring nothing
+                self._hook_state.take()
+            if self._replicas is not None:
+                self._replicas.close()
             if self._pump is not None:
                 self._pump.close(self._step)
                 self.errors.extend(self._pump.errors)

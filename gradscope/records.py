@@ -18,8 +18,11 @@ import numpy as np
 
 from gradscope import layout
 
-SCHEMA = 1
-"""Version of the run-log format this gradscope writes (and the newest it reads)."""
+SCHEMA = 2
+"""Version of the run-log format this gradscope writes (and the newest it reads).
+
+1: the first format. 2: adds the ranks of non-finite gradients to ``sampled`` records and
+``desync`` records (distributed runs); version-1 logs are read as before."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,18 @@ class Header:
 
 @dataclass(frozen=True)
 class Sampled:
-    """A sampled step: float64 ``(R, ROW_WIDTH)`` rows, bool presence, int backward order."""
+    """A sampled step: float64 ``(R, ROW_WIDTH)`` rows, bool presence, int backward order.
+
+    In distributed runs also, per row, the lowest rank whose gradient held NaN/Inf
+    (``nonfinite_rank``, -1: none or unknown) and how many ranks did (``nonfinite_ranks``).
+    """
 
     step: int
     rows: np.ndarray
     present: np.ndarray
     order: np.ndarray
+    nonfinite_rank: np.ndarray | None = None
+    nonfinite_ranks: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,16 @@ class Updates:
 
 
 @dataclass(frozen=True)
+class Desync:
+    """DDP replicas disagreed at ``step``: the rows whose gradients differ between ranks,
+    and the ranks that differ from the majority."""
+
+    step: int
+    rows: tuple[int, ...]
+    ranks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Failed:
     """gradscope failed during ``step``."""
 
@@ -83,7 +102,7 @@ class Closed:
     steps: int
 
 
-Record = Header | Sampled | StepValues | Metrics | Updates | Failed | Closed
+Record = Header | Sampled | StepValues | Metrics | Updates | Desync | Failed | Closed
 
 
 def _pack(arrays: list[tuple[str, np.ndarray]]) -> dict:
@@ -136,24 +155,24 @@ def encode(record: Record) -> str:
     elif isinstance(record, Sampled):
         hist = record.rows[:, layout.HIST :]
         counts = hist.astype(np.uint32 if hist.max(initial=0) < 2**32 else np.uint64)
-        obj = {
-            "t": "sampled",
-            "step": int(record.step),
-            **_pack(
-                [
-                    ("present", record.present.astype(np.uint8)),
-                    ("order", record.order.astype(np.int32)),
-                    ("scalars", record.rows[:, : layout.HIST]),
-                    ("hist", counts),
-                ]
-            ),
-        }
+        arrays = [
+            ("present", record.present.astype(np.uint8)),
+            ("order", record.order.astype(np.int32)),
+            ("scalars", record.rows[:, : layout.HIST]),
+            ("hist", counts),
+        ]
+        if record.nonfinite_rank is not None:
+            arrays.append(("nf_rank", record.nonfinite_rank.astype(np.int32)))
+            arrays.append(("nf_ranks", record.nonfinite_ranks.astype(np.int32)))
+        obj = {"t": "sampled", "step": int(record.step), **_pack(arrays)}
     elif isinstance(record, StepValues):
         obj = {"t": "step", "step": int(record.step), "v": _scalars(record.values)}
     elif isinstance(record, Metrics):
         obj = {"t": "metrics", "step": int(record.step), "v": _scalars(record.values)}
     elif isinstance(record, Updates):
         obj = {"t": "updates", "step": int(record.step), **_pack([("w", record.weight_sq), ("u", record.update_sq)])}
+    elif isinstance(record, Desync):
+        obj = {"t": "desync", "step": int(record.step), "rows": list(record.rows), "ranks": list(record.ranks)}
     elif isinstance(record, Failed):
         obj = {"t": "failed", "step": int(record.step)}
     elif isinstance(record, Closed):
@@ -176,7 +195,10 @@ def decode(line: str) -> Record:
     if kind == "sampled":
         a = _unpack(obj)
         rows = np.concatenate([a["scalars"].astype(np.float64), a["hist"].astype(np.float64)], axis=1)
-        return Sampled(obj["step"], rows, a["present"].astype(bool), a["order"].astype(np.int64))
+        ranks = {}
+        if "nf_rank" in a:
+            ranks = {"nonfinite_rank": a["nf_rank"].astype(np.int64), "nonfinite_ranks": a["nf_ranks"].astype(np.int64)}
+        return Sampled(obj["step"], rows, a["present"].astype(bool), a["order"].astype(np.int64), **ranks)
     if kind == "step":
         return StepValues(obj["step"], _floats(obj["v"]))
     if kind == "metrics":
@@ -184,6 +206,8 @@ def decode(line: str) -> Record:
     if kind == "updates":
         a = _unpack(obj)
         return Updates(obj["step"], a["w"].astype(np.float64), a["u"].astype(np.float64))
+    if kind == "desync":
+        return Desync(obj["step"], tuple(int(r) for r in obj["rows"]), tuple(int(r) for r in obj["ranks"]))
     if kind == "failed":
         return Failed(obj["step"])
     if kind == "closed":

@@ -51,7 +51,9 @@ class HealthReport:
             backward order at the first such step), or None.
         layers: one :class:`LayerHealth` per row.
         resources: step time (median and p95, seconds), peak memory (bytes), energy (J)
-            when known, parameter count, trainable count, bytes and layers.
+            when known, the gradient noise scale ``B_simple`` (DDP with gradscope's hook),
+            the world size of a distributed run, parameter count, trainable count, bytes
+            and layers.
         step: the latest step the report covers (-1 before the first step).
         note: a remark about the report itself (for example, that there are no steps yet).
     """
@@ -201,6 +203,11 @@ def _resources(view: RunView) -> dict:
     if len(energy):
         out["energy_j"] = float(energy.sum())
         out["energy_per_step_median_j"] = float(np.median(energy))
+    noise = view.metrics.get("noise_scale")
+    if noise is not None and len(noise[1]):
+        out["noise_scale"] = float(noise[1][-1])  # B_simple, the EMA at the latest step
+    if view.world > 1:
+        out["world_size"] = view.world
     out.update(view.summary)
     return out
 
@@ -235,4 +242,6 @@ def _resource(key: str, value) -> str:
         return f"{value / 2**20:.1f}MiB"
     if key.endswith("_j"):
         return f"{value:.1f}J"
+    if isinstance(value, float):
+        return f"{value:.4g}"
     return str(value)

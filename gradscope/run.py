@@ -9,6 +9,7 @@ records are:
 * ``step``: a step's scalar values (loss, step time, memory, energy, scale, step metrics);
 * ``metrics``: metrics logged with ``mon.log``;
 * ``updates``: per-row squared weight and update norms;
+* ``desync``: DDP replicas whose gradients differed;
 * ``failed``: a step during which gradscope failed.
 """
 
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gradscope import layout, records
-from gradscope.diagnostics import NonfiniteEvent, RunView
+from gradscope.diagnostics import DesyncEvent, NonfiniteEvent, RunView
 from gradscope.history import STEP_FIELDS, History, Series
 from gradscope.report import HealthReport, build
 from gradscope.tensor_stats import TensorStats
@@ -89,6 +90,8 @@ class RunState:
         )
         self.nonfinite_events: list[NonfiniteEvent] = []
         self.nonfinite_steps = 0
+        self.desync_events: list[DesyncEvent] = []
+        self.desync_steps = 0
         self.first_bad_loss: tuple[int, float] | None = None
         self.initial_losses: list[float] = []
 
@@ -97,19 +100,32 @@ class RunState:
     def apply(self, record: records.Record) -> None:
         """Apply one record (see :mod:`gradscope.records`)."""
         if isinstance(record, records.Sampled):
-            self.add_sampled(record.step, record.rows, record.present, record.order)
+            self.add_sampled(
+                record.step, record.rows, record.present, record.order, record.nonfinite_rank, record.nonfinite_ranks
+            )
         elif isinstance(record, records.StepValues):
             self.add_step(record.step, record.values)
         elif isinstance(record, records.Metrics):
             self.add_metrics(record.step, record.values)
         elif isinstance(record, records.Updates):
             self.add_updates(record.step, record.weight_sq, record.update_sq)
+        elif isinstance(record, records.Desync):
+            self.add_desync(record.step, record.rows, record.ranks)
         elif isinstance(record, records.Failed):
             self.mark_failed(record.step)
 
-    def add_sampled(self, step: int, rows: np.ndarray, present: np.ndarray, order: np.ndarray) -> None:
+    def add_sampled(
+        self,
+        step: int,
+        rows: np.ndarray,
+        present: np.ndarray,
+        order: np.ndarray,
+        nonfinite_rank: np.ndarray | None = None,
+        nonfinite_ranks: np.ndarray | None = None,
+    ) -> None:
         """A sampled step: float64 ``(R, ROW_WIDTH)`` rows, bool ``(R,)`` presence, int ``(R,)``
-        backward order (-1 where unknown)."""
+        backward order (-1 where unknown); distributed runs add, per row, the lowest rank
+        whose gradient held NaN/Inf and how many ranks did."""
         self.history.add_sampled(step, rows, present, order)
         bad = present & (rows[:, layout.NANS] + rows[:, layout.INFS] > 0)
         if not bad.any():
@@ -128,8 +144,16 @@ class RunState:
                 nans=int(rows[bad, layout.NANS].sum()),
                 infs=int(rows[bad, layout.INFS].sum()),
                 backward_order_known=known,
+                rank=int(nonfinite_rank[affected[0]]) if nonfinite_rank is not None else -1,
+                ranks=int(nonfinite_ranks[affected[0]]) if nonfinite_ranks is not None else 0,
             )
         )
+
+    def add_desync(self, step: int, rows: tuple[int, ...], ranks: tuple[int, ...]) -> None:
+        """DDP replicas disagreed at ``step`` in ``rows``; ``ranks`` differ from the majority."""
+        self.desync_steps += 1
+        if len(self.desync_events) < KEPT_EVENTS:
+            self.desync_events.append(DesyncEvent(step, tuple(rows), tuple(ranks)))
 
     def add_step(self, step: int, values: dict[str, float]) -> None:
         """A step's scalar values: ``STEP_FIELDS`` (loss, step_time, ...) and step metrics."""
@@ -231,6 +255,9 @@ class RunState:
             metrics=metrics,
             nonfinite_events=tuple(self.nonfinite_events),
             nonfinite_steps=self.nonfinite_steps,
+            desync_events=tuple(self.desync_events),
+            desync_steps=self.desync_steps,
+            world=int(self.info.extra.get("distributed", {}).get("world", 1)),
             first_bad_loss=self.first_bad_loss,
             initial_loss=float(np.mean(initial)) if initial else None,
             summary=dict(self.info.summary),

@@ -52,9 +52,23 @@ class WatchedParams:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module a ``torch.compile`` wrapper compiles (the model itself otherwise)."""
+    """The module inside ``torch.compile`` and ``DistributedDataParallel`` wrappers (the
+    model itself otherwise), so that rows are named as in the user's model."""
     inner = getattr(model, "_orig_mod", None)
-    return unwrap(inner) if isinstance(inner, torch.nn.Module) else model
+    if isinstance(inner, torch.nn.Module):
+        return unwrap(inner)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return unwrap(model.module)
+    return model
+
+
+def find_ddp(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` wrapper around (or inside a compile wrapper of) ``model``."""
+    while isinstance(model, torch.nn.Module):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model
+        model = getattr(model, "_orig_mod", None)
+    return None
 
 
 def layer_name(param_name: str) -> str:

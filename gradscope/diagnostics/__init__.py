@@ -2,13 +2,21 @@
 
 One concept per module, so that adding a check touches one file: ``nonfinite`` (NaN/Inf,
 GradScaler overflow), ``exploding``, ``vanishing``, ``dead``, ``update_ratio``
-(stalled updates) and ``loss`` (plateau, divergence, over- and underfitting). Every check is
-a function ``detect(view, thresholds) -> list[Finding]``.
+(stalled updates), ``rank_desync`` (DDP replicas that disagree) and ``loss`` (plateau,
+divergence, over- and underfitting). Every check is a function ``detect(view, thresholds) -> list[Finding]``.
 """
 
-from gradscope.diagnostics import dead, exploding, loss, nonfinite, update_ratio, vanishing
-from gradscope.diagnostics.view import NonfiniteEvent, RunView
+from gradscope.diagnostics import dead, exploding, loss, nonfinite, rank_desync, update_ratio, vanishing
+from gradscope.diagnostics.view import DesyncEvent, NonfiniteEvent, RunView
 
-CHECKS = (nonfinite.detect, exploding.detect, vanishing.detect, dead.detect, update_ratio.detect, loss.detect)
+CHECKS = (
+    nonfinite.detect,
+    rank_desync.detect,
+    exploding.detect,
+    vanishing.detect,
+    dead.detect,
+    update_ratio.detect,
+    loss.detect,
+)
 
-__all__ = ["CHECKS", "NonfiniteEvent", "RunView"]
+__all__ = ["CHECKS", "DesyncEvent", "NonfiniteEvent", "RunView"]

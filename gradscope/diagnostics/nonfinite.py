@@ -9,6 +9,13 @@ from gradscope.findings import SUGGESTIONS, Finding
 from gradscope.thresholds import Thresholds
 
 
+def _ranks(event) -> str:
+    if event.rank < 0:
+        return ""
+    others = event.ranks - 1
+    return f"; on rank {event.rank}" + (f" and {others} more rank{'s' if others > 1 else ''}" if others > 0 else "")
+
+
 def detect(view: RunView, t: Thresholds) -> list[Finding]:
     findings = []
     skipped = set(view.steps[view.skipped].tolist())
@@ -34,6 +41,7 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
                         else ""
                     )
                     + f"; {first.nans} NaN and {first.infs} Inf values at that step"
+                    + _ranks(first)
                 ),
                 suggestion=SUGGESTIONS["nonfinite"],
                 evidence={
@@ -43,6 +51,7 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
                     "infs": first.infs,
                     "order": "backward" if first.backward_order_known else "model",
                     "sampled_steps_affected": view.nonfinite_steps - len(view.nonfinite_events) + len(events),
+                    **({"rank": first.rank, "ranks_affected": first.ranks} if first.rank >= 0 else {}),
                 },
                 layers=tuple(names),
             )
