@@ -179,6 +179,10 @@ def cmd_bench(args) -> int:
         ("bench_overhead.py", ["--models", "tiny", "--rounds", "1", "--steps", "2"] if args.quick else []),
         ("bench_stats.py", ["--sets", "tiny", "--repeats", "3"] if args.quick else []),
         ("bench_runlog.py", ["--steps", "20", "--layers", "20"] if args.quick else []),
+        (
+            "bench_distributed.py",
+            ["--world", "2", "--layers", "2", "--width", "16", "--steps", "2", "--rounds", "1"] if args.quick else [],
+        ),
     ]
     status = 0
     for script, extra in runs:
@@ -213,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     report.set_defaults(handler=cmd_report)
 
-    bench = commands.add_parser("bench", help="run the overhead, statistics and run-log benchmarks here")
+    bench = commands.add_parser("bench", help="run the overhead, statistics, run-log and distributed benchmarks here")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     bench.add_argument("--quick", action="store_true", help="tiny inputs: checks the benchmarks run, not timings")
     bench.add_argument("--out", metavar="DIR", help="write the JSON results here (default: benchmarks/results)")

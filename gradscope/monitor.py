@@ -713,7 +713,9 @@ class Monitor:
         (``(steps, rows, 64)``), and with ``track_updates`` ``weight_norm``,
         ``update_norm``, ``update_ratio``. Per-step fields (``(steps,)``, every step):
         ``loss``, ``step_time`` (s), ``peak_memory`` (bytes), ``energy`` (J),
-        ``grad_scale``, ``skipped``, ``failed`` and every logged metric.
+        ``grad_scale``, ``skipped``, ``failed``, every logged metric and, under DDP with
+        gradscope's communication hook, ``noise_scale`` (``B_simple``), ``grad_sq_small``
+        (each rank's own ``|g_i|^2``, mean over ranks) and ``grad_sq_big`` (``|g|^2`` averaged).
         """
         self._collect_now()
         return self._run.series(field)

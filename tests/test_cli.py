@@ -86,8 +86,13 @@ def test_bench_quick_runs_every_benchmark(tmp_path):
     done = gradscope_cli("bench", "--quick", "--device", "cpu", "--out", tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     written = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert written == ["bench_overhead-cpu.json", "bench_runlog-cpu.json", "bench_stats-cpu.json"]
-    assert "x unmonitored" in done.stdout and "x floor" in done.stdout
+    assert written == [
+        "bench_distributed-cpu.json",
+        "bench_overhead-cpu.json",
+        "bench_runlog-cpu.json",
+        "bench_stats-cpu.json",
+    ]
+    assert "x unmonitored" in done.stdout and "x floor" in done.stdout and "x none" in done.stdout
 
 
 def test_user_mistakes_are_one_line(tmp_path):
