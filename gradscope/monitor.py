@@ -339,7 +339,7 @@ class Monitor:
                 else:
                     self._noise = NoiseScale(topo.world, batch_size, noise_scale_decay)
             if self._hook_state is not None or check_consistency:
-                (key,) = engines
+                key = next(iter(engines))  # one device (checked above when rows are hashed)
                 device = torch.device("cpu") if key == "numpy" else key
                 self._replicas = ReplicaCheck(
                     topo.group, topo.rank, topo.world, len(self._watched), check_consistency, device
