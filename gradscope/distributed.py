@@ -179,9 +179,7 @@ class ShardedRows:
         self.world = topology.world
         self.count = len(members)
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
-        contributes = topology.contributes[members]
-        self._weights = torch.tensor(contributes, dtype=torch.float64, device=self.device)[:, None]
-        self._contributes = torch.tensor(contributes, dtype=torch.bool, device=self.device)
+        self._contributes = torch.tensor(topology.contributes[members], dtype=torch.bool, device=self.device)
 
     @property
     def numel(self) -> int:
@@ -205,7 +203,7 @@ class ShardedRows:
             maxed.zero_()
         else:
             bad = ((rows[:, layout.NANS] + rows[:, layout.INFS]) > 0) & self._contributes
-            torch.mul(rows, self._weights, out=summed[:, : layout.ROW_WIDTH])
+            torch.mul(rows, self._contributes[:, None], out=summed[:, : layout.ROW_WIDTH])
             summed[:, layout.ROW_WIDTH] = bad
             maxed[:, 0] = rows[:, layout.MAX_ABS]
             maxed[:, 1] = bad * float(self.world - self.rank)

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from gradscope import layout
+from gradscope.distributed import wait_all, works_done
 
 HASH_BITS = 16
 """Bits of a parameter's hash: ``W * (2**16)**2`` stays exact in float64 up to 2**21 ranks."""
@@ -223,9 +224,8 @@ class ReplicaCheck:
             if block:
                 if event is not None:
                     event.synchronize()
-                for work in works:
-                    work.wait()
-            elif (event is not None and not event.query()) or not all(w.is_completed() for w in works):
+                wait_all(works)
+            elif (event is not None and not event.query()) or not works_done(works):
                 break
             self._in_flight.popleft()
             done.append((step, self.decode(wire.numpy(), has_local)))

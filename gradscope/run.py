@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from gradscope import layout, records
-from gradscope.diagnostics import DesyncEvent, NonfiniteEvent, RunView
+from gradscope.diagnostics import NonfiniteEvent, RunView
 from gradscope.history import STEP_FIELDS, History, Series
 from gradscope.report import HealthReport, build
 from gradscope.tensor_stats import TensorStats
@@ -90,7 +90,7 @@ class RunState:
         )
         self.nonfinite_events: list[NonfiniteEvent] = []
         self.nonfinite_steps = 0
-        self.desync_events: list[DesyncEvent] = []
+        self.desync_events: list[records.Desync] = []
         self.desync_steps = 0
         self.first_bad_loss: tuple[int, float] | None = None
         self.initial_losses: list[float] = []
@@ -110,7 +110,7 @@ class RunState:
         elif isinstance(record, records.Updates):
             self.add_updates(record.step, record.weight_sq, record.update_sq)
         elif isinstance(record, records.Desync):
-            self.add_desync(record.step, record.rows, record.ranks)
+            self.add_desync(record)
         elif isinstance(record, records.Failed):
             self.mark_failed(record.step)
 
@@ -149,11 +149,11 @@ class RunState:
             )
         )
 
-    def add_desync(self, step: int, rows: tuple[int, ...], ranks: tuple[int, ...]) -> None:
-        """DDP replicas disagreed at ``step`` in ``rows``; ``ranks`` differ from the majority."""
+    def add_desync(self, record: records.Desync) -> None:
+        """DDP replicas disagreed (the first ``KEPT_EVENTS`` are kept for the whole run)."""
         self.desync_steps += 1
         if len(self.desync_events) < KEPT_EVENTS:
-            self.desync_events.append(DesyncEvent(step, tuple(rows), tuple(ranks)))
+            self.desync_events.append(record)
 
     def add_step(self, step: int, values: dict[str, float]) -> None:
         """A step's scalar values: ``STEP_FIELDS`` (loss, step_time, ...) and step metrics."""

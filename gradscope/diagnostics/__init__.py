@@ -7,7 +7,7 @@ divergence, over- and underfitting). Every check is a function ``detect(view, th
 """
 
 from gradscope.diagnostics import dead, exploding, loss, nonfinite, rank_desync, update_ratio, vanishing
-from gradscope.diagnostics.view import DesyncEvent, NonfiniteEvent, RunView
+from gradscope.diagnostics.view import NonfiniteEvent, RunView
 
 CHECKS = (
     nonfinite.detect,
@@ -19,4 +19,4 @@ CHECKS = (
     loss.detect,
 )
 
-__all__ = ["CHECKS", "DesyncEvent", "NonfiniteEvent", "RunView"]
+__all__ = ["CHECKS", "NonfiniteEvent", "RunView"]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gradscope.records import Desync
+
 
 @dataclass(frozen=True)
 class NonfiniteEvent:
@@ -28,16 +30,6 @@ class NonfiniteEvent:
     backward_order_known: bool
     rank: int = -1  # distributed: the lowest rank whose gradient of rows[0] held NaN/Inf (-1: unknown)
     ranks: int = 0  # distributed: how many ranks' gradients did
-
-
-@dataclass(frozen=True)
-class DesyncEvent:
-    """DDP replicas whose gradients differed at ``step``: the rows concerned (model order)
-    and the ranks that differ from the majority."""
-
-    step: int
-    rows: tuple[int, ...]
-    ranks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -66,7 +58,7 @@ class RunView:
     metrics: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     nonfinite_events: tuple[NonfiniteEvent, ...] = ()
     nonfinite_steps: int = 0
-    desync_events: tuple[DesyncEvent, ...] = ()
+    desync_events: tuple[Desync, ...] = ()  # DDP replicas that disagreed, as recorded
     desync_steps: int = 0
     world: int = 1  # ranks of a distributed run
     first_bad_loss: tuple[int, float] | None = None
