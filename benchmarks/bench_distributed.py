@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import statistics
 import sys
@@ -131,6 +132,10 @@ def rank_main(rank: int, world: int, root: str, args: dict) -> None:
         if rank == 0:
             with open(Path(root) / "rank0.json", "w") as file:
                 json.dump(out, file)
+        # Without this, a rank that tears its group down while another still talks to it
+        # sometimes aborts at exit ("terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

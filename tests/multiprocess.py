@@ -5,6 +5,7 @@ instead of hanging CI)."""
 from __future__ import annotations
 
 import datetime
+import gc
 import pickle
 import time
 from pathlib import Path
@@ -31,6 +32,10 @@ def _entry(rank: int, world: int, root: str, fn, args: tuple) -> None:
         result = fn(rank, world, out, *args)
         with open(out / f"result-{rank}.pkl", "wb") as file:
             pickle.dump(result, file)
+        # Without this, a rank that tears its group down while another still talks to it
+        # sometimes aborts at exit ("terminate called without an active exception").
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
