@@ -36,7 +36,7 @@ from bench_stats import RESULTS, environment
 from torch import nn
 
 import gradscope
-from gradscope import distributed, replicas
+from gradscope.distributed import replicas, sharded
 
 CONFIGS = ("no monitoring", "watch() every=1", "watch() every=10")
 
@@ -121,7 +121,7 @@ def rank_main(rank: int, world: int, root: str, args: dict) -> None:
                     times = run_steps(model, args["steps"] + 2, args["batch"], args["width"], device, config)
                     samples[config].extend(times[2:])  # the first steps warm up
             if kind == "fsdp":
-                wire = distributed.wire_bytes(params)
+                wire = sharded.wire_bytes(params)
             else:
                 wire = replicas.wire_bytes(world, params, check_consistency=True)
             out[kind] = {

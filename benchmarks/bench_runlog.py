@@ -32,7 +32,7 @@ from bench_stats import RESULTS, environment
 from torch import nn
 
 import gradscope
-from gradscope import records
+from gradscope.run import records
 
 
 class ResidualBlock(nn.Module):

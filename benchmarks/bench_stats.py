@@ -40,9 +40,8 @@ import torch
 from model_shapes import gpt2_shapes, llama_1b_shapes, mlp_gradients, synthetic_gradients
 
 import gradscope
-from gradscope import layout
-from gradscope.backends import numpy_backend, triton_backend
-from gradscope.inputs import flat_elements
+from gradscope.stats import layout, numpy_backend, triton_backend
+from gradscope.stats.inputs import flat_elements
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -2,22 +2,35 @@
 
 ``grad_stats`` computes, for every gradient tensor and in one read of its bytes, the
 element count, sum, sum of squares, maximum magnitude, exact-zero count, NaN and Inf counts
-and a 64-bin log2-magnitude histogram (see :mod:`gradscope.layout`), with Triton kernels on
-GPU and NumPy on CPU. ``watch`` captures them for every layer during training, with no
-host synchronisation, into a bounded history.
+and a 64-bin log2-magnitude histogram (see :mod:`gradscope.stats.layout`), with Triton
+kernels on GPU and NumPy on CPU. ``watch`` captures them for every layer during training,
+with no host synchronisation, into a bounded history, and judges the run's health.
+
+The subpackages are the stages of the data flow, each importing only those before it:
+
+    stats        gradient tensors -> statistics rows           (grad_stats, TensorStats)
+    distributed  rows on each rank -> rows of the whole gradient
+    run          records -> the run's data: history, events    (RunState; no verdicts)
+    health       the run's data -> findings, HealthReport      (Thresholds, load_run)
+    outputs      records -> run log, exporters, visual report
+    monitor      a model in training -> records                (watch, Monitor)
+
+``cli`` and ``demo`` sit on top. ``gradscope.exporters``, ``gradscope.visual`` and
+``gradscope.runlog`` are the old import paths of parts of ``outputs`` and ``health``.
 """
 
-from gradscope.findings import Finding
-from gradscope.history import Series
-from gradscope.layout import HIST_EDGES, HIST_MIN_EXPONENT, NUM_BINS
-from gradscope.monitor import Monitor, watch
-from gradscope.report import HealthReport, LayerHealth
-from gradscope.runlog import Run, RunLogError, load_run
-from gradscope.statistics import BACKENDS, grad_stats
-from gradscope.tensor_stats import TensorStats
-from gradscope.thresholds import Thresholds
+from gradscope.health.findings import Finding
+from gradscope.health.readout import Run, load_run
+from gradscope.health.report import HealthReport, LayerHealth
+from gradscope.health.thresholds import Thresholds
+from gradscope.monitor import Monitor, WatchOptions, watch
+from gradscope.run.history import Series
+from gradscope.run.info import package_version
+from gradscope.run.logfile import RunLogError
+from gradscope.stats import BACKENDS, TensorStats, grad_stats, layout
+from gradscope.stats.layout import HIST_EDGES, HIST_MIN_EXPONENT, NUM_BINS
 
-__version__ = "0.1.0"
+__version__ = package_version()
 
 __all__ = [
     "BACKENDS",
@@ -33,8 +46,10 @@ __all__ = [
     "Series",
     "TensorStats",
     "Thresholds",
+    "WatchOptions",
     "__version__",
     "grad_stats",
+    "layout",
     "load_run",
     "watch",
 ]

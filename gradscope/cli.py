@@ -70,11 +70,11 @@ def _progress(total: int, description: str):
 
 def _render(source, report, html: Path | None, png: Path | None, title: str) -> list[Path]:
     """Write the visual report as HTML and/or PNG; returns the files written."""
-    from gradscope import visual
+    from gradscope.outputs import html_page, visual
 
     written = []
     if html is not None:
-        visual.write_html(source, html, report=report, title=title)
+        html_page.write_html(source, html, report=report, title=title)
         written.append(html)
     if png is not None:
         visual.write_png(source, png, report=report)
@@ -94,7 +94,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from gradscope import demo
-    from gradscope.runlog import check_log_dir
+    from gradscope.run.logfile import check_log_dir
 
     if args.steps < 1:
         return _fail(f"--steps must be a positive integer, got {args.steps}")
@@ -135,7 +135,7 @@ def _expectation_met(report, expected) -> bool:
 
 
 def cmd_report(args) -> int:
-    from gradscope.runlog import load_run
+    from gradscope.health.readout import load_run
 
     run = load_run(args.run)
     report = run.report()

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from gradscope.monitor import Monitor
+    from gradscope.monitor.monitor import Monitor
 
 FAULTS = ("none", "vanishing", "exploding", "dead", "nan")
 
@@ -179,7 +179,7 @@ def run(
     Returns:
         The closed monitor (its history and report stay readable).
     """
-    from gradscope.monitor import watch
+    from gradscope.monitor.start import watch
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")

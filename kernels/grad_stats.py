@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gradscope import layout
+from gradscope.stats import layout
 
 PARTIAL_HIST = 10
 PARTIAL_WIDTH = PARTIAL_HIST + layout.NUM_BINS

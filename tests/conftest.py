@@ -31,7 +31,7 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture
 def kernel_device() -> str:
     """Where the Triton kernels run in this session: CUDA if compiled, CPU if interpreted."""
-    from gradscope.backends import triton_backend
+    from gradscope.stats import triton_backend
 
     if not triton_backend.triton_importable():
         pytest.skip("Triton is not installed")

@@ -153,7 +153,7 @@ def fsdp_job(rank: int, world: int, root, scenarios: tuple, poison_step: int | N
 
 def _break_capture_at(mon, step: int) -> None:
     """Make gradscope's own capture raise on this rank at ``step`` (a bug in gradscope)."""
-    (capture,) = mon._captures.values()
+    (capture,) = mon._engines.captures.values()
     for method in ("add", "add_all"):
         original = getattr(capture, method)
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-import gradscope.statistics
-import gradscope.tensor_stats
+import gradscope.stats.compute
+import gradscope.stats.tensor_stats
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-@pytest.mark.parametrize("module", [gradscope.tensor_stats, gradscope.statistics])
+@pytest.mark.parametrize("module", [gradscope.stats.tensor_stats, gradscope.stats.compute])
 def test_docstring_examples(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from stats_reference import assert_matches_reference, reference_row, unscaled
 from tensor_strategies import gradient_tensors, many_small_and_a_few_large
 
-from gradscope import TensorStats, layout
-from gradscope.backends import triton_backend
-from gradscope.inputs import flat_elements
+from gradscope import TensorStats
+from gradscope.stats import layout, triton_backend
+from gradscope.stats.inputs import flat_elements
 
 SMALL_TILES = {"block": 64, "careful_block": 16, "chunk_numel": 256, "final_rows": 4}
 

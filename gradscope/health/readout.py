@@ -1,0 +1,143 @@
+"""Reading a run: its history, statistics and health report, live or from its log.
+
+:class:`RunReadout` is the one read interface a live :class:`gradscope.Monitor` and a run
+read back from its log (:class:`Run`, from :func:`load_run`) share: ``history``, ``fields``,
+``stats`` and ``report`` over a :class:`~gradscope.run.state.RunState`. A subclass only says
+how to reach an up-to-date state (the monitor first collects what has reached the host).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from gradscope.health.report import HealthReport, assess
+from gradscope.health.thresholds import Thresholds
+from gradscope.run.history import Series
+from gradscope.run.info import RunInfo
+from gradscope.run.logfile import RunLogError, read_log
+from gradscope.run.state import RunState
+from gradscope.stats.tensor_stats import TensorStats
+
+
+class RunReadout:
+    """History, statistics and health of a run (see the module docstring).
+
+    Attributes:
+        info: the run's description (:class:`gradscope.run.info.RunInfo`).
+        rows: names of the reported rows (layers, or parameters).
+        row_types: class names of the modules owning them (``"Linear"``).
+        summary: parameters, trainable parameters, bytes and layers of the model.
+        thresholds: the :class:`gradscope.Thresholds` reports use by default.
+    """
+
+    info: RunInfo
+    thresholds: Thresholds
+
+    @property
+    def rows(self) -> tuple[str, ...]:
+        return self.info.rows
+
+    @property
+    def row_types(self) -> tuple[str, ...]:
+        return self.info.row_types
+
+    @property
+    def summary(self) -> dict:
+        return self.info.summary
+
+    @contextlib.contextmanager
+    def _reading(self, wait: bool) -> Iterator[RunState]:
+        """The run's state, up to date; with ``wait``, after everything in flight has arrived."""
+        raise NotImplementedError
+
+    def history(self, field: str) -> Series:
+        """Values of ``field`` over the kept steps, oldest first (waits for pending steps).
+
+        Per-row fields (``(steps, rows)``; NaN where a row had no gradient): ``numel``,
+        ``sum``, ``sumsq``, ``max_abs``, ``zeros``, ``nans``, ``infs``, ``norm``, ``rms``,
+        ``mean``, ``zero_frac``, ``nonfinite``, ``finite``, ``present``,
+        ``backward_order`` (0 = the row whose gradient was final first), ``hist``
+        (``(steps, rows, 64)``), and with ``track_updates`` ``weight_norm``,
+        ``update_norm``, ``update_ratio``. Per-step fields (``(steps,)``, every step):
+        ``loss``, ``step_time`` (s), ``peak_memory`` (bytes), ``energy`` (J),
+        ``grad_scale``, ``skipped``, ``failed``, every logged metric and, under DDP with
+        gradscope's communication hook, ``noise_scale`` (``B_simple``), ``grad_sq_small``
+        (each rank's own ``|g_i|^2``, mean over ranks) and ``grad_sq_big`` (``|g|^2`` averaged).
+        """
+        with self._reading(wait=True) as state:
+            return state.series(field)
+
+    def fields(self) -> tuple[str, ...]:
+        """Names :meth:`history` accepts."""
+        with self._reading(wait=True) as state:
+            return state.fields()
+
+    def stats(self, step: int | None = None) -> TensorStats:
+        """Statistics of the rows present at a sampled ``step`` (default: the latest)."""
+        with self._reading(wait=True) as state:
+            return state.stats(step)
+
+    def report(self, thresholds: Thresholds | None = None, wait: bool = False) -> HealthReport:
+        """The run's health: status, findings, per-layer rows and resources.
+
+        Cheap enough to call every step: it reads what has reached the host (on GPU, steps
+        whose results are still in flight are judged by the next call) over a bounded
+        window of sampled steps. ``wait=True`` first waits for every step in flight (a run
+        read back from its log has nothing in flight). ``thresholds`` overrides the run's
+        :class:`gradscope.Thresholds`.
+        """
+        with self._reading(wait=wait) as state:
+            return assess(state, thresholds or self.thresholds)
+
+
+class Run(RunReadout):
+    """A run read back from its log (:func:`load_run`): the same accessors as a live monitor.
+
+    Attributes:
+        info, rows, summary: as for :class:`RunReadout`.
+        thresholds: the thresholds the run was monitored with.
+        closed: whether the log ends with the monitor's ``close()`` (False after a crash).
+        files: the log files read.
+        first_segment: index of the first file read; above 0 when ``max_bytes`` deleted the
+            oldest files, so the history (and what the report knows) starts later than the run.
+    """
+
+    def __init__(
+        self, state: RunState, thresholds: Thresholds, closed: bool, files: list[Path], first_segment: int = 0
+    ) -> None:
+        self._state = state
+        self.info = state.info
+        self.thresholds = thresholds
+        self.closed = closed
+        self.files = files
+        self.first_segment = first_segment
+
+    @contextlib.contextmanager
+    def _reading(self, wait: bool) -> Iterator[RunState]:
+        yield self._state
+
+    def __repr__(self) -> str:
+        return (
+            f"<gradscope.Run {len(self.rows)} rows, {len(self.files)} file(s){'' if self.closed else ', not closed'}>"
+        )
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Read a run log: a log directory (``watch(log_dir=...)``), or one of its files.
+
+    ``load_run(path).report()`` equals the live monitor's report at ``close()``.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        RunLogError: not a gradscope run log, a corrupt line (with its file and line
+            number), or a log written by a newer gradscope.
+    """
+    logged = read_log(path)
+    try:
+        thresholds = Thresholds(**logged.thresholds)
+    except (TypeError, ValueError) as error:
+        raise RunLogError(f"{logged.files[0]}:1: the header does not describe a run ({error})") from None
+    return Run(logged.state, thresholds, logged.closed, logged.files, first_segment=logged.first_segment)

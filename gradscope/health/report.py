@@ -1,0 +1,266 @@
+"""``HealthReport``: the verdict on a training run — status, findings, layers, resources.
+
+:func:`assess` judges a :class:`~gradscope.run.state.RunState`: it cuts the checks' view out
+of it (:func:`gradscope.health.view.view_of`), runs every check of
+:data:`gradscope.health.checks.CHECKS` and assembles the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradscope.health.checks import CHECKS
+from gradscope.health.findings import SEVERITIES, Finding
+from gradscope.health.thresholds import Thresholds
+from gradscope.health.view import RunView, view_of
+from gradscope.run.state import RunState
+
+STATUSES = ("healthy", "warning", "critical")
+
+
+@dataclass(frozen=True)
+class LayerHealth:
+    """One row of the report: a layer's gradient at its latest sampled step with a gradient.
+
+    ``status`` is the most severe finding concerning the layer (``"healthy"`` if none), or
+    ``"absent"`` when the layer had no gradient in the report's window. Values are None
+    when absent.
+    """
+
+    name: str
+    type: str
+    numel: int
+    norm: float | None
+    rms: float | None
+    max_abs: float | None
+    zero_frac: float | None
+    hist: list[int] | None
+    update_ratio: float | None
+    status: str
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """What :meth:`gradscope.Monitor.report` returns.
+
+    Attributes:
+        status: ``"healthy"``, ``"warning"`` or ``"critical"``: the most severe finding
+            (``info`` findings, such as a plateau, leave a run healthy).
+        findings: most severe first.
+        first_nonfinite: ``(step, layer)`` of the first gradient to hold NaN/Inf (first in
+            backward order at the first such step), or None.
+        layers: one :class:`LayerHealth` per row.
+        resources: step time (median and p95, seconds), peak memory (bytes), energy (J)
+            when known, the gradient noise scale ``B_simple`` (DDP with gradscope's hook),
+            the world size of a distributed run, parameter count, trainable count, bytes
+            and layers.
+        step: the latest step the report covers (-1 before the first step).
+        note: a remark about the report itself (for example, that there are no steps yet).
+    """
+
+    status: str
+    findings: tuple[Finding, ...]
+    first_nonfinite: tuple[int, str] | None
+    layers: tuple[LayerHealth, ...]
+    resources: dict
+    step: int
+    note: str | None = None
+
+    def to_dict(self) -> dict:
+        """Plain JSON types only."""
+        return _plain(
+            {
+                "status": self.status,
+                "step": self.step,
+                "note": self.note,
+                "first_nonfinite": list(self.first_nonfinite) if self.first_nonfinite else None,
+                "findings": [f.to_dict() for f in self.findings],
+                "layers": [layer.to_dict() for layer in self.layers],
+                "resources": self.resources,
+            }
+        )
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        lines = [f"gradscope health: {self.status.upper()} at step {self.step} ({len(self.findings)} findings)"]
+        if self.note:
+            lines.append(f"  {self.note}")
+        if self.layers:
+            lines.append(
+                f"  {'layer':<28} {'type':<12} {'numel':>10} {'norm':>9} {'rms':>9} {'max|g|':>9} "
+                f"{'zero%':>6} {'upd/w':>8}  status"
+            )
+            for row in self.layers:
+                name = row.name if len(row.name) <= 28 else "…" + row.name[-27:]
+                lines.append(
+                    f"  {name:<28} {row.type[:12]:<12} {row.numel:>10d} {_num(row.norm):>9} {_num(row.rms):>9} "
+                    f"{_num(row.max_abs):>9} {_pct(row.zero_frac):>6} {_num(row.update_ratio):>8}  {row.status}"
+                )
+        if self.findings:
+            lines.append("  findings, most severe first:")
+            suggested = set()
+            for f in self.findings:
+                where = f" in '{f.layer}'" if f.layer else ""
+                lines.append(f"  [{f.severity}] {f.kind}{where}, step {f.step}: {f.message}")
+                if f.suggestion not in suggested:  # each advice once, at its first finding
+                    lines.append(f"      try: {f.suggestion}")
+                    suggested.add(f.suggestion)
+        if self.resources:
+            parts = [f"{key}={_resource(key, value)}" for key, value in self.resources.items()]
+            lines.append("  resources: " + ", ".join(parts))
+        return "\n".join(lines)
+
+
+def assess(state: RunState, thresholds: Thresholds) -> HealthReport:
+    """The health report of the run ``state`` describes, judged with ``thresholds``.
+
+    Raises:
+        TypeError: ``thresholds`` is not a :class:`gradscope.Thresholds`.
+    """
+    if not isinstance(thresholds, Thresholds):
+        raise TypeError(f"report: thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
+    info = state.info
+    return build(view_of(state, thresholds), thresholds, info.rows, info.row_types, info.summary)
+
+
+def build(
+    view: RunView | None, thresholds: Thresholds, rows: tuple[str, ...], row_types: tuple[str, ...], summary: dict
+) -> HealthReport:
+    """Run every check on ``view`` and assemble the report (``view`` None: no steps yet)."""
+    if view is None or (len(view.steps) == 0 and len(view.sampled_steps) == 0):
+        layers = tuple(
+            LayerHealth(n, t, 0, None, None, None, None, None, None, "absent")
+            for n, t in zip(rows, row_types, strict=True)
+        )
+        return HealthReport(
+            "healthy", (), None, layers, dict(summary), -1, note="no steps recorded yet: nothing to judge"
+        )
+    findings, failed = [], []
+    for check in CHECKS:
+        try:
+            findings += check(view, thresholds)
+        except Exception as error:  # a broken check must not take the report (or training) down
+            failed.append(f"{check.__module__.rsplit('.', 1)[-1]}: {type(error).__name__}: {error}")
+    findings.sort(key=lambda f: (-f.rank, f.since_step))
+    worst = max((f.rank for f in findings), default=0)
+    status = STATUSES[worst] if worst > 0 else "healthy"
+    first = next((f for f in findings if f.kind == "nonfinite" and f.layer is not None), None)
+    step = int(
+        max(view.steps[-1] if len(view.steps) else -1, view.sampled_steps[-1] if len(view.sampled_steps) else -1)
+    )
+    return HealthReport(
+        status=status,
+        findings=tuple(findings),
+        first_nonfinite=(first.since_step, first.layer) if first else None,
+        layers=_layers(view, findings),
+        resources=_resources(view),
+        step=step,
+        note=("checks that failed: " + "; ".join(failed)) if failed else None,
+    )
+
+
+def _layers(view: RunView, findings: list[Finding]) -> tuple[LayerHealth, ...]:
+    status = {}
+    for f in findings:
+        if f.rank == 0:
+            continue
+        for name in f.layers:
+            if SEVERITIES.index(status.get(name, "info")) < f.rank:
+                status[name] = f.severity
+    if len(view.sampled_steps) == 0:
+        return tuple(
+            LayerHealth(n, t, 0, None, None, None, None, None, None, "absent")
+            for n, t in zip(view.rows, view.row_types, strict=True)
+        )
+    rms, norm, zero_frac = view.rms, view.norm, view.zero_frac
+    out = []
+    for r, (name, kind) in enumerate(zip(view.rows, view.row_types, strict=True)):
+        seen = np.flatnonzero(view.present[:, r])
+        if not seen.size:  # no gradient in the window (frozen, unused)
+            out.append(LayerHealth(name, kind, 0, None, None, None, None, None, None, "absent"))
+            continue
+        i = seen[-1]  # the row's latest sampled step with a gradient
+        ratio = view.update_ratio[i, r] if view.update_ratio is not None else np.nan
+        hist = view.latest_hist[r] if view.latest_hist is not None else None
+        hist = None if hist is None or np.isnan(hist).any() else hist  # no longer kept
+        out.append(
+            LayerHealth(
+                name=name,
+                type=kind,
+                numel=int(view.numel[i, r]),
+                norm=float(norm[i, r]),
+                rms=float(rms[i, r]),
+                max_abs=float(view.max_abs[i, r]),
+                zero_frac=float(zero_frac[i, r]),
+                hist=hist.astype(np.int64).tolist() if hist is not None else None,
+                update_ratio=float(ratio) if np.isfinite(ratio) else None,
+                status=status.get(name, "healthy"),
+            )
+        )
+    return tuple(out)
+
+
+def _resources(view: RunView) -> dict:
+    out = {}
+    times = view.step_time[np.isfinite(view.step_time)]
+    if len(times):
+        out["step_time_median_s"] = float(np.median(times))
+        out["step_time_p95_s"] = float(np.percentile(times, 95))
+    memory = view.peak_memory[np.isfinite(view.peak_memory)]
+    if len(memory):
+        out["peak_memory_bytes"] = float(memory.max())
+    energy = view.energy[np.isfinite(view.energy)]
+    if len(energy):
+        out["energy_j"] = float(energy.sum())
+        out["energy_per_step_median_j"] = float(np.median(energy))
+    noise = view.metrics.get("noise_scale")
+    if noise is not None and len(noise[1]):
+        out["noise_scale"] = float(noise[1][-1])  # B_simple, the EMA at the latest step
+    if view.world > 1:
+        out["world_size"] = view.world
+    out.update(view.summary)
+    return out
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return value
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.2e}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _resource(key: str, value) -> str:
+    if key.endswith("_s"):
+        return f"{value * 1e3:.1f}ms"
+    if key.endswith("bytes") or key == "bytes":
+        return f"{value / 2**20:.1f}MiB"
+    if key.endswith("_j"):
+        return f"{value:.1f}J"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

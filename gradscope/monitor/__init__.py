@@ -1,0 +1,22 @@
+"""The monitor: a model in training in, records out — per-layer statistics, no host sync.
+
+Receives a model (and its optimizer, GradScaler, loss and metrics as training goes), and
+hands on records (:mod:`gradscope.run.records`) to its run state, run log and exporters:
+
+* ``start``: :func:`watch`, the entry point; ``options``: its options, validated once;
+* ``watched``: which parameters, grouped into which reported rows;
+* ``hooks``: backward-pass hooks, the end of backward, gradient-accumulation counting;
+* ``scaler``: unscaling under a GradScaler (the only place that knows its internals);
+* ``capture``: the capture engines per device (Triton launches, NumPy worker);
+* ``aggregate``: per-parameter rows into per-layer rows (pure functions);
+* ``replicated``: DDP's extras (communication hook, noise scale, replica check);
+* ``resources``: step time, memory, energy; ``updates``: update/weight norms around
+  ``optimizer.step()``;
+* ``monitor``: :class:`Monitor`, the life of one watched model and its steps.
+"""
+
+from gradscope.monitor.monitor import Monitor
+from gradscope.monitor.options import WatchOptions
+from gradscope.monitor.start import watch
+
+__all__ = ["Monitor", "WatchOptions", "watch"]

@@ -1,0 +1,98 @@
+"""``WatchOptions``: every option of :func:`gradscope.watch`, validated once, in one place.
+
+``watch(model, **options)`` builds one frozen ``WatchOptions`` from its arguments; the
+monitor and its parts read their settings from it. The meaning of each option is documented
+on :func:`gradscope.watch`; the checks here name the offending argument.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import KW_ONLY, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+
+from gradscope.health.thresholds import Thresholds
+from gradscope.monitor.watched import GRANULARITIES, ParamSelector
+from gradscope.outputs.exporters.base import Exporter
+from gradscope.stats.dispatch import BACKENDS
+
+MODES = ("backward", "step")
+"""When gradients are measured: as each becomes final during backward, or all at ``mon.step()``."""
+
+
+def _positive_int(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"watch: {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """The options of one monitor (see :func:`gradscope.watch` for their meaning).
+
+    The first eight may be given positionally, in this order, as ``watch`` has always
+    accepted them; the rest by keyword only.
+    """
+
+    every: int = 1
+    mode: str = "backward"
+    accumulation_steps: int = 1
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: object = None
+    track_updates: bool = False
+    history: int = 10_000
+    _: KW_ONLY
+    granularity: str = "layer"
+    params: ParamSelector = None
+    backend: str = "auto"
+    hist_history: int = 1_000
+    thresholds: Thresholds | None = None
+    log_dir: str | os.PathLike | None = None
+    exporters: Sequence[Exporter] = field(default=())
+    log_rank: int | None = 0
+    check_consistency: bool = False
+    comm_hook: bool = True
+    batch_size: int | None = None
+    noise_scale_decay: float = 0.95
+
+    def __post_init__(self) -> None:
+        for name in ("every", "accumulation_steps", "history", "hist_history"):
+            _positive_int(getattr(self, name), name)
+        if self.mode not in MODES:
+            raise ValueError(f"watch: mode must be one of {MODES}, got {self.mode!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"watch: granularity must be 'layer' or 'parameter', got {self.granularity!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"watch: backend must be 'auto', 'triton' or 'numpy', got {self.backend!r}")
+        if self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer):
+            raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
+        if self.track_updates and self.optimizer is None:
+            raise ValueError("watch: track_updates=True needs optimizer=")
+        if self.scaler is not None and not hasattr(self.scaler, "is_enabled"):
+            raise TypeError(f"watch: scaler must be a torch.amp.GradScaler, got {type(self.scaler).__name__}")
+        if self.thresholds is None:
+            object.__setattr__(self, "thresholds", Thresholds())
+        elif not isinstance(self.thresholds, Thresholds):
+            raise TypeError(f"watch: thresholds must be a gradscope.Thresholds, got {type(self.thresholds).__name__}")
+        exporters = tuple(self.exporters)
+        for exporter in exporters:
+            if not isinstance(exporter, Exporter):
+                raise TypeError(
+                    f"watch: exporters must be gradscope.exporters.Exporter objects, got {type(exporter).__name__}"
+                )
+        object.__setattr__(self, "exporters", exporters)
+        if self.batch_size is not None:
+            _positive_int(self.batch_size, "batch_size")
+        decay = self.noise_scale_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
+            raise ValueError(f"watch: noise_scale_decay must be in [0, 1), got {decay!r}")
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = self.log_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world):
+            raise ValueError(f"watch: log_rank must be None or a rank in [0, {world}), got {rank!r}")
+
+
+OPTION_NAMES = tuple(f.name for f in fields(WatchOptions))
+"""Every option's name, in order."""

@@ -1,0 +1,199 @@
+"""The cost side of a training step — time, memory, energy — and what the run is.
+
+:class:`StepClock` records, at every ``mon.step()``, the step's scalar values (loss,
+GradScaler scale, metrics), its duration, the peak memory so far and the GPU energy used
+since the previous step (when NVML is available). On CUDA, tensor values are copied to
+pinned host memory with ``non_blocking=True`` and the duration is measured between CUDA
+events, so a step costs no host synchronisation; values are read once the step's event has
+completed. :func:`describe_run` says what the run is: its rows, the model's size, the
+monitor's settings and the versions it ran with (the run log's header).
+"""
+
+from __future__ import annotations
+
+import datetime
+import resource
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradscope.distributed.topology import Topology
+from gradscope.monitor.watched import WatchedParams
+from gradscope.run.info import RunInfo, package_version
+
+RING = 256
+"""Steps whose values may be in flight to the host before the clock waits for the oldest."""
+
+
+def peak_memory(device: torch.device) -> float:
+    """Peak memory so far in bytes: the CUDA allocator's peak on GPU, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class EnergyMeter:
+    """Total energy of a GPU in joules through NVML, if ``pynvml`` (nvidia-ml-py) is importable."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self._read = pynvml.nvmlDeviceGetTotalEnergyConsumption
+            self._read(self._handle)
+        except Exception:  # no NVML, no GPU access, or a GPU without energy counters
+            self._handle = None
+
+    @property
+    def available(self) -> bool:
+        """Whether the GPU's energy counter can be read."""
+        return self._handle is not None
+
+    def joules(self) -> float:
+        if self._handle is None:
+            return float("nan")
+        try:
+            return self._read(self._handle) / 1000.0  # millijoules
+        except Exception:
+            return float("nan")
+
+
+@dataclass
+class StepRecord:
+    """What the clock measured for one step (NaN where unknown)."""
+
+    step: int
+    step_time: float
+    peak_memory: float
+    energy: float
+    values: dict[str, float]  # loss, grad_scale and step metrics
+
+
+def as_scalar(value, what: str) -> torch.Tensor | float:
+    """A metric as a detached 0-d tensor or a float; raises for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"gradscope: {what} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return value.detach().reshape(())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"gradscope: {what} must be a number or a one-element tensor, got {type(value).__name__}"
+        ) from None
+
+
+class StepClock:
+    """Per-step values (loss, scale, metrics), time, memory and energy, with no host sync.
+
+    Args:
+        device: where the model's computation runs (CUDA events are used on a CUDA device).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self._energy = EnergyMeter(device)
+        self._last_energy = self._energy.joules()
+        self._done: list[StepRecord] = []
+        self._in_flight: deque = deque()
+        if self._cuda:
+            self._last_event = torch.cuda.Event(enable_timing=True)
+            self._last_event.record(torch.cuda.current_stream(device))
+        else:
+            self._last_time = time.perf_counter()
+
+    def tick(self, step: int, values: dict[str, torch.Tensor | float]) -> None:
+        """Close ``step`` with its scalar values (0-d tensors on any device, or floats)."""
+        energy_now = self._energy.joules()
+        energy, self._last_energy = energy_now - self._last_energy, energy_now
+        memory = peak_memory(self.device)
+        names = list(values)
+        if not self._cuda:
+            now = time.perf_counter()
+            elapsed, self._last_time = now - self._last_time, now
+            read = {name: _host_float(value) for name, value in values.items()}
+            self._done.append(StepRecord(step, elapsed, memory, energy, read))
+            return
+        if len(self._in_flight) >= RING:  # the host is RING steps behind the device
+            self._in_flight[0][1].synchronize()
+            self._collect()
+        host = torch.empty(len(names), dtype=torch.float64, pin_memory=True)
+        for i, value in enumerate(values.values()):
+            if isinstance(value, torch.Tensor):
+                host[i].copy_(value, non_blocking=True)  # lands before the event below
+            else:
+                host[i] = value
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        self._in_flight.append((step, event, self._last_event, memory, energy, names, host))
+        self._last_event = event
+
+    def _collect(self) -> None:
+        while self._in_flight and self._in_flight[0][1].query():
+            step, event, previous, memory, energy, names, host = self._in_flight.popleft()
+            seconds = previous.elapsed_time(event) / 1000.0
+            self._done.append(StepRecord(step, seconds, memory, energy, dict(zip(names, host.tolist(), strict=True))))
+
+    def completed(self, block: bool = False) -> list[StepRecord]:
+        """Records of steps whose values have reached the host, oldest first."""
+        if self._cuda:
+            if block and self._in_flight:
+                self._in_flight[-1][1].synchronize()
+            self._collect()
+        done, self._done = self._done, []
+        return done
+
+
+def _host_float(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.to("cpu", torch.float64))
+    return float(value)
+
+
+def model_summary(model: torch.nn.Module, rows: int) -> dict:
+    """Parameter count, trainable count, bytes and row count (parameters counted once)."""
+    params = list(model.parameters())
+    return {
+        "parameters": int(sum(p.numel() for p in params)),
+        "trainable": int(sum(p.numel() for p in params if p.requires_grad)),
+        "bytes": int(sum(p.numel() * p.element_size() for p in params)),
+        "layers": rows,
+    }
+
+
+def describe_run(target: torch.nn.Module, options, watched: WatchedParams, topology: Topology) -> RunInfo:
+    """The :class:`~gradscope.run.info.RunInfo` of a monitor of ``target`` (the unwrapped model)
+    with ``options`` (its :class:`~gradscope.monitor.options.WatchOptions`)."""
+    row_numel = np.bincount(watched.row_of, weights=watched.numel, minlength=len(watched.row_names))
+    extra = {
+        "gradscope": package_version(),
+        "torch": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if topology.kind != "single" or topology.world > 1:
+        extra["distributed"] = topology.to_dict()
+    return RunInfo(
+        rows=watched.row_names,
+        row_types=watched.row_types,
+        summary=model_summary(target, len(watched.row_names)),
+        every=options.every,
+        mode=options.mode,
+        granularity=options.granularity,
+        history=options.history,
+        hist_history=options.hist_history,
+        track_updates=options.track_updates,
+        row_numel=tuple(int(n) for n in row_numel),
+        extra=extra,
+    )

@@ -1,0 +1,96 @@
+"""``gradscope.watch``: start monitoring a model's gradients.
+
+::
+
+    mon = gradscope.watch(model)
+    for batch in data:
+        loss = model(batch).loss
+        loss.backward()
+        mon.step(loss=loss)          # end of one optimisation step; loss stays on the device
+        opt.step(); opt.zero_grad()
+    mon.history("norm")              # (steps, layers) NumPy array, steps and layer names
+
+The options are listed once, as the fields of
+:class:`~gradscope.monitor.options.WatchOptions`; ``watch``'s signature is built from them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from gradscope.monitor.monitor import Monitor
+from gradscope.monitor.options import WatchOptions
+
+
+def watch(model: torch.nn.Module, *args, **options) -> Monitor:
+    """Start monitoring ``model``'s gradients; returns the :class:`~gradscope.monitor.monitor.Monitor`.
+
+    Args:
+        model: the model (a ``torch.compile`` wrapper is fine: its parameters are watched).
+        every: sample steps 0, every, 2*every, ...; on other steps the hooks return at once.
+        mode: ``"backward"`` (measure each gradient as soon as it is final, overlapping
+            backward) or ``"step"`` (measure all gradients at ``mon.step()``).
+        accumulation_steps: backward passes per optimisation step; gradients are measured
+            after the last one, when they are complete (backward mode).
+        optimizer: needed for ``track_updates``; also tells a ``scaler`` which optimizer's
+            gradients may already be unscaled.
+        scaler: a ``torch.amp.GradScaler``; statistics are then of the unscaled gradients
+            (``g * inv_scale`` as the scaler computes it), and steps it skips for overflow
+            show as ``skipped`` in the history.
+        track_updates: record per-layer weight norm, update norm ``||w_after - w_before||``
+            and their ratio on sampled steps (costs one copy of the watched parameters).
+        history: sampled steps kept in memory (oldest dropped).
+        granularity: ``"layer"`` (rows are modules) or ``"parameter"`` (rows are parameters).
+        params: which parameters: names or glob patterns, or a predicate ``(name, param)``.
+        backend: ``"auto"``, ``"triton"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
+        hist_history: sampled steps whose histograms are kept (the newest).
+        thresholds: the health checks' :class:`gradscope.Thresholds` for :meth:`Monitor.report`.
+        log_dir: a new directory for the run log (JSON Lines, read back with
+            :func:`gradscope.load_run`), written off the training thread.
+        exporters: more destinations for the run's records, e.g.
+            ``[gradscope.exporters.TensorBoardExporter("runs/tb")]``.
+        log_rank: in a distributed run, the (global) rank that writes the run log, feeds
+            the exporters and warns; the others stay silent (every rank still has the
+            same history and report). None: every rank logs, into ``log_dir/rank-NNNNN``.
+        check_consistency: DDP only: compare the ranks' averaged gradients at every
+            sampled step (one small collective) and report ranks that disagree as a
+            critical ``rank_desync`` finding.
+        comm_hook: DDP only: register gradscope's communication hook (DDP's averaging plus
+            one norm per bucket before and after it, on sampled steps) for the gradient
+            noise scale and the rank a non-finite gradient came from. Skipped, with a
+            warning, when the model already has a hook.
+        batch_size: DDP: examples per rank per optimisation step, to express the noise
+            scale in examples (None: in per-rank batches).
+        noise_scale_decay: DDP: decay of the noise scale's moving averages, per sampled step.
+
+    The first eight options may also be given positionally, in this order. They are kept,
+    validated, as :class:`~gradscope.monitor.options.WatchOptions` (``mon.options``).
+
+    Distributed runs (see :mod:`gradscope.distributed`): with DDP the statistics are those of
+    the averaged gradient, measured when DDP has finished averaging; with sharded (DTensor,
+    FSDP2) parameters each rank measures its shard and two asynchronous all-reduces per
+    sampled step combine them, so every rank reports the numbers of the whole gradient.
+    Every rank must call ``watch()`` and ``mon.step()`` alike.
+
+    Raises:
+        RuntimeError: ``model`` is already watched by a monitor that is not closed.
+        ValueError / TypeError: an invalid argument (named in the message), or an unknown one.
+    """
+    try:
+        chosen = WatchOptions(*args, **options)
+    except TypeError as error:
+        if "argument" not in str(error):  # a wrong type, named by WatchOptions' own checks
+            raise
+        raise TypeError(f"watch: {error}".replace("WatchOptions.__init__()", "watch()")) from None
+    return Monitor(model, chosen)
+
+
+watch.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=torch.nn.Module),
+        *inspect.signature(WatchOptions).parameters.values(),
+    ],
+    return_annotation=Monitor,
+)

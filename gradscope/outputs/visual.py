@@ -1,0 +1,347 @@
+"""The visual report: plots of a run's gradients and loss, as PNG or one self-contained HTML file.
+
+Panels (each drawn by one function of this module onto a matplotlib ``Axes``):
+
+* **gradient flow**: layers x sampled steps, colour = log10 of the gradient rms; absent
+  gradients blank, non-finite ones marked red;
+* **exact zeros**: layers x sampled steps, colour = fraction of the gradient that is exactly 0;
+* **gradient norms**: per-layer norm over steps (log scale), the layers named by findings
+  highlighted;
+* **histogram ridges**: for a few selected layers, the log2 |g| histogram at evenly spaced
+  kept steps, one ridge per step;
+* **loss and metrics**: the loss (and logged metrics) over steps with each finding marked at
+  the step it began.
+
+:mod:`gradscope.outputs.html_page` puts them, the findings and the layer table in one
+self-contained HTML file.
+
+Needs matplotlib (the ``viz`` extra); imported only when a report is drawn. The source is a
+live :class:`gradscope.Monitor` or a :class:`gradscope.Run` read back with
+:func:`gradscope.load_run`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradscope.health.report import HealthReport
+from gradscope.run.history import BUILT_IN_FIELDS
+from gradscope.stats import layout
+
+SEVERITY_COLOURS = {"critical": "#c0392b", "warning": "#e67e22", "info": "#2e86c1"}
+MAX_RIDGE_LAYERS = 4
+MAX_RIDGES = 12
+MAX_HIGHLIGHTED = 8
+MAX_LABELLED_ROWS = 40
+
+
+def _matplotlib():
+    try:
+        # Figure objects render without pyplot: no display, no change to the user's backend.
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ImportError("the visual report needs matplotlib: pip install 'gradscope-diagnostics[viz]'") from None
+    return Figure
+
+
+@dataclass
+class RunData:
+    """The arrays the panels draw, read once from a monitor or a loaded run."""
+
+    rows: tuple[str, ...]
+    sampled_steps: np.ndarray  # (S,)
+    rms: np.ndarray  # (S, R), NaN absent
+    norm: np.ndarray
+    zero_frac: np.ndarray
+    nonfinite: np.ndarray
+    hist_steps: np.ndarray  # (H,)
+    hist: np.ndarray  # (H, R, NUM_BINS)
+    loss_steps: np.ndarray
+    loss: np.ndarray
+    metrics: dict[str, tuple[np.ndarray, np.ndarray]]
+    report: HealthReport
+
+    @classmethod
+    def of(cls, source, report: HealthReport | None = None) -> RunData:
+        """Read ``source`` (a Monitor or a Run)."""
+        rms = source.history("rms")
+        hist = source.history("hist")
+        loss = source.history("loss")
+        metrics = {}
+        for name in source.fields():
+            if name in BUILT_IN_FIELDS:
+                continue
+            series = source.history(name)
+            ok = np.isfinite(series.values)
+            if ok.any():
+                metrics[name] = (series.steps[ok], series.values[ok])
+        return cls(
+            rows=tuple(source.rows),
+            sampled_steps=rms.steps,
+            rms=rms.values,
+            norm=source.history("norm").values,
+            zero_frac=source.history("zero_frac").values,
+            nonfinite=source.history("nonfinite").values,
+            hist_steps=hist.steps,
+            hist=hist.values,
+            loss_steps=loss.steps,
+            loss=loss.values,
+            metrics=metrics,
+            report=report if report is not None else source.report(),
+        )
+
+    def named_layers(self) -> list[int]:
+        """Rows named by findings, most severe first, then the first and last row."""
+        out: list[int] = []
+        index = {name: r for r, name in enumerate(self.rows)}
+        for finding in self.report.findings:
+            for name in (finding.layer, *finding.layers):
+                if name in index and index[name] not in out:
+                    out.append(index[name])
+        for r in (0, len(self.rows) - 1):
+            if 0 <= r < len(self.rows) and r not in out:
+                out.append(r)
+        return out
+
+
+def _colormap(name: str):
+    from matplotlib import colormaps
+
+    return colormaps[name]
+
+
+def _row_ticks(ax, rows: tuple[str, ...]) -> None:
+    step = max(1, int(np.ceil(len(rows) / MAX_LABELLED_ROWS)))
+    ticks = np.arange(0, len(rows), step)
+    ax.set_yticks(ticks)
+    ax.set_yticklabels([rows[i] for i in ticks], fontsize=7)
+
+
+def _extent(steps: np.ndarray, n_rows: int) -> list[float]:
+    if len(steps) == 0:
+        return [0, 1, n_rows - 0.5, -0.5]
+    half = (steps[1] - steps[0]) / 2 if len(steps) > 1 else 0.5
+    return [steps[0] - half, steps[-1] + half, n_rows - 0.5, -0.5]
+
+
+def draw_gradient_flow(ax, data: RunData) -> None:
+    """Heatmap of log10 rms, layers (rows, model order top to bottom) x sampled steps."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_rms = np.log10(np.where(data.rms > 0, data.rms, np.nan))
+    image = ax.imshow(
+        log_rms.T,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="viridis",
+        extent=_extent(data.sampled_steps, len(data.rows)),
+    )
+    bad = (np.nan_to_num(data.nonfinite) > 0).T
+    zero = (data.rms == 0).T & ~bad
+    if bad.any() or zero.any():
+        overlay = np.zeros((*bad.shape, 4))
+        overlay[zero] = (0.25, 0.25, 0.25, 1.0)  # dark grey: a gradient that is exactly zero everywhere
+        overlay[bad] = (0.85, 0.1, 0.1, 1.0)  # red: the gradient held NaN/Inf
+        ax.imshow(overlay, aspect="auto", interpolation="nearest", extent=_extent(data.sampled_steps, len(data.rows)))
+    ax.figure.colorbar(image, ax=ax, label="log10 gradient rms", pad=0.01)
+    _row_ticks(ax, data.rows)
+    ax.set_xlabel("step")
+    ax.set_title("Gradient flow: log10 rms per layer (white: no gradient; grey: all zero; red: NaN/Inf)", fontsize=10)
+
+
+def draw_zero_fraction(ax, data: RunData) -> None:
+    """Heatmap of the fraction of exact zeros, layers x sampled steps."""
+    image = ax.imshow(
+        data.zero_frac.T,
+        aspect="auto",
+        interpolation="nearest",
+        cmap="magma",
+        vmin=0,
+        vmax=1,
+        extent=_extent(data.sampled_steps, len(data.rows)),
+    )
+    ax.figure.colorbar(image, ax=ax, label="fraction exactly 0", pad=0.01)
+    _row_ticks(ax, data.rows)
+    ax.set_xlabel("step")
+    ax.set_title("Exact zeros: fraction of each layer's gradient", fontsize=10)
+
+
+def draw_norms(ax, data: RunData) -> None:
+    """Per-layer gradient norm over sampled steps; the layers named by findings in colour."""
+    highlighted = data.named_layers()[:MAX_HIGHLIGHTED]
+    steps = data.sampled_steps
+    with np.errstate(invalid="ignore"):
+        norm = np.where(data.norm > 0, data.norm, np.nan)
+    for r in range(len(data.rows)):
+        if r not in highlighted:
+            ax.plot(steps, norm[:, r], color="0.75", linewidth=0.6)
+    for r in highlighted:
+        ax.plot(steps, norm[:, r], linewidth=1.4, label=data.rows[r])
+    if np.isfinite(norm).any():
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("gradient norm")
+    ax.set_title("Gradient norm per layer (grey: the other layers)", fontsize=10)
+    if highlighted:
+        ax.legend(fontsize=7, loc="best", ncol=2)
+
+
+def ridge_layers(data: RunData) -> list[int]:
+    """Up to ``MAX_RIDGE_LAYERS`` rows: those named by findings first, then spread over the model."""
+    chosen = [r for r in data.named_layers() if np.nansum(data.hist[:, r]) > 0][:MAX_RIDGE_LAYERS]
+    for r in np.linspace(0, len(data.rows) - 1, MAX_RIDGE_LAYERS).round().astype(int):
+        if len(chosen) >= MAX_RIDGE_LAYERS:
+            break
+        if r not in chosen and np.nansum(data.hist[:, r]) > 0:
+            chosen.append(int(r))
+    return chosen
+
+
+def draw_ridges(ax, data: RunData, row: int) -> None:
+    """The log2 |g| histogram of ``row`` at up to ``MAX_RIDGES`` evenly spaced kept steps."""
+    counts = np.nan_to_num(data.hist[:, row])  # (H, NUM_BINS)
+    kept = np.flatnonzero(counts.sum(axis=1) > 0)
+    if len(kept) > MAX_RIDGES:
+        kept = kept[np.linspace(0, len(kept) - 1, MAX_RIDGES).round().astype(int)]
+    exponents = np.arange(layout.NUM_BINS) + layout.HIST_MIN_EXPONENT + 0.5
+    used = np.flatnonzero(counts[kept].sum(axis=0)) if len(kept) else np.array([], int)
+    if len(used):
+        lo, hi = exponents[max(used[0] - 1, 0)], exponents[min(used[-1] + 1, layout.NUM_BINS - 1)]
+        ax.set_xlim(lo - 0.5, hi + 0.5)
+    colours = _colormap("viridis")(np.linspace(0.15, 0.9, max(len(kept), 1)))
+    for level, i in enumerate(kept[::-1]):  # the latest at the bottom, in front
+        shape = counts[i] / counts[i].max()
+        colour = colours[len(kept) - 1 - level]
+        ax.fill_between(exponents, level, level + 0.9 * shape, step="mid", color=colour, alpha=0.9, zorder=-level)
+        ax.plot(exponents, level + 0.9 * shape, drawstyle="steps-mid", color="black", linewidth=0.5, zorder=-level)
+    ax.set_yticks(np.arange(len(kept)))
+    ax.set_yticklabels([f"step {int(data.hist_steps[i])}" for i in kept[::-1]], fontsize=6)
+    ax.set_xlabel("log2 |g|")
+    ax.set_title(data.rows[row], fontsize=9)
+
+
+def draw_loss(ax, data: RunData) -> None:
+    """Loss and logged metrics over steps, each finding marked at the step it began."""
+    if len(data.loss_steps):
+        ax.plot(data.loss_steps, data.loss, color="0.2", linewidth=0.8, label="loss")
+    losses = {k: v for k, v in data.metrics.items() if "loss" in k or "ppl" in k or "perplexity" in k}
+    for name, (steps, values) in losses.items():
+        ax.plot(steps, values, marker="o", markersize=3, linewidth=1.2, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    others = {k: v for k, v in data.metrics.items() if k not in losses}
+    if others:
+        twin = ax.twinx()
+        for name, (steps, values) in others.items():
+            twin.plot(steps, values, linestyle="--", marker=".", linewidth=1.0, label=name)
+        twin.set_ylabel("metrics (dashed)")
+        twin.legend(fontsize=7, loc="lower left")
+    marks = []  # (step, kind, layer, colour), one per finding
+    for finding in data.report.findings:
+        step = finding.since_step if finding.since_step is not None else finding.step
+        marks.append((step, finding.kind, finding.layer, SEVERITY_COLOURS.get(finding.severity, "0.5")))
+    marks.sort(key=lambda m: m[0])
+    span = max(float(data.loss_steps[-1]) if len(data.loss_steps) else 1.0, 1.0)
+    groups: list[list] = []  # marks closer than 3% of the axis share one label
+    for mark in marks:
+        if groups and mark[0] - groups[-1][0][0] < 0.03 * span:
+            groups[-1].append(mark)
+        else:
+            groups.append([mark])
+    for group in groups:
+        for step, _, _, colour in group:
+            ax.axvline(step, color=colour, linestyle=":", linewidth=1.2)
+        ax.annotate(
+            _group_label(group),
+            xy=(group[0][0], 0.98),
+            xycoords=("data", "axes fraction"),
+            xytext=(-3, 0),
+            textcoords="offset points",
+            rotation=90,
+            fontsize=7,
+            color=group[0][3],
+            ha="right",
+            va="top",
+        )
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("Loss and metrics; findings marked at the first step the report sees them", fontsize=10)
+
+
+def _group_label(group: list) -> str:
+    """``kind (layer)`` per kind, ``kind (N layers)`` when a kind names several layers."""
+    kinds: dict[str, list] = {}
+    for _, kind, layer, _ in group:
+        kinds.setdefault(kind, [])
+        if layer and layer not in kinds[kind]:
+            kinds[kind].append(layer)
+    parts = []
+    for kind, layers in kinds.items():
+        parts.append(kind + (f" ({layers[0]})" if len(layers) == 1 else f" ({len(layers)} layers)" if layers else ""))
+    return "; ".join(parts)
+
+
+PANELS = ("gradient_flow", "zero_fraction", "norms", "ridges", "loss")
+
+
+def figure(data: RunData, panel: str):
+    """One panel as its own matplotlib ``Figure``."""
+    Figure = _matplotlib()
+    n_rows = len(data.rows)
+    heat_height = min(2.5 + 0.12 * n_rows, 12)
+    if panel == "gradient_flow":
+        fig = Figure(figsize=(11, heat_height), layout="constrained")
+        draw_gradient_flow(fig.add_subplot(), data)
+    elif panel == "zero_fraction":
+        fig = Figure(figsize=(11, heat_height), layout="constrained")
+        draw_zero_fraction(fig.add_subplot(), data)
+    elif panel == "norms":
+        fig = Figure(figsize=(11, 4), layout="constrained")
+        draw_norms(fig.add_subplot(), data)
+    elif panel == "ridges":
+        rows = ridge_layers(data)
+        fig = Figure(figsize=(11, 3.6), layout="constrained")
+        if not rows:
+            fig.text(0.5, 0.5, "no histograms kept", ha="center")
+        for i, row in enumerate(rows):
+            draw_ridges(fig.add_subplot(1, len(rows), i + 1), data, row)
+        fig.suptitle("Histogram ridges: log2 |g| over time (latest at the bottom)", fontsize=10)
+    elif panel == "loss":
+        fig = Figure(figsize=(11, 3.6), layout="constrained")
+        draw_loss(fig.add_subplot(), data)
+    else:
+        raise ValueError(f"unknown panel {panel!r}; choose from {', '.join(PANELS)}")
+    return fig
+
+
+def png_bytes(fig, dpi: int = 100) -> bytes:
+    """A figure rendered as PNG."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
+
+
+def write_png(source, path: str | os.PathLike, report: HealthReport | None = None, dpi: int = 100) -> None:
+    """All panels stacked in one PNG file."""
+    Figure = _matplotlib()
+    data = RunData.of(source, report)
+    heat_height = min(2.5 + 0.12 * len(data.rows), 12)
+    heights = [heat_height, heat_height, 4, 3.6, 3.6]
+    fig = Figure(figsize=(11, sum(heights)), layout="constrained")
+    top = fig.subfigures(len(heights), 1, height_ratios=heights)
+    draw_gradient_flow(top[0].add_subplot(), data)
+    draw_zero_fraction(top[1].add_subplot(), data)
+    draw_norms(top[2].add_subplot(), data)
+    rows = ridge_layers(data)
+    for i, row in enumerate(rows):
+        draw_ridges(top[3].add_subplot(1, len(rows), i + 1), data, row)
+    top[3].suptitle("Histogram ridges: log2 |g| over time (latest at the bottom)", fontsize=10)
+    draw_loss(top[4].add_subplot(), data)
+    status = data.report.status.upper()
+    n = len(data.report.findings)
+    fig.suptitle(f"gradscope: {status} at step {data.report.step}, {n} finding{'' if n == 1 else 's'}", fontsize=12)
+    with open(path, "wb") as handle:
+        handle.write(png_bytes(fig, dpi))

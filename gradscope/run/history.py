@@ -1,0 +1,270 @@
+"""The monitor's bounded in-memory history: ring buffers of NumPy arrays.
+
+Two rings, both of fixed size from the start so memory stays flat however long training
+runs:
+
+* per sampled step and row (layer or parameter): the statistics row's scalars, whether
+  the row was present, its backward order, its update norms; histograms in a third,
+  shorter ring (they are 64 counts per row);
+* per step (every step, sampled or not): loss, step time, peak memory, energy, the
+  GradScaler scale and any logged metrics.
+
+A ring slot belongs to ``step`` (per-step ring) or ``step // every`` (sampled ring) modulo
+its capacity; writes for a step whose slot has since been reused are dropped.
+
+Memory, all allocated up front: ``rows * (61, or 77 with update tracking) * capacity`` bytes
+for sampled steps, ``rows * 256 * hist_capacity`` for histograms (``uint32`` counts), and
+``(49 + 8 per metric) * step_capacity`` for per-step values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradscope.stats import layout
+
+STEP_FIELDS = ("loss", "step_time", "peak_memory", "energy", "grad_scale")
+"""Per-step values: loss, seconds since the previous step, peak memory in bytes (running
+peak: CUDA allocator on GPU, process max RSS on CPU), energy in joules since the previous
+step (NVML), and the GradScaler scale the step's gradients were multiplied by."""
+
+ROW_FIELDS = (*layout.SCALAR_FIELDS, *layout.DERIVED_FIELDS, "present")
+UPDATE_FIELDS = ("weight_norm", "update_norm", "update_ratio")
+OTHER_ROW_FIELDS = ("hist", "backward_order")
+STEP_FLAGS = ("failed", "skipped")
+BUILT_IN_FIELDS = frozenset((*ROW_FIELDS, *UPDATE_FIELDS, *OTHER_ROW_FIELDS, *STEP_FIELDS, *STEP_FLAGS))
+"""Every history field that is not a logged metric."""
+
+
+@dataclass(frozen=True)
+class Series:
+    """Values of one field over steps, oldest first.
+
+    ``values`` is ``(steps,)`` for per-step fields, ``(steps, rows)`` for per-row fields and
+    ``(steps, rows, 64)`` for ``"hist"``; absent rows and missing values are NaN. Unpacks as
+    ``values, steps, rows = mon.history("norm")`` and converts with ``np.asarray``.
+    """
+
+    name: str
+    values: np.ndarray
+    steps: np.ndarray
+    rows: tuple[str, ...] | None
+
+    def __iter__(self) -> Iterator:
+        return iter((self.values, self.steps, self.rows))
+
+    def __len__(self) -> int:
+        return int(self.steps.shape[0])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.values, dtype=dtype)
+
+
+class History:
+    """Bounded store of a monitor's measurements (see the module docstring).
+
+    Args:
+        row_names: names of the rows (layers or parameters).
+        every: the sampling period; step ``s`` is sampled when ``s % every == 0``.
+        capacity: sampled steps kept.
+        hist_capacity: sampled steps whose histograms are kept (the newest).
+        step_capacity: steps whose per-step values are kept.
+        track_updates: whether update norms are stored.
+        hist_dtype: dtype of histogram counts (``uint32`` unless a row can exceed 2**32 elements).
+    """
+
+    def __init__(
+        self,
+        row_names: tuple[str, ...],
+        every: int,
+        capacity: int,
+        hist_capacity: int,
+        step_capacity: int,
+        track_updates: bool = False,
+        hist_dtype=np.uint32,
+    ) -> None:
+        self.row_names = row_names
+        self.every = every
+        rows = len(row_names)
+        self._sampled_step = np.full(capacity, -1, dtype=np.int64)
+        self._scalars = np.zeros((capacity, rows, len(layout.SCALAR_FIELDS)))
+        self._present = np.zeros((capacity, rows), dtype=bool)
+        self._order = np.full((capacity, rows), -1, dtype=np.int32)
+        self._updates = np.full((capacity, rows, 2), np.nan) if track_updates else None
+        self._hist_step = np.full(hist_capacity, -1, dtype=np.int64)
+        self._hist = np.zeros((hist_capacity, rows, layout.NUM_BINS), dtype=hist_dtype)
+        self._step = np.full(step_capacity, -1, dtype=np.int64)
+        self._step_values = np.full((step_capacity, len(STEP_FIELDS)), np.nan)
+        self._failed = np.zeros(step_capacity, dtype=bool)
+        self._metrics: dict[str, np.ndarray] = {}
+
+    # ---- writing ------------------------------------------------------------------------
+
+    def _step_slot(self, step: int) -> int:
+        slot = step % self._step.shape[0]
+        if self._step[slot] != step:
+            if self._step[slot] > step:
+                return -1  # a newer step owns the slot: this one is too old to keep
+            self._step[slot] = step
+            self._step_values[slot] = np.nan
+            self._failed[slot] = False
+            for values in self._metrics.values():
+                values[slot] = np.nan
+        return slot
+
+    def _sampled_slot(self, step: int, claim: bool) -> int:
+        slot = (step // self.every) % self._sampled_step.shape[0]
+        if self._sampled_step[slot] == step:
+            return slot
+        if not claim or self._sampled_step[slot] > step:
+            return -1
+        self._sampled_step[slot] = step
+        if self._updates is not None:
+            self._updates[slot] = np.nan
+        return slot
+
+    def add_step(self, step: int, **values: float) -> None:
+        """Record per-step values (names from ``STEP_FIELDS``) of ``step``."""
+        slot = self._step_slot(step)
+        if slot >= 0:
+            for name, value in values.items():
+                self._step_values[slot, STEP_FIELDS.index(name)] = value
+
+    def add_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Record logged scalar metrics of ``step``."""
+        slot = self._step_slot(step)
+        if slot < 0:
+            return
+        for name, value in metrics.items():
+            if name not in self._metrics:
+                self._metrics[name] = np.full(self._step.shape[0], np.nan)
+            self._metrics[name][slot] = value
+
+    def mark_failed(self, step: int) -> None:
+        slot = self._step_slot(step)
+        if slot >= 0:
+            self._failed[slot] = True
+
+    def add_sampled(self, step: int, rows: np.ndarray, present: np.ndarray, order: np.ndarray) -> None:
+        """Record a sampled step: float64 ``(R, ROW_WIDTH)`` rows (absent rows are ignored),
+        bool ``(R,)`` presence and int ``(R,)`` backward order (-1 when unknown)."""
+        slot = self._sampled_slot(step, claim=True)
+        if slot < 0:
+            return
+        self._scalars[slot] = rows[:, : layout.HIST]
+        self._present[slot] = present
+        self._order[slot] = order
+        hslot = (step // self.every) % self._hist_step.shape[0]
+        self._hist_step[hslot] = step
+        self._hist[hslot] = np.where(present[:, None], rows[:, layout.HIST :], 0)
+
+    def add_updates(self, step: int, weight_sq: np.ndarray, update_sq: np.ndarray) -> None:
+        """Record per-row squared weight and update norms of a sampled step."""
+        if self._updates is None:
+            return
+        slot = self._sampled_slot(step, claim=False)
+        if slot >= 0:
+            self._updates[slot, :, 0] = weight_sq
+            self._updates[slot, :, 1] = update_sq
+
+    # ---- reading ------------------------------------------------------------------------
+
+    @property
+    def metric_names(self) -> tuple[str, ...]:
+        return tuple(self._metrics)
+
+    def fields(self) -> tuple[str, ...]:
+        """Every name :meth:`series` accepts."""
+        updates = UPDATE_FIELDS if self._updates is not None else ()
+        return (*ROW_FIELDS, *OTHER_ROW_FIELDS, *updates, *STEP_FIELDS, *STEP_FLAGS, *self._metrics)
+
+    def latest_sampled(self) -> int:
+        """The newest sampled step recorded, or -1."""
+        return int(self._sampled_step.max())
+
+    def sampled_rows(self, step: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows float64 ``(R, ROW_WIDTH)``, present ``(R,)``) of a kept sampled step."""
+        slot = self._sampled_slot(step, claim=False)
+        if slot < 0:
+            return None
+        rows = np.zeros((len(self.row_names), layout.ROW_WIDTH))
+        rows[:, : layout.HIST] = self._scalars[slot]
+        hslot = (step // self.every) % self._hist_step.shape[0]
+        if self._hist_step[hslot] == step:
+            rows[:, layout.HIST :] = self._hist[hslot]
+        return rows, self._present[slot].copy()
+
+    def series(self, name: str, last: int | None = None) -> Series:
+        """Values of ``name`` over the kept steps (see :class:`Series`); ``last`` keeps only
+        that many of the newest."""
+        if name in STEP_FIELDS or name in STEP_FLAGS or name in self._metrics:
+            return self._step_series(name, last)
+        if name == "hist":
+            order = _ring_order(self._hist_step, last)
+            return Series(name, self._hist[order].astype(np.float64), self._hist_step[order], self.row_names)
+        if name not in ROW_FIELDS and name not in UPDATE_FIELDS and name != "backward_order":
+            raise KeyError(f"unknown history field {name!r}; known: {', '.join(self.fields())}")
+        if name in UPDATE_FIELDS and self._updates is None:
+            raise KeyError(f"{name!r} needs watch(..., track_updates=True, optimizer=...)")
+        order = _ring_order(self._sampled_step, last)
+        present = self._present[order]
+        values = self._row_values(name, order)
+        if name != "present":
+            values = np.where(present, values, np.nan)
+        return Series(name, values, self._sampled_step[order], self.row_names)
+
+    def _row_values(self, name: str, order: np.ndarray) -> np.ndarray:
+        if name == "present":
+            return self._present[order].copy()
+        if name == "backward_order":
+            return self._order[order].astype(np.float64)
+        if name in UPDATE_FIELDS:
+            weight_norm = np.sqrt(self._updates[order, :, 0])
+            update_norm = np.sqrt(self._updates[order, :, 1])
+            if name == "weight_norm":
+                return weight_norm
+            if name == "update_norm":
+                return update_norm
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return update_norm / weight_norm
+        scalars = self._scalars[order]
+        columns = {field: scalars[..., i] for i, field in enumerate(layout.SCALAR_FIELDS)}
+        if name in columns:
+            return columns[name].copy()
+        return layout.derive(name, columns)
+
+    def _step_series(self, name: str, last: int | None) -> Series:
+        order = _ring_order(self._step, last)
+        steps = self._step[order]
+        if name == "failed":
+            return Series(name, self._failed[order].copy(), steps, None)
+        if name == "skipped":
+            # A GradScaler lowers its scale after a step whose gradients overflowed, and that
+            # step is skipped: compare each step's scale with the next step's.
+            scale = self._step_values[order, STEP_FIELDS.index("grad_scale")]
+            skipped = np.zeros(len(order), dtype=bool)
+            skipped[:-1] = (scale[1:] < scale[:-1]) & (steps[1:] == steps[:-1] + 1)
+            return Series(name, skipped, steps, None)
+        if name in self._metrics:
+            return Series(name, self._metrics[name][order].copy(), steps, None)
+        return Series(name, self._step_values[order, STEP_FIELDS.index(name)].copy(), steps, None)
+
+
+def _ring_order(steps: np.ndarray, last: int | None = None) -> np.ndarray:
+    """Slots of a ring holding steps (-1 = empty), oldest step first, the newest ``last`` only.
+
+    Steps are written in increasing order, so the slots after the newest one, wrapping
+    around, are the oldest: a rotation, checked, with a sort as the fallback.
+    """
+    if not (steps >= 0).any():
+        return np.zeros(0, dtype=np.intp)
+    newest = int(np.argmax(steps))
+    order = (newest + 1 + np.arange(steps.shape[0])) % steps.shape[0]
+    order = order[steps[order] >= 0]
+    if np.any(np.diff(steps[order]) <= 0):
+        order = np.argsort(steps, kind="stable")
+        order = order[steps[order] >= 0]
+    return order if last is None else order[-last:]

@@ -1,0 +1,156 @@
+"""Run-log files: where a run log lives, and reading one back into a :class:`RunState`.
+
+A run log (written by :class:`gradscope.outputs.runlog.RunLog`, ``watch(log_dir=...)``) is a
+directory of JSON Lines files ``gradscope-00000.jsonl``, ``gradscope-00001.jsonl``, ...; each
+starts with a header line (format version, run description, thresholds, histogram edges),
+then one line per record (:mod:`gradscope.run.records`). A process that crashes or is killed
+leaves a readable file whose last line may be cut short: :func:`read_log` skips such a line
+with a warning. Replaying the records into a new :class:`RunState` rebuilds the history and
+events the live monitor had, so the report of a read-back run equals the live one
+(:func:`gradscope.load_run`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from gradscope.run import records
+from gradscope.run.info import RunInfo
+from gradscope.run.state import RunState
+from gradscope.stats import layout
+
+SEGMENT_BYTES = 64 << 20
+"""Bytes after which the log continues in a new file."""
+
+PATTERN = "gradscope-*.jsonl"
+"""The names of a run log's files."""
+
+
+class RunLogError(ValueError):
+    """A run log that cannot be read: corrupt, foreign, or from a newer gradscope."""
+
+
+def segment_path(directory: Path, index: int) -> Path:
+    """The file of segment ``index`` in a log directory."""
+    return directory / f"gradscope-{index:05d}.jsonl"
+
+
+def check_log_dir(directory: str | os.PathLike) -> Path:
+    """The log directory, created if needed; raises if it already holds a run log."""
+    path = Path(directory)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"log_dir {str(path)!r} is a file, not a directory")
+    if path.is_dir() and any(path.glob(PATTERN)):
+        raise FileExistsError(f"log_dir {str(path)!r} already holds a gradscope run log; use a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class LoggedRun:
+    """What a run log holds.
+
+    Attributes:
+        state: the run's state, rebuilt from its records.
+        thresholds: the health thresholds the run was monitored with (the ``Thresholds``
+            fields, as a dict).
+        closed: whether the log ends with the monitor's ``close()`` (False after a crash).
+        files: the log files read.
+        first_segment: index of the first file read; above 0 when ``max_bytes`` deleted the
+            oldest files, so the history starts later than the run.
+    """
+
+    state: RunState
+    thresholds: dict
+    closed: bool
+    files: list[Path]
+    first_segment: int = 0
+
+
+def _check_shapes(record: records.Record, n_rows: int) -> None:
+    if isinstance(record, records.Sampled):
+        shapes = (record.rows.shape, record.present.shape, record.order.shape)
+        if shapes != ((n_rows, layout.ROW_WIDTH), (n_rows,), (n_rows,)):
+            raise ValueError(f"a sampled step with shapes {shapes} in a run of {n_rows} rows")
+    elif isinstance(record, records.Updates) and (record.weight_sq.shape, record.update_sq.shape) != ((n_rows,),) * 2:
+        raise ValueError(f"update norms of shape {record.weight_sq.shape} in a run of {n_rows} rows")
+
+
+def read_log(path: str | os.PathLike) -> LoggedRun:
+    """Read a run log: a log directory, or one of its files.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        RunLogError: not a gradscope run log, a corrupt line (with its file and line
+            number), or a log written by a newer gradscope.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no run log at {str(path)!r}")
+    files = sorted(path.glob(PATTERN)) if path.is_dir() else [path]
+    if not files:
+        raise RunLogError(f"{path}: no gradscope run log here (no {PATTERN} files)")
+    state: RunState | None = None
+    thresholds: dict = {}
+    closed = False
+    segments: list[int] = []
+    for number, file in enumerate(files):
+        last_file = number == len(files) - 1
+        try:
+            with open(file, encoding="utf-8") as handle:
+                lines = handle.readlines()
+        except UnicodeDecodeError as error:
+            raise RunLogError(f"{file}: not a gradscope run log (not UTF-8 text: {error})") from None
+        for lineno, line in enumerate(lines, 1):
+            where = f"{file}:{lineno}"
+            try:
+                if not line.endswith("\n"):
+                    raise ValueError("the line is cut short")
+                record = records.decode(line)
+            except (ValueError, KeyError, TypeError) as error:
+                if last_file and lineno == len(lines) and lineno > 1:
+                    warnings.warn(
+                        f"gradscope: skipping the torn last line of {where} ({error})", RuntimeWarning, stacklevel=2
+                    )
+                    break
+                if lineno == 1:
+                    raise RunLogError(f"{where}: not a gradscope run log ({error})") from None
+                raise RunLogError(f"{where}: corrupt record ({error})") from None
+            if lineno == 1:
+                if not isinstance(record, records.Header):
+                    raise RunLogError(f"{where}: not a gradscope run log (the first line is not a gradscope header)")
+                if record.schema > records.SCHEMA:
+                    raise RunLogError(
+                        f"{where}: written by a newer gradscope (log schema {record.schema}); this gradscope reads "
+                        f"schema {records.SCHEMA} and older: upgrade gradscope to read it"
+                    )
+                if segments and record.segment != segments[-1] + 1:
+                    warnings.warn(
+                        f"gradscope: {file.name} is segment {record.segment} but segment {segments[-1] + 1} is "
+                        f"missing: the records in between are lost",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                segments.append(record.segment)
+                if state is None:
+                    try:
+                        state = RunState(RunInfo.from_dict(record.info))
+                        thresholds = dict(record.thresholds)
+                    except (TypeError, ValueError, KeyError) as error:
+                        raise RunLogError(f"{where}: the header does not describe a run ({error})") from None
+                continue
+            if isinstance(record, records.Header):
+                raise RunLogError(f"{where}: a header in the middle of a file")
+            if isinstance(record, records.Closed):
+                closed = True
+            try:
+                _check_shapes(record, len(state.info.rows))
+                state.apply(record)
+            except (ValueError, IndexError, KeyError, TypeError) as error:
+                raise RunLogError(f"{where}: corrupt record ({error})") from None
+    if state is None:
+        raise RunLogError(f"{files[0]}: empty (a run that has not written its first records yet?)")
+    return LoggedRun(state, thresholds, closed, files, first_segment=segments[0])

@@ -1,0 +1,21 @@
+"""Statistics: gradient tensors in, statistics rows out.
+
+Receives tensors (gradients, or any float tensors) and hands on, per tensor, one row of
+``layout.ROW_WIDTH`` float64 values — counts, sums, the largest magnitude and a log2
+histogram (:mod:`gradscope.stats.layout`, where the row and how rows combine are declared) —
+computed in one read of the tensor's bytes:
+
+* ``inputs``: collecting, checking and flattening what the user passes;
+* ``dispatch``: which backend reads which tensor (one rule, for ``grad_stats`` and the monitor);
+* ``numpy_backend`` (any device, on the CPU) and ``triton_backend`` (glue to the kernels in
+  ``gradscope.kernels``, CUDA or Triton's interpreter);
+* ``compute``: :func:`grad_stats`, the public entry point; ``tensor_stats``: :class:`TensorStats`.
+
+Nothing here knows about training, steps or layers.
+"""
+
+from gradscope.stats.compute import grad_stats
+from gradscope.stats.dispatch import BACKENDS
+from gradscope.stats.tensor_stats import TensorStats
+
+__all__ = ["BACKENDS", "TensorStats", "grad_stats"]

@@ -1,0 +1,102 @@
+"""DDP (replicated gradients) under real multi-process gloo groups: statistics of the averaged
+gradient, the logging rank, the rank a NaN came from, and replicas that disagree."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from multiprocess import run_ranks
+
+import gradscope
+from gradscope.distributed import replicas
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+
+
+def _jobs():
+    import distributed_jobs
+
+    return distributed_jobs
+
+
+@pytest.mark.parametrize("mode", ["backward", "step"])
+def test_ddp_two_ranks(tmp_path, mode):
+    results = run_ranks(_jobs().ddp_job, 2, tmp_path, mode, 1, 4)
+    first, second = results
+    # Gradient findings and layers are the same on every rank; the loss is each rank's own
+    # (rank 1's was NaN at step 4, rank 0's was not).
+    gradient_findings = [[f for f in r["report"]["findings"] if f["layer"] is not None] for r in results]
+    assert gradient_findings[0] == gradient_findings[1] != []
+    assert first["report"]["layers"] == second["report"]["layers"]
+    loss_findings = [[f for f in r["report"]["findings"] if f["layer"] is None] for r in results]
+    assert loss_findings[0] == [] and [f["message"] for f in loss_findings[1]] == ["the loss is nan at step 4"]
+    kinds = [f["kind"] for f in first["report"]["findings"]]
+    assert "rank_desync" not in kinds, "replicas of a correct DDP run agree"
+    nonfinite = next(f for f in first["report"]["findings"] if f["kind"] == "nonfinite" and f["layer"])
+    assert nonfinite["step"] == 4
+    assert nonfinite["evidence"]["rank"] == 1 and nonfinite["evidence"]["ranks_affected"] == 1
+    # Rank 0 logs and warns; rank 1 is silent.
+    assert first["writes_log"] and not second["writes_log"]
+    assert any("after close()" in w for w in first["warnings"])
+    assert second["warnings"] == []
+    replayed = gradscope.load_run(first["log_dir"]).report()
+    assert replayed.to_dict()["findings"] == first["report"]["findings"]
+    # The noise scale is recorded at every sampled step (NaN-free until the NaN step).
+    assert first["noise_steps"] == list(range(6))
+    assert all(np.isfinite(first["noise"][:4]))
+
+
+def test_replicas_that_disagree_are_named(tmp_path):
+    """Two ranks whose 'hidden.bias' is not synchronised: no majority, both are named."""
+    (first, second) = run_ranks(_jobs().desync_job, 2, tmp_path, None)
+    desync = [f for f in first["report"]["findings"] if f["kind"] == "rank_desync"]
+    assert len(desync) == 1 and desync[0]["severity"] == "critical"
+    assert desync[0]["layers"] == ["hidden"] and desync[0]["evidence"]["ranks"] == [0, 1]
+    assert desync[0]["since_step"] == 0 and desync[0]["evidence"]["sampled_steps_affected"] == 3
+    assert second["report"]["findings"] == first["report"]["findings"]
+
+
+def test_the_odd_rank_out_of_four_is_named(tmp_path):
+    results = run_ranks(_jobs().desync_job, 4, tmp_path, 2)
+    desync = next(f for f in results[0]["report"]["findings"] if f["kind"] == "rank_desync")
+    assert desync["evidence"]["ranks"] == [2] and desync["layers"] == ["hidden"]
+    assert "with the majority" in desync["message"]
+
+
+def test_hashes_are_equal_for_equal_rows_and_differ_for_a_one_ulp_change():
+    rows = torch.randn(50, gradscope.layout.ROW_WIDTH, dtype=torch.float64)
+    same = replicas.row_hashes(rows.clone())
+    assert torch.equal(same, replicas.row_hashes(rows))
+    assert int(same.min()) >= 0 and int(same.max()) < 2**replicas.HASH_BITS
+    changed = rows.clone()
+    changed[:, gradscope.layout.SUMSQ] = torch.nextafter(changed[:, gradscope.layout.SUMSQ], torch.tensor(np.inf))
+    differ = replicas.row_hashes(changed) != same
+    assert int(differ.sum()) >= 49  # a 16-bit hash may collide, about once in 65536
+
+
+def test_decode_names_ranks_against_the_majority():
+    check = replicas.ReplicaCheck(None, 0, 4, 3, True, "cpu")
+    hashes = np.array([[5, 7, 9], [5, 7, 9], [5, 8, 9], [5, 7, 9]], dtype=np.float64)  # rank 2, param 1
+    wire = np.zeros(check.numel)
+    wire[0] = 4 * 2.0  # |g_i|^2 summed over ranks
+    wire[1] = 4 * 1.0  # |g|^2, the same on every rank
+    wire[3 + 2] = 1.0  # rank 2's own gradient was not finite
+    wire[3 + 4 : 3 + 8] = hashes.sum(axis=1) % 2**16
+    wire[3 + 8 : 3 + 11] = hashes.sum(axis=0)
+    wire[3 + 11 :] = (hashes**2).sum(axis=0)
+    result = check.decode(wire, has_local=True)
+    assert result.desync_params == (1,) and result.desync_ranks == (2,)
+    assert result.nonfinite_ranks == (2,)
+    assert result.small_sq == 2.0 and result.big_sq == 1.0 and not result.failed
+
+
+def test_check_consistency_needs_ddp():
+    with pytest.raises(ValueError, match="check_consistency=True needs a DistributedDataParallel model"):
+        gradscope.watch(torch.nn.Linear(2, 2), check_consistency=True)
+
+
+def test_log_rank_is_checked():
+    with pytest.raises(ValueError, match="log_rank must be None or a rank in \\[0, 1\\)"):
+        gradscope.watch(torch.nn.Linear(2, 2), log_rank=3)

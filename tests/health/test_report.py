@@ -1,0 +1,333 @@
+"""Health verdicts on real models: right on clear failures, quiet on healthy training."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import gradscope
+
+GRADIENT_KINDS = {"nonfinite", "exploding", "vanishing", "dead", "stalled_updates", "overflow"}
+
+
+def kinds(report) -> list[str]:
+    return [f.kind for f in report.findings]
+
+
+# --------------------------------------------------------------------------------------
+# Healthy training stays quiet
+# --------------------------------------------------------------------------------------
+
+
+def teacher_batch(generator, inputs=16, outputs=4, batch=64):
+    x = torch.randn(batch, inputs, generator=generator)
+    w = torch.linspace(-1, 1, inputs * outputs).reshape(inputs, outputs)
+    return x, torch.tanh(x @ w) + 0.01 * torch.randn(batch, outputs, generator=generator)
+
+
+@pytest.mark.parametrize("every", [1, 5])
+def test_healthy_mlp_with_adam_is_healthy(every):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    with gradscope.watch(model, every=every, optimizer=opt, track_updates=True) as mon:
+        for _ in range(400):
+            x, y = teacher_batch(g)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            mon.step(loss=loss)
+            opt.step()
+            opt.zero_grad()
+            if mon.step_index % 100 == 0:
+                assert mon.report().status == "healthy"
+        report = mon.report()
+    assert report.status == "healthy", str(report)
+    assert not GRADIENT_KINDS & set(kinds(report)), str(report)
+    assert all(f.severity == "info" for f in report.findings), str(report)
+    assert all(layer.status == "healthy" for layer in report.layers)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_healthy_transformer_with_adam_is_healthy(every):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(32, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(2)
+    with gradscope.watch(model, every=every, optimizer=opt, track_updates=True) as mon:
+        for _ in range(300):
+            x = torch.randn(16, 6, 32, generator=g)
+            target = x.mean(dim=(1, 2), keepdim=True).expand(16, 6, 1) * 5
+            loss = nn.functional.mse_loss(model(x), target)
+            loss.backward()
+            mon.step(loss=loss)
+            opt.step()
+            opt.zero_grad()
+        report = mon.report()
+    assert report.status == "healthy", str(report)
+    assert not GRADIENT_KINDS & set(kinds(report)), str(report)
+
+
+def test_empty_monitor_reports_healthy_with_a_note():
+    with gradscope.watch(nn.Linear(3, 3)) as mon:
+        report = mon.report()
+    assert report.status == "healthy" and report.findings == () and report.step == -1
+    assert "no steps" in report.note
+    assert [layer.status for layer in report.layers] == ["absent"]
+    json.loads(report.to_json())
+
+
+# --------------------------------------------------------------------------------------
+# Clear failures are found, in the right layer
+# --------------------------------------------------------------------------------------
+
+
+def train(model, mon, steps, lr=0.0, loss_scale=lambda step: 1.0, batch=32, width=32):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(3)
+    for step in range(steps):
+        loss = model(torch.randn(batch, width, generator=g)).square().mean() * loss_scale(step)
+        loss.backward()
+        mon.step(loss=loss)
+        opt.step()
+        opt.zero_grad()
+
+
+def deep_sigmoid(depth=20, width=32):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
+def test_vanishing_in_a_deep_sigmoid_mlp():
+    model = deep_sigmoid()
+    with gradscope.watch(model) as mon:
+        train(model, mon, steps=3)
+        assert "vanishing" not in kinds(mon.report()), "three steps are not sustained"
+        train(model, mon, steps=5)
+        report = mon.report()
+    (finding,) = [f for f in report.findings if f.kind == "vanishing"]
+    assert finding.severity == "warning"
+    assert finding.layer == "0"  # the layer nearest the input has the smallest gradients
+    assert "0" in finding.layers and "38" not in finding.layers
+    assert finding.evidence["rms"]["0"] < 1e-5 * finding.evidence["largest_rms"]
+    assert report.status == "warning"
+    assert {row.name: row.status for row in report.layers}["0"] == "warning"
+    assert "initialisation" in finding.suggestion
+
+
+def test_exploding_with_oversized_initialisation():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(32, 32) for _ in range(10)])
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.normal_(0, 1.0)  # ~6x too large for width 32
+    with gradscope.watch(model) as mon:
+        train(model, mon, steps=6)
+        report = mon.report()
+    finding = next(f for f in report.findings if f.kind == "exploding" and f.layer is not None)
+    assert finding.evidence["rms"][finding.layer] > 10
+    assert "clip" in finding.suggestion
+    assert report.status == "warning"
+
+
+def test_exploding_spike_and_steady_rise_of_the_total_norm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    with gradscope.watch(model) as mon:
+        train(model, mon, steps=40, loss_scale=lambda step: 1e4 if step == 30 else 1.0)
+        report = mon.report()
+    spike = next(f for f in report.findings if f.kind == "exploding" and "spiked" in f.message)
+    assert spike.step == 30 and spike.evidence["norm"] > 1000 * spike.evidence["running_median"]
+    model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    with gradscope.watch(model) as mon:
+        train(model, mon, steps=40, loss_scale=lambda step: 1.3**step)
+        report = mon.report()
+    assert any(f.kind == "exploding" and "rose steadily" in f.message for f in report.findings), str(report)
+
+
+def test_dead_layer_behind_a_relu_with_large_negative_bias():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    with gradscope.watch(model) as mon:
+        train(model, mon, steps=6)
+        report = mon.report()
+    dead = [f for f in report.findings if f.kind == "dead"]
+    assert [f.layer for f in dead] == ["0"]
+    assert dead[0].evidence["zero_frac"] == 1.0
+    assert "LeakyReLU" in dead[0].suggestion
+
+
+def test_embeddings_are_not_dead_by_design():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5000, 8), nn.Flatten(), nn.Linear(16, 1))
+    with gradscope.watch(model) as mon:
+        for _ in range(8):
+            model(torch.randint(0, 5000, (2, 2))).sum().backward()
+            mon.step()
+        assert "dead" not in kinds(mon.report())
+        assert mon.history("zero_frac").values[-1, 0] > 0.99
+
+
+class NaNGradientAt(torch.autograd.Function):
+    """Identity forward; backward returns NaN gradients when ``flag`` is set."""
+
+    @staticmethod
+    def forward(ctx, x, flag):
+        ctx.flag = flag
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (torch.full_like(grad, float("nan")) if ctx.flag else grad), None
+
+
+class PoisonedMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(32, 32)
+        self.second = nn.Linear(32, 32)
+        self.third = nn.Linear(32, 32)
+        self.out = nn.Linear(32, 1)
+        self.poison = False
+
+    def forward(self, x):
+        x = torch.relu(self.second(torch.relu(self.first(x))))
+        x = NaNGradientAt.apply(x, self.poison)  # between 'second' and 'third'
+        return self.out(torch.relu(self.third(x)))
+
+
+@pytest.mark.parametrize("mode", ["backward", "step"])
+def test_nonfinite_reports_the_first_layer_upstream_of_the_bad_op(mode):
+    torch.manual_seed(0)
+    model = PoisonedMLP()
+    g = torch.Generator().manual_seed(4)
+    with gradscope.watch(model, mode=mode) as mon:
+        for step in range(8):
+            model.poison = step >= 5
+            model(torch.randn(8, 32, generator=g)).square().mean().backward()
+            mon.step()
+            model.zero_grad()
+        report = mon.report()
+    assert report.status == "critical"
+    finding = report.findings[0]
+    assert finding.kind == "nonfinite" and finding.severity == "critical"
+    assert report.first_nonfinite == (5, "second")
+    assert finding.layers == ("second", "first")  # 'third' and 'out' are downstream: finite
+    assert finding.evidence["order"] == ("backward" if mode == "backward" else "model")
+    assert finding.evidence["sampled_steps_affected"] == 3
+
+
+def test_nonfinite_loss_is_critical():
+    with gradscope.watch(nn.Linear(2, 1)) as mon:
+        for value in (1.0, 0.9, float("nan"), 0.8):
+            mon.step(loss=torch.tensor(value))
+        report = mon.report()
+    finding = next(f for f in report.findings if f.kind == "nonfinite")
+    assert finding.layer is None and finding.step == 2 and report.status == "critical"
+
+
+def test_grad_scaler_skips_are_overflow_not_nonfinite():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    g = torch.Generator().manual_seed(5)
+
+    def run(steps, overflow_at):
+        for step in range(steps):
+            loss = model(torch.randn(8, 32, generator=g)).square().mean()
+            if step in overflow_at:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            mon.step()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+
+    with gradscope.watch(model, scaler=scaler, optimizer=opt) as mon:
+        run(20, overflow_at={3})
+        report = mon.report()
+        assert "nonfinite" not in kinds(report), str(report)
+        (overflow,) = [f for f in report.findings if f.kind == "overflow"]
+        assert overflow.severity == "info" and overflow.step == 3
+        assert report.status == "healthy"
+        run(20, overflow_at=set(range(0, 20, 2)))
+        report = mon.report()
+        (overflow,) = [f for f in report.findings if f.kind == "overflow"]
+        assert overflow.severity == "warning"
+
+
+@pytest.mark.parametrize(("lr", "side"), [(1e-14, "low"), (1.0, "high")])
+def test_stalled_updates(lr, side):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(6)
+    with gradscope.watch(model, optimizer=opt, track_updates=True) as mon:
+        for _ in range(6):
+            model(torch.randn(8, 32, generator=g)).square().mean().backward()
+            mon.step()
+            opt.step()
+            opt.zero_grad()
+        report = mon.report()
+    stalled = [f for f in report.findings if f.kind == "stalled_updates"]
+    assert stalled and stalled[0].evidence["side"] == side, str(report)
+    assert "learning rate" in stalled[0].suggestion
+
+
+# --------------------------------------------------------------------------------------
+# The report object
+# --------------------------------------------------------------------------------------
+
+
+def test_report_is_plain_json_readable_and_sorted():
+    model = deep_sigmoid(depth=12)
+    with gradscope.watch(model) as mon:
+        train(model, mon, steps=6)
+        mon.step(loss=float("nan"))  # a step without gradients does not interrupt the vanishing run
+        report = mon.report()
+    data = json.loads(report.to_json())
+    assert data["status"] == "critical"
+    ranks = [gradscope.health.findings.SEVERITIES.index(f["severity"]) for f in data["findings"]]
+    assert ranks == sorted(ranks, reverse=True)
+    assert data["layers"][0]["name"] == "0" and len(data["layers"][0]["hist"]) == 64
+    text = str(report)
+    assert text.startswith("gradscope health: CRITICAL")
+    assert "try: " in text and "vanishing" in text and "'0'" in text
+    assert report.resources["parameters"] == sum(p.numel() for p in model.parameters())
+    assert report.resources["step_time_median_s"] > 0
+
+
+def test_report_does_not_wait_unless_asked():
+    model = deep_sigmoid(depth=3)
+    with gradscope.watch(model) as mon:
+        train(model, mon, steps=2)
+        assert mon.report(wait=True).step == 1
+
+
+def test_a_failing_check_is_noted_not_raised(monkeypatch):
+    from gradscope.health import report as report_module
+
+    def broken(view, thresholds):
+        raise ZeroDivisionError("simulated")
+
+    monkeypatch.setattr(report_module, "CHECKS", (broken, *report_module.CHECKS[1:]))
+    with gradscope.watch(nn.Linear(2, 1)) as mon:
+        mon.step(loss=1.0)
+        report = mon.report()
+    assert "simulated" in report.note and report.status == "healthy"
+
+
+def test_loss_starting_at_zero():
+    with gradscope.watch(nn.Linear(2, 1)) as mon:
+        for step in range(120):
+            mon.step(loss=float(step))
+        (divergence,) = [f for f in mon.report().findings if f.kind == "divergence"]
+    assert divergence.evidence["best"] == 0.0

@@ -1,0 +1,472 @@
+"""The training monitor on real models: numbers, modes, sampling, scaling, robustness."""
+
+import copy
+import gc
+import warnings
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from models import MODELS, loss_of, make
+from stats_reference import assert_rows_match, reference_layers, unscaled
+
+import gradscope
+from gradscope.monitor import engines
+from gradscope.monitor.watched import layer_name
+
+FIELDS = ("numel", "sum", "sumsq", "max_abs", "zeros", "nans", "infs", "hist", "present", "norm")
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    target = getattr(model, "_orig_mod", model)
+    return {n: None if p.grad is None else p.grad.detach().clone() for n, p in target.named_parameters()}
+
+
+def train(name, model, mon, steps, *, lr=0.05, capture=None):
+    """Run ``steps`` SGD steps; returns the gradient snapshots taken just before mon.step()."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    grads = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = loss_of(name, model, step)
+        loss.backward()
+        grads.append(snapshot(model))
+        mon.step(loss=loss)
+        opt.step()
+    return grads
+
+
+def history_of(mon) -> dict:
+    return {field: mon.history(field) for field in FIELDS}
+
+
+def check_against_grads(mon, grads, sampled_steps):
+    series = history_of(mon)
+    assert list(series["norm"].steps) == list(sampled_steps)
+    rows = {name: layer_name(name) for name in grads[0]}
+    for position, step in enumerate(sampled_steps):
+        assert_rows_match(series, position, reference_layers(grads[step], rows))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize(("mode", "worker"), [("backward", True), ("backward", False), ("step", False)])
+def test_numbers_equal_reference_numpy(monkeypatch, name, mode, worker):
+    """worker: gradients measured on a worker thread during backward (machines with spare
+    cores), or gathered and measured on all cores when backward ends."""
+    monkeypatch.setattr(engines, "spare_cores", lambda: worker)
+    model = make(name)
+    with gradscope.watch(model, mode=mode, backend="numpy") as mon:
+        assert next(iter(mon._engines.captures.values()))._overlap is worker
+        grads = train(name, model, mon, steps=3)
+        check_against_grads(mon, grads, [0, 1, 2])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("mode", ["backward", "step"])
+def test_numbers_equal_reference_triton(kernel_device, name, mode):
+    if kernel_device != "cpu":
+        pytest.skip("covered by the CUDA tests on a GPU machine")
+    model = make(name)
+    with gradscope.watch(model, mode=mode, backend="triton") as mon:
+        grads = train(name, model, mon, steps=2)
+        check_against_grads(mon, grads, [0, 1])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_backward_and_step_modes_give_identical_numbers(kernel_device, backend):
+    if backend == "triton" and kernel_device != "cpu":
+        pytest.skip("covered by the CUDA tests")
+    a, b = make("transformer"), make("transformer")
+    mon_a = gradscope.watch(a, mode="backward", backend=backend)
+    mon_b = gradscope.watch(b, mode="step", backend=backend)
+    train("transformer", a, mon_a, steps=3)
+    train("transformer", b, mon_b, steps=3)
+    for field in ("sum", "sumsq", "max_abs", "zeros", "hist"):
+        np.testing.assert_array_equal(mon_a.history(field).values, mon_b.history(field).values, err_msg=field)
+    mon_a.close()
+    mon_b.close()
+
+
+def test_every_samples_steps_and_records_loss_every_step():
+    model = make("mlp")
+    with gradscope.watch(model, every=3) as mon:
+        losses = []
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(7):
+            opt.zero_grad()
+            loss = loss_of("mlp", model, step)
+            loss.backward()
+            losses.append(loss.item())
+            mon.step(loss=loss)
+            opt.step()
+        assert list(mon.history("norm").steps) == [0, 3, 6]
+        loss_series = mon.history("loss")
+        assert list(loss_series.steps) == list(range(7))
+        np.testing.assert_allclose(loss_series.values, losses, rtol=1e-7)
+        assert (mon.history("step_time").values > 0).all()
+        assert (mon.history("peak_memory").values > 0).all()
+
+
+def test_unsampled_steps_do_no_work(monkeypatch):
+    model = make("mlp")
+    with gradscope.watch(model, every=5) as mon:
+        calls = []
+        for capture in mon._engines.captures.values():
+            monkeypatch.setattr(capture, "add", lambda *args, _calls=calls: _calls.append(args))
+        train("mlp", model, mon, steps=5)
+        assert len(calls) == 6  # step 0 only: 3 layers x (weight, bias)
+
+
+def test_accumulation_measures_the_complete_gradient():
+    model = make("mlp")
+    k = 3
+    with gradscope.watch(model, accumulation_steps=k) as mon:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        grads = []
+        for step in range(2):
+            opt.zero_grad()
+            for micro in range(k):
+                (loss_of("mlp", model, 10 * step + micro) / k).backward()
+            grads.append(snapshot(model))
+            mon.step()
+            opt.step()
+        check_against_grads(mon, grads, [0, 1])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_grad_scaler_statistics_are_unscaled_and_overflow_steps_skipped(kernel_device, backend):
+    if backend == "triton" and kernel_device != "cpu":
+        pytest.skip("covered by the CUDA tests")
+    model = make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with gradscope.watch(model, optimizer=opt, scaler=scaler, backend=backend) as mon:
+        expected = []
+        for step in range(4):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_of("mlp", model, step)
+            if step == 2:
+                loss = loss * float("inf")  # overflow: the scaler skips this step
+            scaler.scale(loss).backward()
+            inv = float(1.0 / scaler.get_scale())
+            expected.append({n: unscaled(p.grad, inv) for n, p in model.named_parameters()})
+            mon.step(loss=loss)
+            scaler.step(opt)
+            scaler.update()
+        series = history_of(mon)
+        rows = {name: layer_name(name) for name in expected[0]}
+        for position in (0, 1, 3):
+            assert_rows_match(series, position, reference_layers(expected[position], rows))
+        assert mon.history("nonfinite").values[2].sum() > 0  # the overflowing step, still recorded
+        assert list(mon.history("skipped").values) == [False, False, True, False]
+        np.testing.assert_array_equal(mon.history("grad_scale").values, [2.0**12, 2.0**12, 2.0**12, 2.0**11])
+
+
+def test_frozen_and_unused_parameters_are_absent_not_zero():
+    model = torch.nn.ModuleDict(
+        {"used": torch.nn.Linear(4, 4), "frozen": torch.nn.Linear(4, 4), "unused": torch.nn.Linear(4, 4)}
+    )
+    model["frozen"].requires_grad_(False)
+    with gradscope.watch(model) as mon:
+        for _ in range(2):
+            model["used"](model["frozen"](torch.randn(3, 4))).sum().backward()
+            mon.step()
+        present = mon.history("present")
+        assert present.rows == ("used", "frozen", "unused")
+        np.testing.assert_array_equal(present.values, [[True, False, False]] * 2)
+        norm = mon.history("norm").values
+        assert np.isnan(norm[:, 1:]).all() and (norm[:, 0] > 0).all()
+        assert mon.summary["trainable"] == 40 and mon.summary["parameters"] == 60
+
+
+class HalfUsed(torch.nn.Module):
+    """One layer whose second parameter only gets a gradient on even steps."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.randn(30))
+        self.b = torch.nn.Parameter(torch.randn(30))
+
+    def forward(self, x, use_b):
+        return (x * self.a).sum() + ((x * self.b).sum() if use_b else 0)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+@pytest.mark.parametrize("mode", ["backward", "step"])
+def test_a_layer_combines_only_the_parameters_that_have_gradients(kernel_device, backend, mode):
+    if backend == "triton" and kernel_device != "cpu":
+        pytest.skip("covered by the CUDA tests")
+    model = HalfUsed()
+    with gradscope.watch(model, backend=backend, mode=mode) as mon:
+        grads = []
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            model(torch.randn(30) * (step + 1), use_b=step % 2 == 0).backward()
+            grads.append(snapshot(model))
+            mon.step()
+        assert grads[1]["b"] is None
+        check_against_grads(mon, grads, [0, 1, 2])
+        np.testing.assert_array_equal(mon.history("numel").values[:, 0], [60, 30, 60])
+
+
+def test_backward_order_starts_at_the_output():
+    model = make("mlp")
+    with gradscope.watch(model) as mon:
+        train("mlp", model, mon, steps=1)
+        order = mon.history("backward_order")
+        assert order.rows == ("0", "2", "4")
+        np.testing.assert_array_equal(order.values[0], [4, 2, 0])  # two parameters per layer
+
+
+def test_parameter_granularity_and_selection():
+    model = make("mlp")
+    with gradscope.watch(model, granularity="parameter", params="2.*") as mon:
+        grads = train("mlp", model, mon, steps=1)
+        series = history_of(mon)
+        assert series["norm"].rows == ("2.weight", "2.bias")
+        assert_rows_match(
+            series,
+            0,
+            reference_layers(
+                {k: grads[0][k] for k in ("2.weight", "2.bias")}, {"2.weight": "2.weight", "2.bias": "2.bias"}
+            ),
+        )
+    with gradscope.watch(model, params=lambda name, p: p.dim() == 2) as mon:
+        assert mon.rows == ("0", "2", "4")
+        assert len(mon._watched) == 3
+
+
+@pytest.mark.parametrize("mode", ["backward", "step"])
+def test_sparse_embedding_gradients(mode):
+    model = torch.nn.Sequential(torch.nn.Embedding(40, 8, sparse=True), torch.nn.Linear(8, 1))
+    with gradscope.watch(model, mode=mode) as mon:
+        grads = []
+        for step in range(2):
+            model.zero_grad(set_to_none=True)
+            model(torch.tensor([[1, 5, 5, 30 + step]])).sum().backward()
+            assert model[0].weight.grad.is_sparse
+            grads.append(snapshot(model))
+            mon.step()
+        check_against_grads(mon, grads, [0, 1])
+        assert mon.history("zero_frac").values[0, 0] == pytest.approx(37 / 40)
+
+
+def test_tied_parameters_are_counted_once():
+    model = make("tied_embedding")
+    with gradscope.watch(model) as mon:
+        assert mon.rows == ("embed", "mix")
+        assert mon.summary["parameters"] == 50 * 16 + 16 * 16 + 16
+        grads = train("tied_embedding", model, mon, steps=1)
+        check_against_grads(mon, grads, [0])
+
+
+def test_track_updates_matches_float64_reference():
+    model = make("mlp")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradscope.watch(model, optimizer=opt, track_updates=True, every=2) as mon:
+        expected = {}
+        for step in range(4):
+            opt.zero_grad()
+            loss_of("mlp", model, step).backward()
+            mon.step()
+            before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+            opt.step()
+            if step % 2 == 0:
+                w2, u2 = {}, {}
+                for n, p in model.named_parameters():
+                    layer = layer_name(n)
+                    w2[layer] = w2.get(layer, 0) + float(before[n].square().sum())
+                    u2[layer] = u2.get(layer, 0) + float((p.detach().double() - before[n]).square().sum())
+                expected[step] = {layer: (np.sqrt(w2[layer]), np.sqrt(u2[layer])) for layer in w2}
+        ratio, weight, update = (mon.history(f) for f in ("update_ratio", "weight_norm", "update_norm"))
+        assert list(ratio.steps) == [0, 2]
+        for position, step in enumerate(ratio.steps):
+            for r, layer in enumerate(ratio.rows):
+                w, u = expected[step][layer]
+                assert weight.values[position, r] == pytest.approx(w, rel=1e-4)
+                assert update.values[position, r] == pytest.approx(u, rel=1e-4)
+                assert ratio.values[position, r] == pytest.approx(u / w, rel=1e-4)
+
+
+def test_metrics_from_step_and_log():
+    model = make("mlp")
+    with gradscope.watch(model) as mon:
+        train("mlp", model, mon, steps=2)
+        mon.log(val_loss=0.5, val_accuracy=torch.tensor(0.75))
+        mon.step(loss=1.0, lr=torch.tensor(0.01))
+        np.testing.assert_array_equal(mon.history("val_loss").values, [np.nan, 0.5, np.nan])
+        assert mon.history("val_accuracy").values[1] == 0.75
+        assert mon.history("lr").values[2] == pytest.approx(0.01)
+        with pytest.raises(ValueError, match="loss must be a scalar"):
+            mon.step(loss=torch.ones(3))
+
+
+def test_history_is_bounded_and_memory_stays_flat():
+    import tracemalloc
+
+    model = torch.nn.Linear(3, 1)
+    with gradscope.watch(model, every=2, history=4, hist_history=2) as mon:
+        for _ in range(20):
+            model(torch.randn(2, 3)).sum().backward()
+            mon.step(loss=0.0)
+        assert list(mon.history("norm").steps) == [12, 14, 16, 18]
+        assert list(mon.history("hist").steps) == [16, 18]
+        assert list(mon.history("loss").steps) == list(range(12, 20))  # history x every steps
+        sizes = [a.nbytes for a in vars(mon._run.history).values() if isinstance(a, np.ndarray)]
+        tracemalloc.start()
+        for step in range(1000):  # every ring slot written at least once
+            mon.step(loss=float(step))
+        before, _ = tracemalloc.get_traced_memory()
+        for step in range(100_000):
+            mon.step(loss=float(step), lr=0.1)
+        after, _ = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert after - before < 100_000, f"memory grew by {after - before} bytes over 100k steps"
+        assert sizes == [a.nbytes for a in vars(mon._run.history).values() if isinstance(a, np.ndarray)]
+        assert list(mon.history("loss").steps) == list(range(101_012, 101_020))
+
+
+def test_thousands_of_parameters():
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(1500)])
+    with gradscope.watch(model) as mon:
+        model(torch.randn(4, 2)).sum().backward()
+        mon.step()
+        assert mon.history("norm").values.shape == (1, 1500)
+        assert mon.history("present").values.all()
+
+
+def test_second_watch_raises_and_close_is_idempotent():
+    model = make("mlp")
+    mon = gradscope.watch(model)
+    with pytest.raises(RuntimeError, match="already watched"):
+        gradscope.watch(model)
+    with pytest.raises(RuntimeError, match="already watched"):
+        gradscope.watch(torch.compile(model))
+    mon.close()
+    mon.close()
+    gradscope.watch(model).close()  # allowed again after close
+
+
+def test_close_removes_hooks_and_releases_the_model():
+    model = make("mlp")
+    mon = gradscope.watch(model)
+    train("mlp", model, mon, steps=1)
+    mon.close()
+    hooks = [p._post_accumulate_grad_hooks for p in model.parameters()]
+    assert all(not h for h in hooks), "hooks left behind"
+    ref = weakref.ref(model)
+    del model, hooks
+    gc.collect()
+    assert ref() is None, "the closed monitor keeps the model alive"
+    assert list(mon.history("norm").steps) == [0]  # history outlives the model
+
+
+def test_exception_in_a_hook_never_stops_training(monkeypatch):
+    model = make("mlp")
+    with gradscope.watch(model) as mon:
+        capture = next(iter(mon._engines.captures.values()))
+        original = capture.add
+
+        def broken(index, grad):
+            if mon.step_index == 1:
+                raise RuntimeError("simulated capture failure")
+            return original(index, grad)
+
+        monkeypatch.setattr(capture, "add", broken)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train("mlp", model, mon, steps=4)
+        relevant = [w for w in caught if "monitoring failed" in str(w.message)]
+        assert len(relevant) == 1, "the failure is reported once"
+        assert list(mon.history("failed").values) == [False, True, False, False]
+        assert mon.errors and "simulated capture failure" in mon.errors[0]
+        present = mon.history("present").values
+        assert not present[1].any(), "a failed step's measurements are not recorded as zeros"
+        assert present[2].all()  # later steps are measured again
+
+
+def test_parameters_added_after_watch_are_reported():
+    model = make("mlp")
+    with gradscope.watch(model) as mon:
+        train("mlp", model, mon, steps=1)
+        model.append(torch.nn.Linear(4, 4))
+        with pytest.warns(RuntimeWarning, match=r"added after watch\(\) are not monitored: 5.weight, 5.bias"):
+            train("mlp", model[:5], mon, steps=1)
+            mon.step()
+
+
+def test_compiled_model_gives_the_same_numbers():
+    eager = make("mlp")
+    compiled_source = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_source, backend="aot_eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with gradscope.watch(compiled) as mon_c, gradscope.watch(eager) as mon_e:
+        assert mon_c.rows == mon_e.rows == ("0", "2", "4")
+        grads = train("mlp", compiled, mon_c, steps=3)
+        train("mlp", eager, mon_e, steps=3)
+        check_against_grads(mon_c, grads, [0, 1, 2])
+        np.testing.assert_allclose(mon_c.history("norm").values, mon_e.history("norm").values, rtol=1e-5)
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every": 0}, "every must be a positive integer"),
+        ({"accumulation_steps": -1}, "accumulation_steps must be a positive integer"),
+        ({"mode": "forward"}, "mode must be one of"),
+        ({"track_updates": True}, "track_updates=True needs optimizer="),
+        ({"granularity": "neuron"}, "granularity must be"),
+        ({"params": "nothing*"}, "no parameters selected"),
+        ({"backend": "cupy"}, "backend must be"),
+        ({"history": 0}, "history must be a positive integer"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        gradscope.watch(make("mlp"), **kwargs)
+
+
+def test_step_after_close_is_ignored_with_a_warning():
+    model = make("mlp")
+    mon = gradscope.watch(model)
+    mon.close()
+    with pytest.warns(RuntimeWarning, match="after close"):
+        mon.step(loss=1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["backward", "step"])
+def test_no_host_sync_on_cuda(mode):
+    model = make("transformer").cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(8, 5, 32, device="cuda")
+    y = torch.randint(0, 4, (8,), device="cuda")
+    with gradscope.watch(model, mode=mode, optimizer=opt, track_updates=True) as mon:
+        for _ in range(2):  # compile kernels and allocate buffers
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            mon.step(loss=torch.tensor(0.0, device="cuda"))
+            opt.step()
+            opt.zero_grad()
+        torch.cuda.synchronize()
+        grads = []
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+                mon.step(loss=loss)
+                opt.step()
+                opt.zero_grad()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        series = history_of(mon)
+        rows = {name: layer_name(name) for name in grads[0]}
+        for position in range(3):
+            assert_rows_match(series, 2 + position, reference_layers(grads[position], rows))

@@ -1,0 +1,93 @@
+"""The bounded history store: ring slots, absent rows, derived fields, stale writes."""
+
+import numpy as np
+import pytest
+
+from gradscope.run.history import History
+from gradscope.stats import layout
+
+
+def rows_with(numel, sum_=0.0, sumsq=0.0, max_abs=0.0, zeros=0, nans=0, infs=0, hist_bin=None):
+    rows = np.zeros((len(numel), layout.ROW_WIDTH))
+    rows[:, layout.NUMEL] = numel
+    rows[:, layout.SUM] = sum_
+    rows[:, layout.SUMSQ] = sumsq
+    rows[:, layout.MAX_ABS] = max_abs
+    rows[:, layout.ZEROS] = zeros
+    rows[:, layout.NANS] = nans
+    rows[:, layout.INFS] = infs
+    if hist_bin is not None:
+        rows[:, layout.HIST + hist_bin] = numel
+    return rows
+
+
+def test_sampled_ring_keeps_the_newest_and_maps_steps_by_every():
+    h = History(("a", "b"), every=5, capacity=3, hist_capacity=2, step_capacity=100)
+    for step in range(0, 40, 5):
+        h.add_sampled(step, rows_with([4, 9], sumsq=step), np.array([True, True]), np.array([1, 0]))
+    norm = h.series("norm")
+    assert list(norm.steps) == [25, 30, 35]
+    np.testing.assert_allclose(norm.values[:, 0], np.sqrt([25, 30, 35]))
+    assert list(h.series("hist").steps) == [30, 35]
+    assert norm.rows == ("a", "b")
+
+
+def test_absent_rows_are_nan_and_present_is_reported():
+    h = History(("a", "b"), every=1, capacity=4, hist_capacity=4, step_capacity=4)
+    h.add_sampled(
+        0, rows_with([4, 0], sumsq=16.0, zeros=[1, 0], hist_bin=40), np.array([True, False]), np.array([0, -1])
+    )
+    assert h.series("rms").values[0, 0] == 2.0
+    assert np.isnan(h.series("rms").values[0, 1])
+    np.testing.assert_array_equal(h.series("present").values, [[True, False]])
+    assert h.series("zero_frac").values[0, 0] == 0.25
+    assert h.series("hist").values[0, 0, 40] == 4 and h.series("hist").values[0, 1].sum() == 0
+
+
+def test_derived_fields_count_only_finite_values():
+    h = History(("a",), every=1, capacity=2, hist_capacity=2, step_capacity=2)
+    h.add_sampled(0, rows_with([10], sum_=8.0, sumsq=32.0, nans=1, infs=1), np.array([True]), np.array([0]))
+    assert h.series("finite").values[0, 0] == 8
+    assert h.series("mean").values[0, 0] == 1.0
+    assert h.series("rms").values[0, 0] == 2.0
+    assert h.series("nonfinite").values[0, 0] == 2
+
+
+def test_per_step_ring_metrics_and_stale_writes():
+    h = History(("a",), every=1, capacity=2, hist_capacity=2, step_capacity=3)
+    for step in range(5):
+        h.add_step(step, loss=float(step), step_time=0.1)
+    h.add_metrics(4, {"val_loss": 0.5})
+    h.add_step(1, loss=99.0)  # step 1's slot now belongs to step 4: dropped
+    loss = h.series("loss")
+    assert list(loss.steps) == [2, 3, 4]
+    np.testing.assert_array_equal(loss.values, [2.0, 3.0, 4.0])
+    np.testing.assert_array_equal(h.series("val_loss").values, [np.nan, np.nan, 0.5])
+
+
+def test_skipped_steps_follow_the_scale():
+    h = History(("a",), every=1, capacity=8, hist_capacity=8, step_capacity=8)
+    for step, scale in enumerate([8.0, 8.0, 4.0, 4.0, 8.0, 2.0]):
+        h.add_step(step, grad_scale=scale)
+    np.testing.assert_array_equal(h.series("skipped").values, [False, True, False, False, True, False])
+
+
+def test_updates_need_tracking_and_unknown_fields_are_named():
+    h = History(("a",), every=1, capacity=2, hist_capacity=2, step_capacity=2)
+    with pytest.raises(KeyError, match="track_updates=True"):
+        h.series("update_ratio")
+    with pytest.raises(KeyError, match="unknown history field 'nrom'"):
+        h.series("nrom")
+    tracked = History(("a",), every=1, capacity=2, hist_capacity=2, step_capacity=2, track_updates=True)
+    tracked.add_sampled(0, rows_with([1]), np.array([True]), np.array([0]))
+    tracked.add_updates(0, np.array([4.0]), np.array([0.01]))
+    tracked.add_updates(7, np.array([4.0]), np.array([0.01]))  # never sampled: ignored
+    assert tracked.series("update_ratio").values[0, 0] == pytest.approx(0.05)
+
+
+def test_series_unpacks_and_converts():
+    h = History(("a",), every=1, capacity=2, hist_capacity=2, step_capacity=2)
+    h.add_step(0, loss=1.5)
+    values, steps, rows = h.series("loss")
+    assert values.tolist() == [1.5] and steps.tolist() == [0] and rows is None
+    assert np.asarray(h.series("loss")).tolist() == [1.5]

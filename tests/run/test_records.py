@@ -1,0 +1,120 @@
+"""Records survive their JSON-line encoding bit for bit."""
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gradscope.run import records
+from gradscope.stats import layout
+
+SCALAR_WIDTH = layout.HIST
+
+special_floats = st.floats(allow_nan=True, allow_infinity=True, width=64)
+
+
+@st.composite
+def sampled_records(draw):
+    n_rows = draw(st.integers(0, 12))
+    scalars = draw(hnp.arrays(np.float64, (n_rows, SCALAR_WIDTH), elements=special_floats))
+    big = draw(st.booleans())
+    counts = draw(hnp.arrays(np.int64, (n_rows, layout.NUM_BINS), elements=st.integers(0, 2**40 if big else 2**32 - 1)))
+    rows = np.concatenate([scalars, counts.astype(np.float64)], axis=1)
+    present = draw(hnp.arrays(np.bool_, (n_rows,)))
+    order = draw(hnp.arrays(np.int64, (n_rows,), elements=st.integers(-1, 10_000)))
+    ranks = {}
+    if draw(st.booleans()):  # a distributed run: ranks of non-finite gradients per row
+        ranks = {
+            "nonfinite_rank": draw(hnp.arrays(np.int64, (n_rows,), elements=st.integers(-1, 100_000))),
+            "nonfinite_ranks": draw(hnp.arrays(np.int64, (n_rows,), elements=st.integers(0, 100_000))),
+        }
+    return records.Sampled(draw(st.integers(0, 2**40)), rows, present, order, **ranks)
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@given(sampled_records())
+def test_sampled_round_trip_is_bit_exact(record):
+    line = records.encode(record)
+    assert "\n" not in line
+    back = records.decode(line)
+    assert back.step == record.step
+    assert same_bits(back.rows, record.rows)  # NaN payloads, -0.0 and infinities included
+    assert same_bits(back.present, record.present)
+    assert same_bits(back.order, record.order)
+    if record.nonfinite_rank is None:
+        assert back.nonfinite_rank is None and back.nonfinite_ranks is None
+    else:
+        assert same_bits(back.nonfinite_rank, record.nonfinite_rank)
+        assert same_bits(back.nonfinite_ranks, record.nonfinite_ranks)
+
+
+@given(
+    st.integers(0, 20).flatmap(
+        lambda n: st.tuples(
+            hnp.arrays(np.float64, (n,), elements=special_floats), hnp.arrays(np.float64, (n,), elements=special_floats)
+        )
+    )
+)
+def test_updates_round_trip_is_bit_exact(arrays):
+    record = records.Updates(7, *arrays)
+    back = records.decode(records.encode(record))
+    assert same_bits(back.weight_sq, arrays[0]) and same_bits(back.update_sq, arrays[1])
+
+
+@given(st.dictionaries(st.text(min_size=1, max_size=20), special_floats, max_size=8))
+def test_scalar_values_round_trip_including_non_finite(values):
+    for kind in (records.StepValues, records.Metrics):
+        back = records.decode(records.encode(kind(3, values)))
+        assert type(back) is kind and back.step == 3
+        assert back.values.keys() == values.keys()
+        for key, value in values.items():
+            assert back.values[key] == value or (np.isnan(value) and np.isnan(back.values[key]))
+
+
+def test_header_failed_closed_round_trip():
+    header = records.Header({"rows": ["a"], "x": 1}, thresholds={"sustain": 3}, segment=2)
+    back = records.decode(records.encode(header))
+    assert back == header and back.schema == records.SCHEMA
+    assert back.hist_edges == layout.HIST_EDGES.tolist()
+    assert records.decode(records.encode(records.Failed(9))) == records.Failed(9)
+    assert records.decode(records.encode(records.Closed(12))) == records.Closed(12)
+    desync = records.Desync(4, (1, 3), (2,))
+    assert records.decode(records.encode(desync)) == desync
+
+
+def test_schema_1_lines_still_read():
+    """A sampled line written by gradscope's first log format (no rank arrays)."""
+    old = records.Sampled(5, np.zeros((2, layout.ROW_WIDTH)), np.ones(2, bool), np.arange(2))
+    back = records.decode(records.encode(old))
+    assert back.nonfinite_rank is None and back.step == 5
+
+
+def test_each_line_is_plain_json():
+    rows = np.zeros((3, layout.ROW_WIDTH))
+    obj = json.loads(records.encode(records.Sampled(1, rows, np.ones(3, bool), np.arange(3))))
+    assert obj["t"] == "sampled" and obj["step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("[1, 2]", "not a gradscope record"),
+        ('{"a": 1}', "not a gradscope record"),
+        ('{"t": "mystery"}', "unknown record type 'mystery'"),
+        ('{"t": "sampled", "step": 1, "a": [["x", "<f8", [4]]], "z": "eJwDAAAAAAE="}', "do not match"),
+    ],
+)
+def test_foreign_lines_are_rejected(line, message):
+    with pytest.raises(ValueError, match=message):
+        records.decode(line)
+
+
+def test_encode_rejects_non_records():
+    with pytest.raises(TypeError, match="not a gradscope record: dict"):
+        records.encode({"t": "header"})
