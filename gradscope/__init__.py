@@ -16,7 +16,8 @@ The subpackages are the stages of the data flow, each importing only those befor
     monitor      a model in training -> records                (watch, Monitor)
 
 ``cli`` and ``demo`` sit on top. ``gradscope.exporters``, ``gradscope.visual`` and
-``gradscope.runlog`` are the old import paths of parts of ``outputs`` and ``health``.
+``gradscope.runlog`` are short public paths to parts of ``outputs`` (and ``load_run``),
+kept from before this layout.
 """
 
 from gradscope.health.findings import Finding

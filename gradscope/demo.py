@@ -108,7 +108,7 @@ class Block(nn.Module):
 
 
 class DemoNet(nn.Module):
-    """``input -> blocks.0 ... blocks.7 -> head``: an MLP classifier, ``INPUTS`` to ``CLASSES``."""
+    """``input``, then ``DEPTH`` blocks ``blocks.0``, ``blocks.1``, ..., then ``head``: an MLP classifier."""
 
     def __init__(self, activation: str = "relu") -> None:
         super().__init__()

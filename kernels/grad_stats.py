@@ -1,5 +1,11 @@
 """Triton kernel: every gradient statistic of many tensors in one launch and one read.
 
+One operation, one file (Liger-Kernel's rule): the ``@triton.jit`` functions, then the
+launcher that checks inputs, builds the work table and launches. It is longer than other
+modules (~550 lines) because the work table's layout, the partial row's layout and the
+tiling constraints are written in the kernel and read by the launcher; keeping them in one
+file keeps each layout next to both of its readers.
+
 One launch serves any number of tensors sharing a device and dtype. Work is described by a
 table (tensor base addresses, sizes, output rows) and split into chunks of ``chunk_numel``
 elements; each program reduces one chunk to a partial row, and the last program to finish a
@@ -17,7 +23,10 @@ squares would underflow or overflow) is reduced again by a careful path that cou
 and sums tiny, normal and huge magnitudes in three separately scaled accumulators, so sums
 stay accurate over the whole float32 range. Chunk partials are combined in float64.
 
-Row layout of ``out`` is ``gradscope.layout`` (71 float64 columns). Partial rows hold:
+Row layout of ``out`` is ``gradscope.stats.layout`` (71 float64 columns). The final
+reduction adds every column of the chunk partials except ``max_abs``, whose maximum it
+takes: the combine rule ``layout.COMBINE`` declares (the kernel tests check the two agree).
+Partial rows hold:
 
     0 sum of normal values      3 sum of squares of normal values    6 max |g|
     1 sum of tiny values*2**86  4 sum of squares of tiny*2**86       7 zeros

@@ -43,16 +43,17 @@ class Thresholds:
         plateau_evals: plateau: evaluations without improvement, for metrics logged with
             ``mon.log`` (validation metrics).
         plateau_tolerance: relative improvement that counts as progress.
-        smooth: per-step losses are smoothed by a running median over this many steps before
-            trends are judged.
+        smooth: per-step losses (and other per-step metrics) are smoothed by a trailing mean
+            over this many steps before plateaus, divergence and underfitting are judged; the
+            mean of the run's first ``smooth`` finite losses is where underfitting is measured from.
         divergence_window: divergence: steps over which a steady rise of the loss is looked for.
         divergence_rise: divergence: relative rise of the smoothed loss above its best that,
             steady over ``divergence_window``, counts as divergence.
         overfit_evals: overfitting: evaluations over which the validation loss rises while
             the training loss falls.
-        overfit_gap: overfitting: train minus validation value of a higher-is-better metric
-            (accuracy, f1...) above this, or validation minus train loss above this fraction
-            of the training loss.
+        overfit_gap: overfitting: the training value of a higher-is-better metric (accuracy,
+            f1...) above its validation value by more than this (in the metric's own units).
+            Lower-is-better metrics (losses) are judged by ``overfit_evals`` instead.
         underfit_steps: underfitting: steps after which a training loss that has not dropped
             is a finding.
         underfit_min_drop: underfitting: relative drop of the smoothed loss from its start

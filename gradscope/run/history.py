@@ -33,10 +33,20 @@ step (NVML), and the GradScaler scale the step's gradients were multiplied by.""
 
 ROW_FIELDS = (*layout.SCALAR_FIELDS, *layout.DERIVED_FIELDS, "present")
 UPDATE_FIELDS = ("weight_norm", "update_norm", "update_ratio")
+"""Per-row fields of update tracking, from :func:`update_norms`."""
 OTHER_ROW_FIELDS = ("hist", "backward_order")
 STEP_FLAGS = ("failed", "skipped")
 BUILT_IN_FIELDS = frozenset((*ROW_FIELDS, *UPDATE_FIELDS, *OTHER_ROW_FIELDS, *STEP_FIELDS, *STEP_FLAGS))
 """Every history field that is not a logged metric."""
+
+
+def update_norms(weight_sq: np.ndarray, update_sq: np.ndarray) -> dict[str, np.ndarray]:
+    """The :data:`UPDATE_FIELDS` from squared norms (arrays of one shape): ``weight_norm`` =
+    ``||w_before||``, ``update_norm`` = ``||w_after - w_before||``, and their ratio
+    ``update_ratio`` (inf or NaN where the weight norm is 0)."""
+    weight_norm, update_norm = np.sqrt(weight_sq), np.sqrt(update_sq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {"weight_norm": weight_norm, "update_norm": update_norm, "update_ratio": update_norm / weight_norm}
 
 
 @dataclass(frozen=True)
@@ -222,14 +232,7 @@ class History:
         if name == "backward_order":
             return self._order[order].astype(np.float64)
         if name in UPDATE_FIELDS:
-            weight_norm = np.sqrt(self._updates[order, :, 0])
-            update_norm = np.sqrt(self._updates[order, :, 1])
-            if name == "weight_norm":
-                return weight_norm
-            if name == "update_norm":
-                return update_norm
-            with np.errstate(divide="ignore", invalid="ignore"):
-                return update_norm / weight_norm
+            return update_norms(self._updates[order, :, 0], self._updates[order, :, 1])[name]
         scalars = self._scalars[order]
         columns = {field: scalars[..., i] for i, field in enumerate(layout.SCALAR_FIELDS)}
         if name in columns:

@@ -82,6 +82,40 @@ def test_careful_path_chunk_next_to_fast_path_chunks(kernel_device):
     assert_matches_reference(kernel_stats([x], kernel_device, **SMALL_TILES), [x])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_final_reduction_follows_the_declared_combine_rule(kernel_device, dtype):
+    """The kernel combines a tensor's chunk partials with its own arithmetic (it cannot call
+    Python); that arithmetic must be the rule ``layout.COMBINE`` declares. The row of a whole
+    tensor equals ``layout.combine_rows`` of the rows of its chunks measured one by one:
+    counts, histogram and max_abs exactly, sums to float64 rounding."""
+    assert [layout.SCALAR_FIELDS[c] for c in layout.MAX_COLUMNS] == ["max_abs"], (
+        "the kernel takes the maximum of max_abs only and adds every other column: update it with COMBINE"
+    )
+    chunk = SMALL_TILES["chunk_numel"]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(5 * chunk + 37, generator=g, dtype=torch.float64) * 10 ** torch.randn(5 * chunk + 37, generator=g)
+    x[3] = x[chunk + 1] = 0.0
+    x[chunk + 5] = float("nan")  # careful path in chunk 1
+    x[2 * chunk + 9] = float("-inf")  # and in chunk 2
+    x[3 * chunk + 2] = 2.0**-70  # tiny: careful path in chunk 3
+    x[4 * chunk + 7] = 2.0**50  # huge: careful path in chunk 4
+    x = x.to(dtype)
+    whole = kernel_stats([x], kernel_device, **SMALL_TILES).to_rows()[0]
+    pieces = kernel_stats(list(x.split(chunk)), kernel_device, **SMALL_TILES).to_rows()
+    combined = layout.combine_rows(pieces)
+    exact = [
+        *layout.MAX_COLUMNS,
+        layout.NUMEL,
+        layout.ZEROS,
+        layout.NANS,
+        layout.INFS,
+        *range(layout.HIST, layout.ROW_WIDTH),
+    ]
+    np.testing.assert_array_equal(whole[exact], combined[exact])
+    np.testing.assert_allclose(whole[[layout.SUM, layout.SUMSQ]], combined[[layout.SUM, layout.SUMSQ]], rtol=1e-12)
+    assert whole[layout.NANS] == 1 and whole[layout.INFS] == 1 and whole[layout.ZEROS] >= 2
+
+
 def test_bit_identical_across_runs(kernel_device):
     g = torch.Generator().manual_seed(2)
     tensors = [torch.randn(3000, generator=g) * 10 ** torch.randn(3000, generator=g), torch.randn(77, generator=g)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradscope.run import records
+from gradscope.run.history import update_norms
 from gradscope.run.info import RunInfo
 from gradscope.stats import layout
 
@@ -48,8 +49,7 @@ class ScalarExporter(Exporter):
                 )
             self.write_scalars(record.step, {k: v for k, v in values.items() if np.isfinite(v)})
         elif isinstance(record, records.Updates):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                ratio = np.sqrt(record.update_sq / record.weight_sq)
+            ratio = update_norms(record.weight_sq, record.update_sq)["update_ratio"]
             self.write_scalars(
                 record.step,
                 {
