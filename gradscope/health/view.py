@@ -114,7 +114,8 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         seen = present.values.any(axis=0)
         newest = len(present) - 1 - np.argmax(present.values[::-1], axis=0)
         for index in np.unique(newest[seen]):
-            found = h.sampled_rows(int(present.steps[index]))
+            step = int(present.steps[index])
+            found = h.sampled_rows(step) if h.has_hist(step) else None
             if found is not None:
                 members = seen & (newest == index)
                 latest_hist[members] = found[0][members, layout.HIST :]
@@ -181,7 +182,7 @@ def for_steps(count: int, start: int) -> str:
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over ``window`` values, ignoring NaN (NaN where the window has none)."""
+    """Trailing mean over ``window`` values, ignoring non-finite ones (NaN where the window has none)."""
     ok = np.isfinite(values)
     sums = np.concatenate([[0.0], np.cumsum(np.where(ok, values, 0.0))])
     counts = np.concatenate([[0], np.cumsum(ok)])

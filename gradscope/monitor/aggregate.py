@@ -29,7 +29,9 @@ class LayerRows:
         order: int64 ``(R,)``, backward order of the row (0 = final first), -1 when unknown.
         nonfinite_rank: int64 ``(R,)`` or None: distributed runs, the lowest rank whose
             gradient of the row held NaN/Inf (-1: none or unknown).
-        nonfinite_ranks: int64 ``(R,)`` or None: how many ranks' gradients did.
+        nonfinite_ranks: int64 ``(R,)`` or None: how many ranks' gradients did — the most
+            any one parameter of the row saw (a lower bound when its parameters went
+            non-finite on different ranks).
     """
 
     rows: np.ndarray
@@ -51,7 +53,7 @@ class RowGroups:
         row_of = np.asarray(row_of, dtype=np.int64)
         self.row_of = row_of
         self._perm = np.argsort(row_of, kind="stable")
-        self._starts = np.flatnonzero(np.r_[True, np.diff(row_of[self._perm]) != 0])
+        self._starts = np.flatnonzero(np.r_[True, np.diff(row_of[self._perm]) != 0]) if len(row_of) else row_of
         if len(self._starts) != (row_of.max() + 1 if len(row_of) else 0):
             raise ValueError("every reported row needs at least one parameter")
 

@@ -7,13 +7,11 @@ closes each optimisation step at ``mon.step()``, and turns what reaches the host
 records (:mod:`gradscope.run.records`) that feed its run state and its exporters. Reading
 (``history``, ``stats``, ``report``) is :class:`gradscope.health.readout.RunReadout`'s.
 
-In ``mode="backward"`` (the default) gradients are measured as soon as they are final: on
-CUDA the Triton kernel is launched on the current stream while the rest of backward runs;
-on CPU a worker thread runs NumPy while autograd goes on, and the end of backward waits for
-it. In ``mode="step"`` everything is measured in one pass at ``mon.step()``. Both give
-identical numbers. Statistics land in device buffers and reach the host through pinned
-memory and CUDA events; the host reads a step once its event has completed (usually one
-step later) or when asked (``history()``, ``stats()``, ``close()``), and only then waits.
+In ``mode="backward"`` (the default) gradients are measured as soon as they are final,
+overlapping the rest of backward; in ``mode="step"``, all at ``mon.step()``; both give
+identical numbers. Results reach the host through pinned memory and CUDA events: the host
+reads a step once its event has completed (usually one step later) or when asked
+(``history()``, ``stats()``, ``close()``), and only then waits.
 
 A failure inside gradscope never reaches training: the step is recorded as failed (its
 measurements as absent, never as zeros), the error goes to ``mon.errors`` and one warning.
@@ -39,7 +37,7 @@ from gradscope.monitor.aggregate import LayerRows, RowGroups, blame_replicas
 from gradscope.monitor.engines import Engines
 from gradscope.monitor.options import WatchOptions
 from gradscope.monitor.replicated import DdpExtras
-from gradscope.monitor.resources import StepClock, as_scalar, describe_run
+from gradscope.monitor.resources import StepClock, as_scalar, check_metric_names, describe_run
 from gradscope.monitor.updates import UpdateTracker
 from gradscope.monitor.watched import select, untracked
 from gradscope.outputs.pump import RecordPump
@@ -191,6 +189,7 @@ class Monitor(RunReadout):
         if self._closed:
             self._warn_once("closed", "gradscope: mon.step() after close() is ignored")
             return
+        check_metric_names(metrics)
         given = (("loss", loss), *metrics.items())
         values = {name: as_scalar(value, name) for name, value in given if value is not None}
         step = self._step
@@ -254,6 +253,7 @@ class Monitor(RunReadout):
         if self._closed:
             self._warn_once("closed-log", "gradscope: mon.log() after close() is ignored")
             return
+        check_metric_names(metrics)
         values = {name: float(as_scalar(value, name)) for name, value in metrics.items()}
         with self._lock:
             self._emit(records.Metrics(max(self._step - 1, 0), values))

@@ -8,7 +8,7 @@ on :func:`gradscope.watch`; the checks here name the offending argument.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 
 import torch
@@ -32,8 +32,8 @@ def _positive_int(value, name: str) -> None:
 class WatchOptions:
     """The options of one monitor (see :func:`gradscope.watch` for their meaning).
 
-    The first eight may be given positionally, in this order, as ``watch`` has always
-    accepted them; the rest by keyword only.
+    The first seven (``every`` to ``history``) may be given positionally, in this order, as
+    ``watch`` has always accepted them after the model; the rest by keyword only.
     """
 
     every: int = 1
@@ -76,6 +76,8 @@ class WatchOptions:
             object.__setattr__(self, "thresholds", Thresholds())
         elif not isinstance(self.thresholds, Thresholds):
             raise TypeError(f"watch: thresholds must be a gradscope.Thresholds, got {type(self.thresholds).__name__}")
+        if isinstance(self.exporters, (str, bytes)) or not isinstance(self.exporters, Iterable):
+            raise TypeError(f"watch: exporters must be a list of Exporter objects, got {type(self.exporters).__name__}")
         exporters = tuple(self.exporters)
         for exporter in exporters:
             if not isinstance(exporter, Exporter):

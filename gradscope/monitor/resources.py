@@ -23,6 +23,7 @@ import torch
 
 from gradscope.distributed.topology import Topology
 from gradscope.monitor.watched import WatchedParams
+from gradscope.run.history import BUILT_IN_FIELDS
 from gradscope.run.info import RunInfo, package_version
 
 RING = 256
@@ -78,6 +79,14 @@ class StepRecord:
     peak_memory: float
     energy: float
     values: dict[str, float]  # loss, grad_scale and step metrics
+
+
+def check_metric_names(metrics: dict) -> None:
+    """A metric may not take the name of a field gradscope records itself (it would hide it)."""
+    taken = sorted(BUILT_IN_FIELDS.intersection(metrics))
+    if taken:
+        names = ", ".join(map(repr, taken))
+        raise ValueError(f"gradscope: {names} is gradscope's own history field; name the metric otherwise")
 
 
 def as_scalar(value, what: str) -> torch.Tensor | float:

@@ -19,7 +19,8 @@ from gradscope.stats.dispatch import NUMPY, Engine
 
 
 def scale_tensor(scaler) -> torch.Tensor | None:
-    """The scaler's current scale as a 0-d device tensor, or None without an enabled scaler."""
+    """The scaler's current scale as a 0-d device tensor; None without an enabled scaler, or
+    before its first ``scale()`` (which creates the scale: until then nothing is scaled)."""
     if scaler is None or not scaler.is_enabled():
         return None
     scale = getattr(scaler, "_scale", None)  # private: get_scale() would synchronise the host

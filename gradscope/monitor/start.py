@@ -65,7 +65,8 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
             scale in examples (None: in per-rank batches).
         noise_scale_decay: DDP: decay of the noise scale's moving averages, per sampled step.
 
-    The first eight options may also be given positionally, in this order. They are kept,
+    The first seven options (``every`` to ``history``) may also be given positionally, in
+    this order, after the model. They are kept,
     validated, as :class:`~gradscope.monitor.options.WatchOptions` (``mon.options``).
 
     Distributed runs (see :mod:`gradscope.distributed`): with DDP the statistics are those of
@@ -80,10 +81,8 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
     """
     try:
         chosen = WatchOptions(*args, **options)
-    except TypeError as error:
-        if "argument" not in str(error):  # a wrong type, named by WatchOptions' own checks
-            raise
-        raise TypeError(f"watch: {error}".replace("WatchOptions.__init__()", "watch()")) from None
+    except TypeError as error:  # Python names WatchOptions.__init__() for unknown arguments: say watch()
+        raise TypeError(str(error).replace("WatchOptions.__init__()", "watch()")) from None
     return Monitor(model, chosen)
 
 

@@ -195,16 +195,20 @@ class History:
         """The newest sampled step recorded, or -1."""
         return int(self._sampled_step.max())
 
+    def has_hist(self, step: int) -> bool:
+        """Whether the histograms of sampled ``step`` are still kept (``hist_capacity`` newest)."""
+        return bool(self._hist_step[(step // self.every) % self._hist_step.shape[0]] == step)
+
     def sampled_rows(self, step: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(rows float64 ``(R, ROW_WIDTH)``, present ``(R,)``) of a kept sampled step."""
+        """(rows float64 ``(R, ROW_WIDTH)``, present ``(R,)``) of a kept sampled step; the
+        histogram columns are zeros when its histograms are no longer kept (:meth:`has_hist`)."""
         slot = self._sampled_slot(step, claim=False)
         if slot < 0:
             return None
         rows = np.zeros((len(self.row_names), layout.ROW_WIDTH))
         rows[:, : layout.HIST] = self._scalars[slot]
-        hslot = (step // self.every) % self._hist_step.shape[0]
-        if self._hist_step[hslot] == step:
-            rows[:, layout.HIST :] = self._hist[hslot]
+        if self.has_hist(step):
+            rows[:, layout.HIST :] = self._hist[(step // self.every) % self._hist_step.shape[0]]
         return rows, self._present[slot].copy()
 
     def series(self, name: str, last: int | None = None) -> Series:

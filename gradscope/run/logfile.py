@@ -111,7 +111,9 @@ def read_log(path: str | os.PathLike) -> LoggedRun:
                     raise ValueError("the line is cut short")
                 record = records.decode(line)
             except (ValueError, KeyError, TypeError) as error:
-                if last_file and lineno == len(lines) and lineno > 1:
+                # A killed writer leaves its last line torn: the newest file's last line, or the
+                # header of a segment it had just begun (the earlier segments hold the run).
+                if last_file and lineno == len(lines) and (lineno > 1 or state is not None):
                     warnings.warn(
                         f"gradscope: skipping the torn last line of {where} ({error})", RuntimeWarning, stacklevel=2
                     )
@@ -144,8 +146,7 @@ def read_log(path: str | os.PathLike) -> LoggedRun:
                 continue
             if isinstance(record, records.Header):
                 raise RunLogError(f"{where}: a header in the middle of a file")
-            if isinstance(record, records.Closed):
-                closed = True
+            closed = isinstance(record, records.Closed)  # the log ends with close() only if nothing follows
             try:
                 _check_shapes(record, len(state.info.rows))
                 state.apply(record)

@@ -1,6 +1,6 @@
 """The records a run is made of, and their encoding as JSON lines.
 
-A record is what the monitor learns at one moment; :class:`gradscope.run.RunState` applies
+A record is what the monitor learns at one moment; :class:`gradscope.run.state.RunState` applies
 records, a run log stores them one JSON object per line, and exporters receive them. Bulky
 per-row arrays are packed as little-endian binary, compressed with zlib and base64-encoded
 inside the JSON object, so a line stays compact and the log stays plain JSON Lines.

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from run_builders import watched_lookups
 from torch import nn
 
 import gradscope
@@ -167,10 +168,7 @@ def test_dead_layer_behind_a_relu_with_large_negative_bias():
 def test_embeddings_are_not_dead_by_design():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Embedding(5000, 8), nn.Flatten(), nn.Linear(16, 1))
-    with gradscope.watch(model) as mon:
-        for _ in range(8):
-            model(torch.randint(0, 5000, (2, 2))).sum().backward()
-            mon.step()
+    with watched_lookups(model, steps=8, vocab=5000, zero_grad=False) as mon:
         assert "dead" not in kinds(mon.report())
         assert mon.history("zero_frac").values[-1, 0] > 0.99
 

@@ -301,6 +301,12 @@ def test_metrics_from_step_and_log():
         assert mon.history("lr").values[2] == pytest.approx(0.01)
         with pytest.raises(ValueError, match="loss must be a scalar"):
             mon.step(loss=torch.ones(3))
+        # A metric named like one of gradscope's own fields would hide it: refused, by name.
+        with pytest.raises(ValueError, match="'norm' is gradscope's own history field"):
+            mon.step(loss=1.0, norm=2.0)
+        with pytest.raises(ValueError, match="'loss' is gradscope's own history field"):
+            mon.log(loss=0.5)
+        assert mon.fields().count("norm") == 1 and mon.fields().count("loss") == 1
 
 
 def test_history_is_bounded_and_memory_stays_flat():

@@ -9,6 +9,7 @@ into two states gives the same history.
 
 import numpy as np
 import pytest
+from run_builders import run_info
 
 from gradscope.run import records
 from gradscope.run.history import STEP_FIELDS
@@ -17,24 +18,16 @@ from gradscope.run.state import INITIAL_LOSSES, KEPT_EVENTS, NonfiniteEvent, Run
 from gradscope.stats import layout
 
 NAMES = ("embed", "block.0", "block.1", "head")
+N_ROWS = len(NAMES)
 
 
 def make_info(rows=NAMES, *, every=1, history=100, hist_history=10, track_updates=False) -> RunInfo:
-    return RunInfo(
-        rows=tuple(rows),
-        row_types=("Linear",) * len(rows),
-        summary={},
-        every=every,
-        mode="backward",
-        granularity="layer",
-        history=history,
-        hist_history=hist_history,
-        track_updates=track_updates,
-        row_numel=(16,) * len(rows),
+    return run_info(
+        rows, numel=16, every=every, history=history, hist_history=hist_history, track_updates=track_updates
     )
 
 
-def make_rows(n=len(NAMES), *, numel=16.0, sumsq=None, nans=None, infs=None) -> np.ndarray:
+def make_rows(n=N_ROWS, *, numel=16.0, sumsq=None, nans=None, infs=None) -> np.ndarray:
     """Statistics rows: row i has sum i, sumsq (i + 1)**2, max_abs i + 1, i zeros, a histogram."""
     rows = np.zeros((n, layout.ROW_WIDTH))
     rows[:, layout.NUMEL] = numel

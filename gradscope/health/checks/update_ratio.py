@@ -37,7 +37,8 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
         if not hit.size:
             continue
         names = [view.rows[r] for r in hit]
-        typical = float(np.nanmedian(ratio[-1, hit]))
+        latest = np.array([ratio[np.flatnonzero(np.isfinite(ratio[:, r]))[-1], r] for r in hit])  # each row's own
+        typical = float(np.median(latest))
         findings.append(
             Finding(
                 kind="stalled_updates",
@@ -50,7 +51,7 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
                     f"against the {'lower' if side == 'low' else 'upper'} bound {bound:g} (~1e-3 is usual)"
                 ),
                 suggestion=SUGGESTIONS[f"stalled_updates_{side}"],
-                evidence={"side": side, "bound": bound, "ratio": {view.rows[r]: float(ratio[-1, r]) for r in hit}},
+                evidence={"side": side, "bound": bound, "ratio": dict(zip(names, latest.tolist(), strict=True))},
                 layers=tuple(names),
             )
         )

@@ -14,7 +14,7 @@ class Exporter:
     """Base class: override what you need. Methods run on the monitor's background thread."""
 
     def start(self, header: records.Header) -> None:
-        """The run begins; ``header.info`` describes it (a :class:`gradscope.run.RunInfo` as a dict)."""
+        """The run begins; ``header.info`` describes it (a :class:`gradscope.run.info.RunInfo` as a dict)."""
 
     def write(self, record: records.Record) -> None:
         """One record (see :mod:`gradscope.run.records`)."""

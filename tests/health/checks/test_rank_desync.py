@@ -1,30 +1,23 @@
 """The ``rank_desync`` check, fed by the records a DDP monitor emits."""
 
 import numpy as np
+from run_builders import run_state
 
 from gradscope import Thresholds
 from gradscope.health.report import assess
 from gradscope.run import records
-from gradscope.run.info import RunInfo
 from gradscope.run.state import RunState
 from gradscope.stats import layout
 
 
 def _run(world: int) -> RunState:
-    info = RunInfo(
-        rows=("a", "b", "c"),
-        row_types=("Linear",) * 3,
-        summary={},
-        every=1,
-        mode="backward",
-        granularity="layer",
+    state = run_state(
+        ("a", "b", "c"),
+        numel=(4, 4, 4),
         history=100,
         hist_history=10,
-        track_updates=False,
-        row_numel=(4, 4, 4),
         extra={"distributed": {"kind": "replicated", "world": world, "rank": 0, "global_rank": 0}},
     )
-    state = RunState(info)
     rows = np.zeros((3, layout.ROW_WIDTH))
     rows[:, layout.NUMEL] = 4
     rows[:, layout.SUMSQ] = 1.0

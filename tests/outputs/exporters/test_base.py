@@ -1,0 +1,241 @@
+"""``Exporter`` and ``ScalarExporter``: the interface's defaults, and records turned into named scalars.
+
+The expected scalars are computed here from the statistics columns with independent NumPy
+formulas (norm = sqrt(sumsq), rms = sqrt(sumsq / max(finite, 1)), zero_frac = zeros /
+max(numel, 1), update_ratio = sqrt(update_sq / weight_sq)), not with ``layout.derive``.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import run_builders
+
+from gradscope.outputs.exporters.base import Exporter, ScalarExporter
+from gradscope.run import records
+from gradscope.run.info import RunInfo
+from gradscope.stats import layout
+
+NAMES = ("enc", "mid", "head", "empty", "onefinite")
+
+
+def run_info() -> RunInfo:
+    return run_builders.run_info(NAMES, numel=(10, 6, 8, 0, 4), history=10, hist_history=5, track_updates=True)
+
+
+HEADER = records.Header(info=run_info().to_dict())
+
+# numel, sum, sumsq, max_abs, zeros, nans, infs per row
+COLUMNS = np.array(
+    [
+        [10, 1.5, 16.0, 3.0, 2, 0, 0],  # enc: all finite
+        [6, 0.0, 2.0, 1.0, 0, 0, 0],  # mid: absent in most tests
+        [8, -2.0, 9.0, 2.5, 1, 2, 1],  # head: 2 NaN, 1 Inf
+        [0, 0.0, 0.0, 0.0, 0, 0, 0],  # empty: no elements
+        [4, 2.5, 6.25, 2.5, 0, 2, 1],  # onefinite: a single finite element
+    ]
+)
+
+
+def make_rows(columns=COLUMNS) -> np.ndarray:
+    rows = np.zeros((columns.shape[0], layout.ROW_WIDTH))
+    rows[:, : layout.HIST] = columns
+    rows[:, layout.HIST + 46] = columns[:, 0] - columns[:, 4] - columns[:, 5] - columns[:, 6]
+    return rows
+
+
+def expected_layer_scalars(columns, present) -> dict:
+    out = {}
+    for name, (numel, _sum, sumsq, max_abs, zeros, nans, infs), here in zip(NAMES, columns, present, strict=True):
+        if not here:
+            continue
+        out[f"grad_norm/{name}"] = float(np.sqrt(sumsq))
+        out[f"grad_rms/{name}"] = float(np.sqrt(sumsq / max(numel - nans - infs, 1)))
+        out[f"grad_max_abs/{name}"] = float(max_abs)
+        out[f"grad_zero_frac/{name}"] = float(zeros / max(numel, 1))
+        if nans + infs:
+            out[f"grad_nonfinite/{name}"] = float(nans + infs)
+    return out
+
+
+class Capture(ScalarExporter):
+    def __init__(self):
+        self.scalars = []
+        self.histograms = []
+
+    def write_scalars(self, step, values):
+        self.scalars.append((step, dict(values)))
+
+    def write_histograms(self, record):
+        self.histograms.append(record)
+
+
+@pytest.fixture
+def capture() -> Capture:
+    exporter = Capture()
+    exporter.start(HEADER)
+    return exporter
+
+
+# ---- Exporter ---------------------------------------------------------------------------
+
+
+def test_exporter_defaults_do_nothing():
+    exporter = Exporter()
+    before = dict(vars(exporter))
+    assert exporter.start(HEADER) is None
+    for record in (
+        records.Sampled(0, make_rows(), np.ones(5, bool), np.arange(5)),
+        records.StepValues(0, {"loss": 1.0}),
+        records.Closed(1),
+    ):
+        assert exporter.write(record) is None
+    assert exporter.flush() is None
+    assert exporter.close() is None
+    assert vars(exporter) == before
+
+
+def test_scalar_exporter_defaults_write_nothing():
+    exporter = ScalarExporter()
+    exporter.start(HEADER)
+    assert exporter.info == run_info()
+    assert exporter.write(records.Sampled(0, make_rows(), np.ones(5, bool), np.arange(5))) is None
+    assert exporter.write(records.StepValues(0, {"loss": 1.0})) is None
+    assert exporter.write_scalars(0, {"x": 1.0}) is None
+    assert exporter.write_histograms(records.Sampled(0, make_rows(), np.ones(5, bool), np.arange(5))) is None
+
+
+# ---- sampled steps ----------------------------------------------------------------------
+
+
+def test_start_reads_the_run_info_from_the_header(capture):
+    assert capture.info == run_info()
+    assert capture.info.rows == NAMES
+
+
+def test_sampled_record_gives_exact_per_layer_scalars(capture):
+    present = np.array([True, False, True, True, True])
+    record = records.Sampled(12, make_rows(), present, np.arange(5))
+    capture.write(record)
+    ((step, values),) = capture.scalars
+    assert step == 12
+    assert values == expected_layer_scalars(COLUMNS, present)
+    # spelled out, for the rows that matter most
+    assert values["grad_norm/enc"] == 4.0
+    assert values["grad_rms/enc"] == np.sqrt(1.6)
+    assert values["grad_zero_frac/enc"] == 0.2
+    assert values["grad_rms/head"] == np.sqrt(9.0 / 5.0)  # over the 5 finite elements
+    assert values["grad_nonfinite/head"] == 3.0
+    assert values["grad_rms/empty"] == 0.0 and values["grad_zero_frac/empty"] == 0.0
+    assert values["grad_rms/onefinite"] == 2.5 and values["grad_nonfinite/onefinite"] == 3.0
+    assert "grad_nonfinite/enc" not in values and "grad_nonfinite/empty" not in values
+    assert not [k for k in values if k.endswith("/mid")]
+    assert all(type(v) is float for v in values.values())
+    assert capture.histograms == [record]
+
+
+def test_absent_rows_produce_nothing_even_with_nan_columns(capture):
+    rows = make_rows()
+    rows[[0, 2], :] = np.nan
+    present = np.array([False, True, False, False, False])
+    capture.write(records.Sampled(3, rows, present, np.full(5, -1)))
+    assert capture.scalars == [
+        (
+            3,
+            {
+                "grad_norm/mid": float(np.sqrt(2.0)),
+                "grad_rms/mid": float(np.sqrt(2.0 / 6.0)),
+                "grad_max_abs/mid": 1.0,
+                "grad_zero_frac/mid": 0.0,
+            },
+        )
+    ]
+
+
+def test_a_step_with_no_present_rows_writes_no_scalars(capture):
+    capture.write(records.Sampled(5, np.full((5, layout.ROW_WIDTH), np.nan), np.zeros(5, bool), np.arange(5)))
+    assert capture.scalars == [(5, {})]
+
+
+def test_random_rows_match_the_formulas(capture):
+    rng = np.random.default_rng(11)
+    for step in range(5):
+        numel = rng.integers(0, 1000, 5).astype(float)
+        nans = np.floor(numel * rng.uniform(0, 0.2, 5))
+        infs = np.floor(numel * rng.uniform(0, 0.2, 5))
+        zeros = np.floor((numel - nans - infs) * rng.uniform(0, 1, 5))
+        sumsq = rng.uniform(0, 50, 5)
+        columns = np.stack([numel, rng.normal(size=5), sumsq, rng.uniform(0, 3, 5), zeros, nans, infs], axis=1)
+        present = rng.uniform(size=5) > 0.3
+        capture.write(records.Sampled(step, make_rows(columns), present, np.arange(5)))
+        got_step, values = capture.scalars[-1]
+        assert got_step == step
+        assert values == pytest.approx(expected_layer_scalars(columns, present), rel=1e-15, abs=0)
+        assert values.keys() == expected_layer_scalars(columns, present).keys()
+
+
+# ---- update norms -----------------------------------------------------------------------
+
+
+def test_updates_give_update_ratios_and_leave_out_non_finite_ones(capture):
+    weight_sq = np.array([4.0, 0.0, 64.0, 0.0, np.nan])
+    update_sq = np.array([1.0, 1.0, 4.0, 0.0, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1/0 and 0/0 are not reported as NumPy warnings
+        capture.write(records.Updates(8, weight_sq, update_sq))
+    assert capture.scalars == [(8, {"update_ratio/enc": 0.5, "update_ratio/head": 0.25})]
+
+
+def test_update_ratios_match_the_formula(capture):
+    rng = np.random.default_rng(5)
+    weight_sq, update_sq = rng.uniform(0.1, 10, 5), rng.uniform(0, 1, 5)
+    capture.write(records.Updates(2, weight_sq, update_sq))
+    expected = {f"update_ratio/{n}": float(np.sqrt(u / w)) for n, w, u in zip(NAMES, weight_sq, update_sq, strict=True)}
+    ((step, values),) = capture.scalars
+    assert step == 2 and values.keys() == expected.keys()
+    assert values == pytest.approx(expected, rel=1e-15, abs=0)
+
+
+# ---- step values and metrics ------------------------------------------------------------
+
+
+def test_step_values_pass_finite_values_through(capture):
+    values = {
+        "loss": 2.5,
+        "step_time": 0.125,
+        "peak_memory": 1048576.0,
+        "energy": float("nan"),
+        "grad_scale": 65536.0,
+        "lr": 1e-3,
+        "acc": float("inf"),
+        "tokens": float("nan"),
+    }
+    capture.write(records.StepValues(4, values))
+    assert capture.scalars == [
+        (4, {"loss": 2.5, "step_time": 0.125, "peak_memory": 1048576.0, "grad_scale": 65536.0, "lr": 1e-3})
+    ]
+
+
+def test_step_values_put_resources_after_the_other_values(capture):
+    capture.write(records.StepValues(0, {"step_time": 0.5, "energy": 3.0, "loss": 1.0, "lr": 0.1}))
+    ((_, values),) = capture.scalars
+    assert list(values) == ["loss", "lr", "step_time", "energy"]
+
+
+def test_a_nan_loss_is_dropped(capture):
+    capture.write(records.StepValues(9, {"loss": float("nan")}))
+    assert capture.scalars == [(9, {})]
+
+
+def test_metrics_pass_finite_values_and_drop_nan(capture):
+    capture.write(records.Metrics(6, {"val_loss": 0.75, "bleu": float("nan"), "ppl": 12.0}))
+    assert capture.scalars == [(6, {"val_loss": 0.75, "ppl": 12.0})]
+    assert capture.histograms == []
+
+
+@pytest.mark.parametrize(
+    "record", [records.Failed(1), records.Desync(1, (0,), (1,)), records.Closed(3), records.Header(info={})]
+)
+def test_other_records_write_nothing(capture, record):
+    capture.write(record)
+    assert capture.scalars == [] and capture.histograms == []
