@@ -180,5 +180,7 @@ class Engines:
                 raise error
 
     def close(self) -> None:
+        """Release every capture, and the GradScaler and optimizer ``inv_scale`` holds."""
         for capture in self.captures.values():
             capture.close()
+        self._inv_scale = None

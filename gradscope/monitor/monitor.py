@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 import warnings
@@ -94,7 +95,8 @@ class Monitor(RunReadout):
             options.backend,
             options.mode,
             topo,
-            lambda key: scaler.inv_scale_for(self._scaler, self._optimizer, self.mode, key),
+            # No reference back to the monitor (a cycle would keep a dropped monitor alive).
+            functools.partial(scaler.inv_scale_for, options.scaler, options.optimizer, options.mode),
             one_device=options.check_consistency,
         )
         self._groups = RowGroups(self._watched.row_of)

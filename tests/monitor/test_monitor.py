@@ -369,6 +369,26 @@ def test_close_removes_hooks_and_releases_the_model():
     assert list(mon.history("norm").steps) == [0]  # history outlives the model
 
 
+def test_a_monitor_dropped_without_close_goes_at_once_and_takes_its_hooks():
+    """No reference cycle keeps a monitor alive: dropping the last reference frees it (no
+    garbage-collector pass needed) and its finalizer removes the hooks from the model."""
+    model = make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    gc.collect()
+    gc.disable()
+    try:
+        mon = gradscope.watch(model, optimizer=opt, scaler=scaler, track_updates=True)
+        train("mlp", model, mon, steps=2)
+        ref = weakref.ref(mon)
+        del mon
+        assert ref() is None, "a reference cycle keeps the dropped monitor alive"
+    finally:
+        gc.enable()
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()), "hooks left behind"
+    gradscope.watch(model).close()  # the model is free to be watched again
+
+
 def test_exception_in_a_hook_never_stops_training(monkeypatch):
     model = make("mlp")
     with gradscope.watch(model) as mon:
