@@ -20,6 +20,8 @@ The subpackages are the stages of the data flow, each importing only those befor
 kept from before this layout.
 """
 
+import sys
+
 from gradscope.health.findings import Finding
 from gradscope.health.readout import Run, load_run
 from gradscope.health.report import HealthReport, LayerHealth
@@ -32,6 +34,10 @@ from gradscope.stats import BACKENDS, TensorStats, grad_stats, layout
 from gradscope.stats.layout import HIST_EDGES, HIST_MIN_EXPONENT, NUM_BINS
 
 __version__ = package_version()
+
+# The row's definition was ``gradscope.layout`` before the stages had folders, and the
+# README pointed there: ``import gradscope.layout`` still finds it (the same module).
+sys.modules.setdefault("gradscope.layout", layout)
 
 __all__ = [
     "BACKENDS",

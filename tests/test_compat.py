@@ -29,6 +29,11 @@ def test_old_import_paths_are_the_new_objects():
     assert gradscope.runlog.load_run is readout.load_run is gradscope.load_run
     assert gradscope.runlog.RunLogError is logfile.RunLogError is gradscope.RunLogError
     assert gradscope.layout.ROW_WIDTH == 71
+    from gradscope.layout import HIST_EDGES, ROW_WIDTH
+
+    from gradscope.stats import layout
+
+    assert HIST_EDGES is layout.HIST_EDGES and ROW_WIDTH == layout.ROW_WIDTH
     assert gradscope.monitor.watch is gradscope.watch
 
 
