@@ -8,9 +8,11 @@ how to reach an up-to-date state (the monitor first collects what has reached th
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from gradscope.health.report import HealthReport, assess
@@ -22,7 +24,7 @@ from gradscope.run.state import RunState
 from gradscope.stats.tensor_stats import TensorStats
 
 
-class RunReadout:
+class RunReadout(abc.ABC):
     """History, statistics and health of a run (see the module docstring).
 
     Attributes:
@@ -48,10 +50,10 @@ class RunReadout:
     def summary(self) -> dict:
         return self.info.summary
 
-    @contextlib.contextmanager
-    def _reading(self, wait: bool) -> Iterator[RunState]:
-        """The run's state, up to date; with ``wait``, after everything in flight has arrived."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _reading(self, wait: bool) -> AbstractContextManager[RunState]:
+        """The run's state, up to date; with ``wait``, after everything in flight has arrived
+        (a context manager: a live monitor holds its lock while the state is read)."""
 
     def history(self, field: str) -> Series:
         """Values of ``field`` over the kept steps, oldest first (waits for pending steps).

@@ -80,6 +80,7 @@ class Monitor(RunReadout):
         self._optimizer, self._scaler = options.optimizer, options.scaler
         self._watched = select(model, options.params, options.granularity)
         self.topology = topo = topologies.topology(model, self._watched.params, self._watched.names)
+        self._replicated = topo.kind == "replicated"  # read in every hook call
         if options.check_consistency and topo.kind != "replicated":
             raise ValueError("watch: check_consistency=True needs a DistributedDataParallel model")
         if options.track_updates and topo.kind == "sharded":
@@ -155,7 +156,7 @@ class Monitor(RunReadout):
                 if not self._passes.measuring or self._step in self._failed_steps:
                     return  # not measured, or void already: one failure per step is enough
                 self._passes.arrived(index)
-                if self.topology.kind == "replicated":
+                if self._replicated:
                     return  # DDP has not averaged this gradient yet: measured when backward ends
                 self._engines.add(index, param.grad)
         except Exception as error:
@@ -164,14 +165,13 @@ class Monitor(RunReadout):
     def _on_backward_end(self, deferred: bool = False) -> None:
         try:
             with self._lock:
-                replicated = self.topology.kind == "replicated"
-                if replicated and self._passes.measuring and not deferred:
+                if self._replicated and self._passes.measuring and not deferred:
                     # DDP queues its own end-of-backward callback (which finishes averaging)
                     # after ours: measure from a callback queued behind it.
                     if hooks.queue_end_of_backward(lambda: self._on_backward_end(deferred=True)):
                         return
                 if self._passes.end():
-                    if replicated:
+                    if self._replicated:
                         self._engines.add_all(self._watched.params)
                     else:
                         self._engines.end_backward()
@@ -311,7 +311,7 @@ class Monitor(RunReadout):
             layer = self._groups.combine(param_rows, present, order, rank, ranks)
         else:
             layer = self._groups.combine(param_rows, present, order)
-            if self.topology.kind == "replicated":
+            if self._replicated:
                 layer = blame_replicas(layer, replica.nonfinite_ranks if replica is not None else ())
         self._emit(
             records.Sampled(step, layer.rows, layer.present, layer.order, layer.nonfinite_rank, layer.nonfinite_ranks)

@@ -66,7 +66,10 @@ def test_numbers_equal_reference_numpy(monkeypatch, name, mode, worker):
 @pytest.mark.parametrize("mode", ["backward", "step"])
 def test_numbers_equal_reference_triton(kernel_device, name, mode):
     if kernel_device != "cpu":
-        pytest.skip("covered by the CUDA tests on a GPU machine")
+        pytest.skip(
+            "compiled kernels read CUDA tensors and this test trains on the CPU; on a GPU, "
+            "test_no_host_sync_on_cuda checks the monitor's numbers against the reference (both modes)"
+        )
     model = make(name)
     with gradscope.watch(model, mode=mode, backend="triton") as mon:
         grads = train(name, model, mon, steps=2)
@@ -76,7 +79,10 @@ def test_numbers_equal_reference_triton(kernel_device, name, mode):
 @pytest.mark.parametrize("backend", ["numpy", "triton"])
 def test_backward_and_step_modes_give_identical_numbers(kernel_device, backend):
     if backend == "triton" and kernel_device != "cpu":
-        pytest.skip("covered by the CUDA tests")
+        pytest.skip(
+            "compiled kernels read CUDA tensors and this test trains on the CPU; on a GPU the property it "
+            "rests on is test_rows_do_not_depend_on_launch_companions (no monitor-level CUDA test of it)"
+        )
     a, b = make("transformer"), make("transformer")
     mon_a = gradscope.watch(a, mode="backward", backend=backend)
     mon_b = gradscope.watch(b, mode="step", backend=backend)
@@ -137,7 +143,10 @@ def test_accumulation_measures_the_complete_gradient():
 @pytest.mark.parametrize("backend", ["numpy", "triton"])
 def test_grad_scaler_statistics_are_unscaled_and_overflow_steps_skipped(kernel_device, backend):
     if backend == "triton" and kernel_device != "cpu":
-        pytest.skip("covered by the CUDA tests")
+        pytest.skip(
+            "compiled kernels read CUDA tensors and this test trains on the CPU; on a GPU, unscaling in the "
+            "kernel is checked by test_statistics_of_unscaled_gradients (no monitor-level CUDA GradScaler test)"
+        )
     model = make("mlp")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
