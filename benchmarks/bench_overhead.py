@@ -5,6 +5,7 @@ so that drifts of the machine (clock, other load) hit every method alike. Method
 
 * ``no monitoring``: the plain training step (forward, backward, optimizer step);
 * ``gradscope watch(every=1)`` and ``watch(every=10)``: every statistic, per layer;
+* the same with ``forward=True``: gradients plus every module's forward statistics;
 * ``per-parameter .norm().item()``: the hand-written loop (one host sync per parameter);
 * ``torch._foreach_norm + one sync``: the norm alone, as ``clip_grad_norm_`` computes it;
 * ``set_detect_anomaly(True)``: torch's anomaly mode;
@@ -128,9 +129,9 @@ def method_none(work: Workload):
     return (lambda step, loss: None), contextlib.nullcontext, lambda: None
 
 
-def method_gradscope(every: int, mode: str = "backward"):
+def method_gradscope(every: int, mode: str = "backward", forward: bool = False):
     def make(work: Workload):
-        mon = gradscope.watch(work.model, every=every, mode=mode)
+        mon = gradscope.watch(work.model, every=every, mode=mode, forward=forward)
         return (lambda step, loss: mon.step(loss=loss)), contextlib.nullcontext, mon.close
 
     return make
@@ -191,6 +192,8 @@ def available_methods() -> list[tuple[str, Callable]]:
         ("gradscope watch(every=1)", method_gradscope(1)),
         ("gradscope watch(every=10)", method_gradscope(10)),
         ("gradscope watch(every=1, mode='step')", method_gradscope(1, "step")),
+        ("gradscope watch(every=1, forward=True)", method_gradscope(1, forward=True)),
+        ("gradscope watch(every=10, forward=True)", method_gradscope(10, forward=True)),
         ("per-parameter .norm().item()", method_item_loop),
         ("torch._foreach_norm + one sync", method_foreach_norm),
         ("set_detect_anomaly(True)", method_anomaly),
@@ -231,9 +234,13 @@ def run_steps(work: Workload, make, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def run_model(name: str, device: str, rounds: int, steps: int) -> dict:
+def run_model(name: str, device: str, rounds: int, steps: int, only: list[str] | None = None) -> dict:
     work = Workload(name, device)
     methods = available_methods()
+    if only:
+        methods = [
+            (label, make) for label, make in methods if label == "no monitoring" or any(o in label for o in only)
+        ]
     print(f"\n{name}: {work.description}, {work.parameters / 1e6:.1f}M parameters, on {device}")
     # times[label][round] = step times of that method in that round
     times: dict[str, list[list[float]]] = {label: [] for label, _ in methods}
@@ -272,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per method per round")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated substrings of method labels to keep (plain step always kept)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda needs a CUDA device", file=sys.stderr)
@@ -279,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     models = args.models.split(",") if args.models else (["gpt2"] if args.device == "cuda" else ["mlp", "transformer"])
     env = environment(args.device)
     print(f"gradscope {env['gradscope']} overhead benchmark on {env['device']} ({env['torch_threads']} torch threads)")
-    entries = [run_model(name, args.device, args.rounds, args.steps) for name in models]
+    only = [m for m in args.methods.split(",") if m] if args.methods else None
+    entries = [run_model(name, args.device, args.rounds, args.steps, only) for name in models]
     out = Path(args.out) if args.out else RESULTS / f"overhead-{args.device}-{env['date'][:10]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "bench_overhead", "environment": env, "models": entries}, indent=2) + "\n")

@@ -23,6 +23,19 @@ optionally with one of the faults gradscope is built to find:
     forward is finite, but the unused branch's gradient ``0 * NaN`` is NaN, in ``blocks.4``
     and every layer below it. The optimizer writes the NaN into those weights and the loss
     jumps up.
+``fp16``
+    the model in pure float16 (``model.half()``), trained without a GradScaler, its loss
+    scaled by 1e-4 to give it the gradient sizes of a large model (~1e-6 rather than the
+    demo's ~1e-2): every float16 gradient value is below float16's smallest normal number
+    (6.1e-5), where it loses precision and, a few binades lower, flushes to zero. The model
+    does not learn. (Adam's default ``eps``, 1e-8, is 0 in float16 and would make its first
+    update 0/0: this fault uses ``eps=1e-4``, which float16 holds.)
+``forward-overflow``
+    ``blocks.6`` computes its activation, softplus, by hand in float16 (``log1p(exp(x))``
+    on ``x.half()``, as a low-precision kernel would): ``exp`` overflows to Inf once the
+    block's pre-activations pass 11.1, which they do as training grows them (about step
+    40). Forward statistics are on for this fault (``watch(..., forward=True)``), so the
+    report names ``blocks.6`` as the module where the Inf was born, in the forward pass.
 """
 
 from __future__ import annotations
@@ -38,14 +51,16 @@ from torch import nn
 if TYPE_CHECKING:
     from gradscope.monitor.monitor import Monitor
 
-FAULTS = ("none", "vanishing", "exploding", "dead", "nan")
+FAULTS = ("none", "vanishing", "exploding", "dead", "nan", "fp16", "forward-overflow")
 
 WIDTH = 64
 DEPTH = 10
 INPUTS = 32
 CLASSES = 8
 BATCH = 128
-FAULTY_BLOCK = {"exploding": 4, "dead": 3, "nan": 4}
+FAULTY_BLOCK = {"exploding": 4, "dead": 3, "nan": 4, "forward-overflow": 6}
+FP16_LOSS_SCALE = 1e-4
+"""The ``fp16`` fault's loss factor: the demo's gradients (~1e-2) become a large model's (~1e-6)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,16 @@ EXPECTED = {
         "dead", "blocks.3.linear", "'blocks.3.linear' is dead (bias -50 behind a ReLU); the layers before it starve"
     ),
     "nan": Expected("nonfinite", "blocks.4.linear", "NaN gradients start in 'blocks.4.linear' (the torch.where trap)"),
+    "fp16": Expected(
+        "underflow",
+        "input",
+        "pure float16 without a GradScaler: every gradient is below float16's smallest normal number, 'input' first",
+    ),
+    "forward-overflow": Expected(
+        "nonfinite",
+        "blocks.6",
+        "an Inf is born in the forward pass in 'blocks.6' (exp in float16 overflows as its pre-activations grow)",
+    ),
 }
 """For each fault, the finding the health report must contain and the layer it must name."""
 
@@ -104,6 +129,8 @@ class Block(nn.Module):
             return _FaultyBackwardReLU.apply(x, 1e5)
         if self.activation == "where_sqrt":
             return torch.where(x > 0, torch.sqrt(x), 0.0)
+        if self.activation == "softplus_half":
+            return torch.log1p(torch.exp(x.half())).to(x.dtype)
         raise ValueError(f"unknown activation {self.activation!r}")
 
 
@@ -136,6 +163,10 @@ def build(fault: str, device: str | torch.device = "cpu", seed: int = 0) -> Demo
     if fault == "dead":
         with torch.no_grad():
             model.blocks[FAULTY_BLOCK["dead"]].linear.bias.fill_(-50.0)
+    if fault == "forward-overflow":
+        model.blocks[FAULTY_BLOCK["forward-overflow"]].activation = "softplus_half"
+    if fault == "fp16":
+        model.half()
     return model.to(device)
 
 
@@ -170,11 +201,12 @@ def run(
 ) -> Monitor:
     """Train the demo model with ``fault`` for ``steps`` steps under :func:`gradscope.watch`.
 
-    The monitor watches every layer with update tracking and writes to ``log_dir`` and
-    ``exporters`` if given. Every step reports its loss to ``mon.step``; every
-    ``eval_every`` steps a held-out batch's loss and accuracy go to ``mon.log``
-    (``val_loss``, ``val_accuracy``). ``progress`` is called after each step with the step
-    index and the loss tensor.
+    The monitor watches every layer with update tracking (and, for ``forward-overflow``,
+    every module's outputs) and writes to ``log_dir`` and ``exporters`` if given. Every step
+    reports its loss to ``mon.step``; every ``eval_every`` steps a held-out batch's loss and
+    accuracy go to ``mon.log`` (``val_loss``, ``val_accuracy``). ``progress`` is called after
+    each step with the step index and the loss tensor. The ``fp16`` fault trains in float16
+    and reports its loss scaled by :data:`FP16_LOSS_SCALE` (the held-out loss is not scaled).
 
     Returns:
         The closed monitor (its history and report stay readable).
@@ -184,24 +216,28 @@ def run(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     model = build(fault, device)
+    dtype = next(model.parameters()).dtype
+    scale = FP16_LOSS_SCALE if fault == "fp16" else 1.0
     task = SyntheticTask(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # Adam's default eps (1e-8) is 0 in float16: pure-float16 training needs one float16 holds.
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4 if dtype == torch.float16 else 1e-8)
     held_out = task.batch(1024)
-    with watch(model, optimizer=opt, track_updates=True, log_dir=log_dir, exporters=exporters) as mon:
+    forward = fault == "forward-overflow"
+    with watch(model, optimizer=opt, track_updates=True, log_dir=log_dir, exporters=exporters, forward=forward) as mon:
         for step in range(steps):
             if fault == "exploding" and step == steps // 3:
                 model.blocks[FAULTY_BLOCK["exploding"]].activation = "faulty_backward"
             if fault == "nan" and step == steps // 2:
                 model.blocks[FAULTY_BLOCK["nan"]].activation = "where_sqrt"
             x, y = task.batch()
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x.to(dtype)).float(), y) * scale
             loss.backward()
             mon.step(loss=loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if (step + 1) % eval_every == 0 or step == steps - 1:
                 with torch.no_grad():
-                    logits = model(held_out[0])
+                    logits = model(held_out[0].to(dtype)).float()
                     val_loss = nn.functional.cross_entropy(logits, held_out[1])
                     accuracy = (logits.argmax(dim=1) == held_out[1]).float().mean()
                 mon.log(val_loss=val_loss, val_accuracy=accuracy)

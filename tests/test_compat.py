@@ -39,11 +39,31 @@ def test_old_import_paths_are_the_new_objects():
 
 def test_a_run_log_written_before_the_layout_change_gives_the_same_report():
     """A log written by gradscope at commit e76eb21 (a 2-layer model, track_updates, every=2,
-    a NaN batch at step 30, val_loss logged) reads back into the report that version printed."""
+    a NaN batch at step 30, val_loss logged) reads back into the report that version printed:
+    the same numbers, statuses and problems. What later versions add is checked as such: the
+    layers' non-finite counts, and the diagnosis of the NaN — the loss was NaN at the step the
+    gradients went NaN, so it was born in the forward pass (the NaN batch), and the NaN
+    gradients are its consequence."""
     run = gradscope.load_run(DATA / "run-e76eb21")
     expected = json.loads((DATA / "run-e76eb21-report.json").read_text())
     assert run.closed and run.rows == ("0", "2")
-    assert run.report().to_dict() == expected
+    got = run.report().to_dict()
+    for key in ("status", "step", "note", "first_nonfinite", "resources"):
+        assert got[key] == expected[key], key
+    added = ("nonfinite", "dtype", "fp8_e4m3_zero", "fp8_e5m2_zero")
+    assert [{k: v for k, v in layer.items() if k not in added} for layer in got["layers"]] == expected["layers"]
+    assert [layer["nonfinite"] for layer in got["layers"]] == [0, 0]  # the NaN step is not the latest
+    assert [layer["dtype"] for layer in got["layers"]] == [None, None]  # not recorded in that version
+    assert all(layer["fp8_e5m2_zero"] == 0.0 for layer in got["layers"])  # from the logged histograms
+    problems = {(f["kind"], f["severity"], f["layer"], f["since_step"]) for f in got["findings"]}
+    assert problems == {(f["kind"], f["severity"], f["layer"], f["since_step"]) for f in expected["findings"]}
+    loss, gradients = got["findings"][:2]
+    assert loss["layer"] is None and loss["evidence"]["pass"] == "forward" and loss["cause"] is None
+    assert gradients["layer"] == "2" and gradients["cause"] == {"kind": "nonfinite", "layer": None, "step": 30}
+    untouched = [f for f in expected["findings"] if f["kind"] != "nonfinite"]
+    assert [
+        {k: v for k, v in f.items() if k != "cause"} for f in got["findings"] if f["kind"] != "nonfinite"
+    ] == untouched
     assert expected["first_nonfinite"] is not None  # the fixture holds the NaN it was made with
     norm = run.history("norm")
     assert list(norm.steps) == list(range(0, 40, 2))

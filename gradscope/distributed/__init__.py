@@ -7,6 +7,7 @@ only a view across ranks can tell:
 * ``topology``: how a watched model is spread (single, DDP-replicated, FSDP2/DTensor-sharded);
 * ``sharded``: combining sharded rows with two asynchronous all-reduces (the row's declared
   combine rule, applied across ranks);
+* ``rank_rows``: combining rows each rank measures on its own data (forward statistics);
 * ``replicas``: DDP's communication hook and the per-step check that replicas agree;
 * ``noise_scale``: the gradient noise scale from per-rank and averaged gradient norms;
 * ``collectives``: waiting on asynchronous collectives.

@@ -11,6 +11,7 @@ KINDS = (
     "nonfinite",
     "rank_desync",
     "overflow",
+    "underflow",
     "exploding",
     "vanishing",
     "dead",
@@ -19,14 +20,34 @@ KINDS = (
     "divergence",
     "overfitting",
     "underfitting",
+    "fp8_range",
 )
 
 SUGGESTIONS = {
     "nonfinite": (
-        "The cause lies between the reported layer and the loss (it is the first layer, in backward "
-        "order, whose gradient went non-finite): look for log/sqrt/division of values near zero and "
-        "float16/bfloat16 overflow there. Lower the learning rate, clip gradients, use a GradScaler with "
-        "float16, and rerun that step under torch.autograd.detect_anomaly() to name the exact operation."
+        "Rerun that step under torch.autograd.detect_anomaly() to name the exact operation; lower the "
+        "learning rate and clip gradients if the weights themselves grew non-finite."
+    ),
+    "nonfinite_forward": (
+        "The value was born in the forward pass, in the named module's own computation (its inputs and its "
+        "submodules' outputs were finite): look there for overflow (float16 tops out at 65504: attention "
+        "logits, exp, large activations), log of zero or a negative number, division by zero, and sqrt of a "
+        "negative number. Keep that module in float32 (or use bfloat16), subtract the maximum before exp "
+        "(softmax/logsumexp), add an epsilon to divisions and logs, and clamp its inputs."
+    ),
+    "nonfinite_backward": (
+        "The forward pass was finite: the value was born in the backward pass, in the reported layer or "
+        "between it and the loss (it is the first layer, in backward order, whose gradient went "
+        "non-finite). Look for operations whose derivative is infinite where they are evaluated (sqrt or pow "
+        "with exponent < 1 at 0, log at 0, acos/asin at +-1, norm of a zero vector, torch.where hiding a "
+        "NaN branch), and for float16 gradients overflowing: use a GradScaler with float16, clip gradients, "
+        "lower the learning rate."
+    ),
+    "nonfinite_optimizer": (
+        "The optimizer step made the weights non-finite from finite gradients: in float16, Adam's eps "
+        "(1e-8) is 0 and its second moment can underflow to 0, so the update divides by zero; keep an "
+        "optimizer state and master weights in float32 (mixed precision: torch.autocast with a GradScaler), "
+        "or raise eps (1e-4 in float16). Also check a learning rate large enough to overflow the weights' format."
     ),
     "rank_desync": (
         "DDP ranks hold different gradients after the all-reduce, so their weights drift apart. Look for "
@@ -38,6 +59,17 @@ SUGGESTIONS = {
         "A GradScaler skipped steps whose scaled gradients overflowed. A few skips while it finds its "
         "scale are normal; if they keep happening, lower the initial scale (GradScaler(init_scale=...)) "
         "or the learning rate, and check for exploding gradients."
+    ),
+    "underflow": (
+        "Gradients of a low-precision tensor are flushed to zero or sit below the format's smallest normal "
+        "number, where they lose precision: with float16 use a GradScaler (torch.amp.GradScaler) or "
+        "train in bfloat16 (float32's range); scale the loss up (a sum instead of a mean, or a constant "
+        "factor with the learning rate divided by it); keep the affected layers in float32."
+    ),
+    "overflow_format": (
+        "Values reach the top of their format's range (float16: 65504) and become Inf one step later: "
+        "use bfloat16 or a GradScaler, keep this layer (or its softmax/exp) in float32, normalise its "
+        "inputs, and lower the learning rate if the values keep growing."
     ),
     "exploding": (
         "Clip gradients (torch.nn.utils.clip_grad_norm_), lower the learning rate or add warm-up, check "
@@ -76,6 +108,11 @@ SUGGESTIONS = {
         "Validation gets worse while training improves: stop early at the best validation step, add "
         "regularisation (weight decay, dropout), augment or add data, or use a smaller model."
     ),
+    "fp8_range": (
+        "In FP8 (per-tensor amax scaling) this layer's gradient would lose the reported fraction to zero: its "
+        "values span more binades than the format holds. Before training it in FP8, scale per block or per "
+        "row instead of per tensor, keep it in bfloat16, or use E5M2 (wider range) for its gradients."
+    ),
     "underfitting": (
         "The training loss is not going down: check the learning rate (too low or too high), the data "
         "and labels (targets shuffled against inputs?), that gradients reach the weights (see vanishing "
@@ -98,6 +135,9 @@ class Finding:
         suggestion: what usually helps, specific to the kind.
         evidence: the numbers behind the verdict (plain JSON types).
         layers: every layer concerned (``layer`` is the one to look at first).
+        cause: the earlier finding this one is a consequence of, as ``{"kind", "layer",
+            "step"}`` (``step``: the root finding's ``since_step``), or None for a root cause.
+            Set by :func:`gradscope.health.causes.link`.
     """
 
     kind: str
@@ -109,6 +149,7 @@ class Finding:
     suggestion: str
     evidence: dict = field(default_factory=dict)
     layers: tuple[str, ...] = ()
+    cause: dict | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -134,4 +175,5 @@ class Finding:
             "suggestion": self.suggestion,
             "evidence": self.evidence,
             "layers": list(self.layers),
+            "cause": dict(self.cause) if self.cause else None,
         }

@@ -87,12 +87,18 @@ class RunReadout(abc.ABC):
 
         Cheap enough to call every step: it reads what has reached the host (on GPU, steps
         whose results are still in flight are judged by the next call) over a bounded
-        window of sampled steps. ``wait=True`` first waits for every step in flight (a run
-        read back from its log has nothing in flight). ``thresholds`` overrides the run's
-        :class:`gradscope.Thresholds`.
+        window of sampled steps, and its note names the steps still in flight. ``wait=True``
+        first waits for every step in flight (a run read back from its log has nothing in
+        flight). ``thresholds`` overrides the run's :class:`gradscope.Thresholds`.
         """
         with self._reading(wait=wait) as state:
-            return assess(state, thresholds or self.thresholds)
+            in_flight = () if wait else self._in_flight()
+            return assess(state, thresholds or self.thresholds, in_flight)
+
+    def _in_flight(self) -> tuple[int, ...]:
+        """Sampled steps whose statistics have not reached the host yet (read while the state
+        is held); a run read back from its log has none."""
+        return ()
 
 
 class Run(RunReadout):

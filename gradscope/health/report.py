@@ -2,7 +2,8 @@
 
 :func:`assess` judges a :class:`~gradscope.run.state.RunState`: it cuts the checks' view out
 of it (:func:`gradscope.health.view.view_of`), runs every check of
-:data:`gradscope.health.checks.CHECKS` and assembles the report.
+:data:`gradscope.health.checks.CHECKS`, links consequences to their causes
+(:func:`gradscope.health.causes.link`) and assembles the report.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradscope.health.causes import describe, link, refers_to
 from gradscope.health.checks import CHECKS
 from gradscope.health.findings import SEVERITIES, Finding
 from gradscope.health.thresholds import Thresholds
 from gradscope.health.view import RunView, view_of
 from gradscope.run.state import RunState
+from gradscope.stats import formats
 
 STATUSES = ("healthy", "warning", "critical")
 
@@ -28,7 +31,12 @@ class LayerHealth:
 
     ``status`` is the most severe finding concerning the layer (``"healthy"`` if none), or
     ``"absent"`` when the layer had no gradient in the report's window. Values are None
-    when absent.
+    when absent. ``norm``, ``rms`` and ``max_abs`` are over the gradient's finite elements;
+    ``nonfinite`` counts its NaN and Inf elements (the printed report shows ``nan`` for the
+    three when it is above 0, never the finite elements' numbers alone). ``dtype`` is the
+    gradient's dtype; ``fp8_e4m3_zero`` and ``fp8_e5m2_zero`` are FP8 readiness: the fraction
+    of its finite non-zero values that a cast to that format with per-tensor amax scaling
+    would flush to zero (:mod:`gradscope.stats.formats`; None when the histogram is not kept).
     """
 
     name: str
@@ -41,6 +49,10 @@ class LayerHealth:
     hist: list[int] | None
     update_ratio: float | None
     status: str
+    nonfinite: int | None = None
+    dtype: str | None = None
+    fp8_e4m3_zero: float | None = None
+    fp8_e5m2_zero: float | None = None
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -53,7 +65,8 @@ class HealthReport:
     Attributes:
         status: ``"healthy"``, ``"warning"`` or ``"critical"``: the most severe finding
             (``info`` findings, such as a plateau, leave a run healthy).
-        findings: most severe first.
+        findings: root causes, most severe first, each followed by its consequences (the
+            findings whose ``cause`` names it; see :mod:`gradscope.health.causes`).
         first_nonfinite: ``(step, layer)`` of the first gradient to hold NaN/Inf (first in
             backward order at the first such step), or None.
         layers: one :class:`LayerHealth` per row.
@@ -62,7 +75,8 @@ class HealthReport:
             the world size of a distributed run, parameter count, trainable count, bytes
             and layers.
         step: the latest step the report covers (-1 before the first step).
-        note: a remark about the report itself (for example, that there are no steps yet).
+        note: a remark about the report itself (for example, that there are no steps yet,
+            or that some sampled steps' statistics are still in flight).
     """
 
     status: str
@@ -90,6 +104,20 @@ class HealthReport:
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
 
+    @property
+    def root_causes(self) -> tuple[Finding, ...]:
+        """The findings no other finding of the report explains, in report order: what to fix
+        first. A finding explained by an event that is not a finding (a learning-rate increase)
+        is among them."""
+        return tuple(f for f in self.findings if not self._explained(f))
+
+    def consequences(self, finding: Finding) -> tuple[Finding, ...]:
+        """The findings whose ``cause`` is ``finding``."""
+        return tuple(f for f in self.findings if f is not finding and refers_to(f.cause, finding))
+
+    def _explained(self, finding: Finding) -> bool:
+        return any(g is not finding and refers_to(finding.cause, g) for g in self.findings)
+
     def __str__(self) -> str:
         lines = [f"gradscope health: {self.status.upper()} at step {self.step} ({len(self.findings)} findings)"]
         if self.note:
@@ -97,22 +125,27 @@ class HealthReport:
         if self.layers:
             lines.append(
                 f"  {'layer':<28} {'type':<12} {'numel':>10} {'norm':>9} {'rms':>9} {'max|g|':>9} "
-                f"{'zero%':>6} {'upd/w':>8}  status"
+                f"{'zero%':>6} {'nonfin':>6} {'upd/w':>8}  status"
             )
             for row in self.layers:
                 name = row.name if len(row.name) <= 28 else "…" + row.name[-27:]
+                bad = bool(row.nonfinite)  # finite elements' numbers would read as a healthy (or zero) gradient
+                nonfin = "-" if row.nonfinite is None else str(row.nonfinite)
                 lines.append(
-                    f"  {name:<28} {row.type[:12]:<12} {row.numel:>10d} {_num(row.norm):>9} {_num(row.rms):>9} "
-                    f"{_num(row.max_abs):>9} {_pct(row.zero_frac):>6} {_num(row.update_ratio):>8}  {row.status}"
+                    f"  {name:<28} {row.type[:12]:<12} {row.numel:>10d} {_num(row.norm, bad):>9} "
+                    f"{_num(row.rms, bad):>9} {_num(row.max_abs, bad):>9} {_pct(row.zero_frac):>6} {nonfin:>6} "
+                    f"{_num(row.update_ratio):>8}  {row.status}"
                 )
         if self.findings:
-            lines.append("  findings, most severe first:")
+            lines.append("  findings, root causes first (most severe first), each followed by its consequences (↳):")
             suggested = set()
             for f in self.findings:
                 where = f" in '{f.layer}'" if f.layer else ""
-                lines.append(f"  [{f.severity}] {f.kind}{where}, step {f.step}: {f.message}")
+                after = f" ({describe(f.cause)})" if f.cause else ""
+                indent = "      ↳ " if self._explained(f) else "  "
+                lines.append(f"{indent}[{f.severity}] {f.kind}{where}, step {f.step}: {f.message}{after}")
                 if f.suggestion not in suggested:  # each advice once, at its first finding
-                    lines.append(f"      try: {f.suggestion}")
+                    lines.append(f"{' ' * len(indent)}    try: {f.suggestion}")
                     suggested.add(f.suggestion)
         if self.resources:
             parts = [f"{key}={_resource(key, value)}" for key, value in self.resources.items()]
@@ -120,8 +153,11 @@ class HealthReport:
         return "\n".join(lines)
 
 
-def assess(state: RunState, thresholds: Thresholds) -> HealthReport:
+def assess(state: RunState, thresholds: Thresholds, in_flight: tuple[int, ...] = ()) -> HealthReport:
     """The health report of the run ``state`` describes, judged with ``thresholds``.
+
+    ``in_flight``: sampled steps whose statistics have not reached the host yet (on the
+    device, or in a collective); the report's note names them.
 
     Raises:
         TypeError: ``thresholds`` is not a :class:`gradscope.Thresholds`.
@@ -129,31 +165,48 @@ def assess(state: RunState, thresholds: Thresholds) -> HealthReport:
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"report: thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
     info = state.info
-    return build(view_of(state, thresholds), thresholds, info.rows, info.row_types, info.summary)
+    return build(view_of(state, thresholds), thresholds, info.rows, info.row_types, info.summary, in_flight)
 
 
 def build(
-    view: RunView | None, thresholds: Thresholds, rows: tuple[str, ...], row_types: tuple[str, ...], summary: dict
+    view: RunView | None,
+    thresholds: Thresholds,
+    rows: tuple[str, ...],
+    row_types: tuple[str, ...],
+    summary: dict,
+    in_flight: tuple[int, ...] = (),
 ) -> HealthReport:
-    """Run every check on ``view`` and assemble the report (``view`` None: no steps yet)."""
+    """Run every check on ``view``, link consequences to causes and assemble the report
+    (``view`` None: no steps yet; ``in_flight`` as for :func:`assess`)."""
+    waiting = _in_flight_note(in_flight)
     if view is None or (len(view.steps) == 0 and len(view.sampled_steps) == 0):
         layers = tuple(
             LayerHealth(n, t, 0, None, None, None, None, None, None, "absent")
             for n, t in zip(rows, row_types, strict=True)
         )
-        return HealthReport(
-            "healthy", (), None, layers, dict(summary), -1, note="no steps recorded yet: nothing to judge"
-        )
-    findings, failed = [], []
+        note = "no steps recorded yet: nothing to judge"
+        if waiting:
+            note = f"no steps have reached the host yet: nothing to judge; {waiting}"
+        return HealthReport("healthy", (), None, layers, dict(summary), -1, note=note)
+    findings, failed, notes = [], [], []
     for check in CHECKS:
         try:
             findings += check(view, thresholds)
         except Exception as error:  # a broken check must not take the report (or training) down
             failed.append(f"{check.__module__.rsplit('.', 1)[-1]}: {type(error).__name__}: {error}")
+    if failed:
+        notes.append("checks that failed: " + "; ".join(failed))
     findings.sort(key=lambda f: (-f.rank, f.since_step))
+    try:
+        findings = link(findings, view, thresholds)
+    except Exception as error:  # as for a check: the findings stand without their causes
+        notes.append(f"linking findings to their causes failed ({type(error).__name__}: {error}): shown unlinked")
+    if waiting:
+        notes.append(waiting)
     worst = max((f.rank for f in findings), default=0)
     status = STATUSES[worst] if worst > 0 else "healthy"
-    first = next((f for f in findings if f.kind == "nonfinite" and f.layer is not None), None)
+    gradients = [f for f in findings if f.kind == "nonfinite" and f.layer is not None]
+    first = min(gradients, key=lambda f: f.since_step, default=None)
     step = int(
         max(view.steps[-1] if len(view.steps) else -1, view.sampled_steps[-1] if len(view.sampled_steps) else -1)
     )
@@ -164,7 +217,26 @@ def build(
         layers=_layers(view, findings),
         resources=_resources(view),
         step=step,
-        note=("checks that failed: " + "; ".join(failed)) if failed else None,
+        note="; ".join(notes) if notes else None,
+    )
+
+
+def _in_flight_note(steps: tuple[int, ...]) -> str | None:
+    """What the report does not include yet: "statistics of sampled step 41 are still in flight ..."."""
+    steps = sorted({int(s) for s in steps})
+    if not steps:
+        return None
+    if len(steps) == 1:
+        which = f"sampled step {steps[0]}"
+    elif steps[-1] - steps[0] == len(steps) - 1:
+        which = f"sampled steps {steps[0]}-{steps[-1]}"
+    elif len(steps) <= 4:
+        which = "sampled steps " + ", ".join(map(str, steps[:-1])) + f" and {steps[-1]}"
+    else:
+        which = f"{len(steps)} sampled steps ({steps[0]} to {steps[-1]})"
+    return (
+        f"statistics of {which} are still in flight (on the device or in a collective); "
+        "report(wait=True) waits for them"
     )
 
 
@@ -190,8 +262,11 @@ def _layers(view: RunView, findings: list[Finding]) -> tuple[LayerHealth, ...]:
             continue
         i = seen[-1]  # the row's latest sampled step with a gradient
         ratio = view.update_ratio[i, r] if view.update_ratio is not None else np.nan
+        nonfinite = view.nonfinite[i, r]
         hist = view.latest_hist[r] if view.latest_hist is not None else None
         hist = None if hist is None or np.isnan(hist).any() else hist  # no longer kept
+        fp8 = formats.fp8_fields(hist, view.max_abs[i, r]) if hist is not None else {}
+        fp8 = {name: float(value) if np.isfinite(value) else None for name, value in fp8.items()}
         out.append(
             LayerHealth(
                 name=name,
@@ -204,6 +279,10 @@ def _layers(view: RunView, findings: list[Finding]) -> tuple[LayerHealth, ...]:
                 hist=hist.astype(np.int64).tolist() if hist is not None else None,
                 update_ratio=float(ratio) if np.isfinite(ratio) else None,
                 status=status.get(name, "healthy"),
+                nonfinite=int(nonfinite) if np.isfinite(nonfinite) else None,
+                dtype=view.row_dtypes[r] if len(view.row_dtypes) == len(view.rows) else None,
+                fp8_e4m3_zero=fp8.get("fp8_e4m3_zero"),
+                fp8_e5m2_zero=fp8.get("fp8_e5m2_zero"),
             )
         )
     return tuple(out)
@@ -246,8 +325,10 @@ def _plain(value):
     return value
 
 
-def _num(value) -> str:
-    return "-" if value is None else f"{value:.2e}"
+def _num(value, nonfinite: bool = False) -> str:
+    if value is None:
+        return "-"
+    return "nan" if nonfinite else f"{value:.2e}"
 
 
 def _pct(value) -> str:

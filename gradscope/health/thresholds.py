@@ -21,7 +21,9 @@ class Thresholds:
             must hold before it is a finding (one bad step is not a finding).
         explode_rms: exploding: a layer's gradient rms above this ceiling.
         spike_factor: exploding: the total gradient norm above this many times its running
-            median over the previous ``spike_window`` sampled steps (a spike).
+            median over the previous ``spike_window`` sampled steps (a spike), and above the
+            run's initial total norm (the largest of its first ``smooth`` sampled steps) divided by
+            this factor (a converged run's ordinary batch is not a spike).
         spike_window: sampled steps in that running median; spikes are reported while they
             are among the last ``spike_window`` sampled steps.
         trend_window: exploding: sampled steps over which a sustained rise is looked for.
@@ -32,6 +34,11 @@ class Thresholds:
             largest layer's rms at the same step (gradient flow collapsing).
         dead_zero_frac: dead: fraction of a layer's gradient that is exactly zero at or above
             this (embedding layers, sparse by design, are not judged).
+        underflow_fraction: underflow: fraction of a float16 tensor's finite non-zero values below
+            float16's smallest normal (``2**-14``) at or above which its values are underflowing.
+        fp8_flush_fraction: fp8_range: fraction of a layer's finite non-zero gradient values that
+            FP8 (E5M2, per-tensor amax scaling) would flush to zero, at or above which it is an
+            (``info``) finding.
         update_ratio_low: stalled_updates: ``||update|| / ||weight||`` below this (learning
             rate too low; ~1e-3 is usual).
         update_ratio_high: stalled_updates: the ratio above this (learning rate too high).
@@ -69,6 +76,8 @@ class Thresholds:
     vanish_rms: float = 1e-9
     vanish_ratio: float = 1e-5
     dead_zero_frac: float = 0.99
+    underflow_fraction: float = 0.5
+    fp8_flush_fraction: float = 0.05
     update_ratio_low: float = 1e-7
     update_ratio_high: float = 0.1
     overflow_window: int = 100
@@ -92,7 +101,14 @@ class Thresholds:
                     raise ValueError(f"Thresholds.{spec.name} must be a positive integer, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"Thresholds.{spec.name} must be a positive number, got {value!r}")
-        for name in ("dead_zero_frac", "overflow_warn_fraction", "underfit_min_drop", "plateau_tolerance"):
+        for name in (
+            "dead_zero_frac",
+            "underflow_fraction",
+            "fp8_flush_fraction",
+            "overflow_warn_fraction",
+            "underfit_min_drop",
+            "plateau_tolerance",
+        ):
             if getattr(self, name) > 1:
                 raise ValueError(f"Thresholds.{name} is a fraction and must be at most 1, got {getattr(self, name)!r}")
         if self.spike_factor <= 1 or self.trend_growth <= 1:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradscope.health.thresholds import Thresholds
-from gradscope.run.records import Desync
+from gradscope.run.forward_history import ForwardNonfinite
+from gradscope.run.records import Desync, Forward
 from gradscope.run.state import NonfiniteEvent, RunState
 from gradscope.stats import layout
 
@@ -50,9 +51,28 @@ class RunView:
     world: int = 1  # ranks of a distributed run
     first_bad_loss: tuple[int, float] | None = None
     initial_loss: float | None = None  # mean loss of the run's first steps
+    initial_grad_norm: float | None = None  # largest total gradient norm of the run's first sampled steps
     summary: dict = field(default_factory=dict)
     latest_hist: np.ndarray | None = None  # (R, 64): each row's histogram at its latest present step
     backward_order: np.ndarray | None = None  # (S, R): 0 = final first (nearest the loss), -1 unknown, NaN absent
+    row_dtypes: tuple[str, ...] = ()  # gradient dtype per row ("" or absent: unknown)
+    modules: tuple[str, ...] = ()  # forward statistics: module names (empty: forward statistics off)
+    module_types: tuple[str, ...] = ()
+    forward_steps: np.ndarray | None = None  # (F,) sampled steps with forward statistics kept
+    forward_events: tuple[ForwardNonfinite, ...] = ()  # the first forward steps that held NaN/Inf
+    forward_latest: Forward | None = None  # the newest forward record (outputs, inputs, dtypes)
+
+    def loss_state(self, step: int) -> str:
+        """Whether the loss of ``step`` was ``"finite"``, ``"nonfinite"`` or ``"unknown"`` (not
+        recorded: the history keeps a missing loss as NaN too, so a NaN counts as non-finite only
+        at or after the run's first non-finite loss)."""
+        found = np.flatnonzero(self.steps == step)
+        value = float(self.loss[found[-1]]) if found.size else float("nan")
+        if np.isfinite(value):
+            return "finite"
+        if np.isinf(value) or (self.first_bad_loss is not None and self.first_bad_loss[0] <= step and found.size):
+            return "nonfinite"
+        return "unknown"
 
     def _derived(self, name: str) -> np.ndarray:
         return layout.derive(
@@ -148,9 +168,18 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         world=int(info.extra.get("distributed", {}).get("world", 1)),
         first_bad_loss=state.first_bad_loss,
         initial_loss=float(np.mean(initial)) if initial else None,
+        initial_grad_norm=(
+            float(np.max(state.initial_grad_norms[: thresholds.smooth])) if state.initial_grad_norms else None
+        ),
         summary=dict(info.summary),
         latest_hist=latest_hist,
         backward_order=rows("backward_order"),
+        row_dtypes=info.row_dtypes,
+        modules=info.modules,
+        module_types=info.module_types,
+        forward_steps=state.forward.steps() if state.forward is not None else None,
+        forward_events=tuple(state.forward.events) if state.forward is not None else (),
+        forward_latest=state.forward.latest if state.forward is not None else None,
     )
 
 

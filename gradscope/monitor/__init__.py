@@ -8,6 +8,8 @@ hands on records (:mod:`gradscope.run.records`) to its run state, run log and ex
 * ``hooks``: backward-pass hooks, the end of backward, gradient-accumulation counting;
 * ``scaler``: unscaling under a GradScaler (the only place that knows its internals);
 * ``capture``: the capture engines per device (Triton launches, NumPy worker);
+* ``forward``, ``forward_rows``: forward statistics (``watch(..., forward=True)``): module
+  hooks on sampled steps, and the per-step rows of every module's inputs and outputs;
 * ``aggregate``: per-parameter rows into per-layer rows (pure functions);
 * ``replicated``: DDP's extras (communication hook, noise scale, replica check);
 * ``resources``: step time, memory, energy; ``updates``: update/weight norms around

@@ -112,3 +112,25 @@ class BackwardPasses:
         self.finished = 0
         self.order[:] = -1
         self._next = 0
+
+
+def failure_reporter(monitor) -> Callable[[BaseException], None]:
+    """``monitor._fail`` (under its lock), holding the monitor weakly: hooks must not keep a
+    dropped monitor alive."""
+    ref = weakref.ref(monitor)
+
+    def report(error: BaseException) -> None:
+        alive = ref()
+        if alive is not None:
+            with alive._lock:
+                alive._fail(error)
+
+    return report
+
+
+def release(handles: list, forward=None) -> None:
+    """Remove a monitor's backward hooks and, if it has forward statistics, its module hooks
+    (what a dropped monitor's finalizer does)."""
+    remove_handles(handles)
+    if forward is not None:
+        forward.remove()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 import threading
 import warnings
 import weakref
@@ -36,13 +35,13 @@ from gradscope.health.readout import RunReadout
 from gradscope.monitor import hooks, scaler
 from gradscope.monitor.aggregate import LayerRows, RowGroups, blame_replicas
 from gradscope.monitor.engines import Engines
+from gradscope.monitor.forward import ForwardCapture
 from gradscope.monitor.options import WatchOptions
 from gradscope.monitor.replicated import DdpExtras
 from gradscope.monitor.resources import StepClock, as_scalar, check_metric_names, describe_run
 from gradscope.monitor.updates import UpdateTracker
-from gradscope.monitor.watched import select, untracked
+from gradscope.monitor.watched import new_params_warning, select
 from gradscope.outputs.pump import RecordPump
-from gradscope.outputs.runlog import RunLog
 from gradscope.run import records
 from gradscope.run.state import RunState
 from gradscope.stats import layout
@@ -111,9 +110,13 @@ class Monitor(RunReadout):
                 self._engines.captures[key].zero_rows = True  # hashed rows of absent parameters must be zeros
         device = next((p.device for p in self._watched.params if p.device.type == "cuda"), torch.device("cpu"))
         self._clock = StepClock(device)
-        self.info = describe_run(target, options, self._watched, topo)
+        self._forward = None
+        if options.forward:
+            self._forward = ForwardCapture.of(target, options.backend, topo, device, hooks.failure_reporter(self))
+            self._forward.install()  # step 0 is sampled
+        self.info = describe_run(target, options, self._watched, topo, self._forward)
         self._run = RunState(self.info)
-        exporters = self._exporters()
+        exporters = self.options.destinations(topo) if self.is_logging_rank else []  # silent ranks: none
         header = records.Header(self.info.to_dict(), thresholds=dataclasses.asdict(self.thresholds))
         self._pump = RecordPump(exporters, header) if exporters else None
 
@@ -129,20 +132,9 @@ class Monitor(RunReadout):
         if options.track_updates:
             self._updates = UpdateTracker(options.optimizer, self._watched.params, self._update_step)
         _WATCHED[target] = weakref.ref(self)
-        self._finalizer = weakref.finalize(self, hooks.remove_handles, self._handles)
+        self._finalizer = weakref.finalize(self, hooks.release, self._handles, self._forward)
 
     # ---- set-up -------------------------------------------------------------------------
-
-    def _exporters(self) -> list:
-        """The run log and exporters this rank feeds (none on a silent rank)."""
-        if not self.is_logging_rank:
-            return []  # silent: the logging rank has the same numbers
-        exporters, log_dir = list(self.options.exporters), self.options.log_dir
-        if log_dir is not None:
-            if self.options.log_rank is None and self.topology.world > 1:
-                log_dir = os.path.join(log_dir, f"rank-{self.topology.global_rank:05d}")
-            exporters.insert(0, RunLog(log_dir))
-        return exporters
 
     # ---- hooks --------------------------------------------------------------------------
 
@@ -204,6 +196,7 @@ class Monitor(RunReadout):
                         except Exception as error:
                             self._fail(error)  # the step is void, but its collectives still run
                     self._finish_sampled(step)
+                    self._finish_forward(step)
                     self._engines.raise_error()
                     self._raise_update_error()
                 scale = scaler.scale_tensor(self._scaler)
@@ -222,6 +215,16 @@ class Monitor(RunReadout):
                 self._engines.reset()
                 if self._ddp is not None:
                     self._ddp.measuring = self._step % self.every == 0
+                if self._forward is not None:
+                    if self._step % self.every == 0:
+                        self._forward.install()
+                    else:
+                        self._forward.remove()  # unsampled steps run without forward hooks
+
+    def _finish_forward(self, step: int) -> None:
+        """Close a sampled step's forward statistics (dropped if the step failed)."""
+        if self._forward is not None:
+            self._forward.finish(step, failed=step in self._failed_steps)
 
     def _finish_sampled(self, step: int) -> None:
         """End a sampled step's captures and issue its collectives. In a distributed run every
@@ -276,6 +279,9 @@ class Monitor(RunReadout):
                 break
             del self._pending[step]
             self._record_sampled(step, present, order, arrived)
+        if self._forward is not None:
+            for record in self._forward.completed(block):
+                self._emit(record)
         for record in self._clock.completed(block):
             values = {"step_time": record.step_time, "peak_memory": record.peak_memory, "energy": record.energy}
             self._emit(records.StepValues(record.step, {**values, **record.values}))
@@ -326,6 +332,11 @@ class Monitor(RunReadout):
                 self._collect(block=wait)
             yield self._run
 
+    def _in_flight(self) -> tuple[int, ...]:
+        """Sampled steps whose statistics have not all reached the host."""
+        forward = self._forward.pending if self._forward is not None else ()
+        return tuple(sorted({*self._pending, *forward}))
+
     @property
     def step_index(self) -> int:
         """Steps completed so far (``mon.step()`` calls)."""
@@ -359,16 +370,9 @@ class Monitor(RunReadout):
 
     def _check_new_params(self) -> None:
         model = self._model()
-        if model is None:
-            return
-        new = untracked(model, self._watched)
-        if new:
-            self._warn_once(
-                "new-params",
-                f"gradscope: parameters added after watch() are not monitored: {', '.join(new[:10])}"
-                + (" ..." if len(new) > 10 else "")
-                + "; close() and watch() again to include them",
-            )
+        message = new_params_warning(model, self._watched) if model is not None else None
+        if message:
+            self._warn_once("new-params", message)
 
     # ---- closing ------------------------------------------------------------------------
 
@@ -383,6 +387,8 @@ class Monitor(RunReadout):
                 self._fail(error)
             self._closed = True
             hooks.remove_handles(self._handles)
+            if self._forward is not None:
+                self._forward.close()
             if self._updates is not None:
                 self._updates.close()
             self._engines.close()

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from gradscope.health.thresholds import Thresholds
 from gradscope.monitor.watched import GRANULARITIES, ParamSelector
 from gradscope.outputs.exporters.base import Exporter
+from gradscope.outputs.runlog import RunLog
 from gradscope.stats.dispatch import BACKENDS
 
 MODES = ("backward", "step")
@@ -56,6 +57,7 @@ class WatchOptions:
     comm_hook: bool = True
     batch_size: int | None = None
     noise_scale_decay: float = 0.95
+    forward: bool = False
 
     def __post_init__(self) -> None:
         for name in ("every", "accumulation_steps", "history", "hist_history"):
@@ -85,6 +87,8 @@ class WatchOptions:
                     f"watch: exporters must be gradscope.exporters.Exporter objects, got {type(exporter).__name__}"
                 )
         object.__setattr__(self, "exporters", exporters)
+        if not isinstance(self.forward, bool):
+            raise TypeError(f"watch: forward must be True or False, got {self.forward!r}")
         if self.batch_size is not None:
             _positive_int(self.batch_size, "batch_size")
         decay = self.noise_scale_decay
@@ -94,6 +98,16 @@ class WatchOptions:
         rank = self.log_rank
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world):
             raise ValueError(f"watch: log_rank must be None or a rank in [0, {world}), got {rank!r}")
+
+    def destinations(self, topology) -> list[Exporter]:
+        """The run log (``log_dir``; under ``rank-NNNNN`` when every rank of a distributed run
+        logs) and the exporters, in the order records reach them."""
+        exporters, log_dir = list(self.exporters), self.log_dir
+        if log_dir is not None:
+            if self.log_rank is None and topology.world > 1:
+                log_dir = os.path.join(log_dir, f"rank-{topology.global_rank:05d}")
+            exporters.insert(0, RunLog(log_dir))
+        return exporters
 
 
 OPTION_NAMES = tuple(f.name for f in fields(WatchOptions))

@@ -182,9 +182,20 @@ def model_summary(model: torch.nn.Module, rows: int) -> dict:
     }
 
 
-def describe_run(target: torch.nn.Module, options, watched: WatchedParams, topology: Topology) -> RunInfo:
+def row_dtypes(watched: WatchedParams) -> tuple[str, ...]:
+    """Each row's gradient dtype: the least precise among its parameters (fewest mantissa bits)."""
+    chosen: dict[int, torch.dtype] = {}
+    for row, param in zip(watched.row_of, watched.params, strict=True):
+        dtype, row = param.dtype, int(row)
+        if row not in chosen or (dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(chosen[row]).eps):
+            chosen[row] = dtype
+    return tuple(str(chosen[r]).removeprefix("torch.") for r in range(len(watched.row_names)))
+
+
+def describe_run(target: torch.nn.Module, options, watched: WatchedParams, topology: Topology, forward=None) -> RunInfo:
     """The :class:`~gradscope.run.info.RunInfo` of a monitor of ``target`` (the unwrapped model)
-    with ``options`` (its :class:`~gradscope.monitor.options.WatchOptions`)."""
+    with ``options`` (its :class:`~gradscope.monitor.options.WatchOptions`); ``forward``: its
+    :class:`~gradscope.monitor.forward.ForwardCapture`, if any."""
     row_numel = np.bincount(watched.row_of, weights=watched.numel, minlength=len(watched.row_names))
     extra = {
         "gradscope": package_version(),
@@ -205,4 +216,7 @@ def describe_run(target: torch.nn.Module, options, watched: WatchedParams, topol
         track_updates=options.track_updates,
         row_numel=tuple(int(n) for n in row_numel),
         extra=extra,
+        row_dtypes=row_dtypes(watched),
+        modules=forward.names if forward is not None else (),
+        module_types=forward.types if forward is not None else (),
     )

@@ -64,6 +64,12 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         batch_size: DDP: examples per rank per optimisation step, to express the noise
             scale in examples (None: in per-rank batches).
         noise_scale_decay: DDP: decay of the noise scale's moving averages, per sampled step.
+        forward: also measure every module's outputs (and inputs no module produced) on
+            sampled steps, with the same statistics and no host sync
+            (:mod:`gradscope.monitor.forward`): the report can then name the module where
+            a NaN/Inf was born in the forward pass, and judge activations' number formats.
+            Costs one read of each activation on sampled steps (see README for the measured
+            overhead); off by default.
 
     The first seven options (``every`` to ``history``) may also be given positionally, in
     this order, after the model. They are kept,

@@ -115,3 +115,15 @@ def untracked(model: torch.nn.Module, watched: WatchedParams) -> list[str]:
     does not cover: added, or replaced by new Parameter objects, after ``watch()``."""
     known = {id(p) for p in watched.params}
     return [name for name, p in unwrap(model).named_parameters() if id(p) not in known and watched.selector(name, p)]
+
+
+def new_params_warning(model: torch.nn.Module, watched: WatchedParams) -> str | None:
+    """The warning for parameters :func:`untracked` finds (None when there are none)."""
+    new = untracked(model, watched)
+    if not new:
+        return None
+    shown = ", ".join(new[:10]) + (" ..." if len(new) > 10 else "")
+    return (
+        f"gradscope: parameters added after watch() are not monitored: {shown}; "
+        "close() and watch() again to include them"
+    )

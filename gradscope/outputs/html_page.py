@@ -12,6 +12,7 @@ import datetime
 import html
 import os
 
+from gradscope.health.causes import describe
 from gradscope.health.report import HealthReport
 from gradscope.outputs.visual import RunData, figure, png_bytes
 
@@ -63,11 +64,12 @@ def html_report(source, report: HealthReport | None = None, title: str = "gradsc
     for f in report.findings:
         advice = esc(f.suggestion) if f.suggestion not in suggested else '<span class="muted">as above</span>'
         suggested.add(f.suggestion)
+        cause = f'<br><span class="muted cause">{esc(describe(f.cause))}</span>' if f.cause else ""
         parts.append(
             f'<tr class="finding"><td><span class="status {esc(f.severity)}">{esc(f.severity)}</span></td>'
             f"<td>{esc(f.kind)}</td><td>{esc(f.layer or '')}</td>"
             f'<td class="num">{"" if f.since_step is None else f.since_step}</td><td class="num">{f.step}</td>'
-            f"<td>{esc(f.message)}</td><td>{advice}</td></tr>"
+            f"<td>{esc(f.message)}{cause}</td><td>{advice}</td></tr>"
         )
     if not report.findings:
         parts.append('<tr><td colspan="7">No findings: the run looks healthy.</td></tr>')
@@ -84,13 +86,16 @@ def html_report(source, report: HealthReport | None = None, title: str = "gradsc
         parts.append(f"<h2>{captions[panel]}</h2>")
         parts.append(f'<img id="{panel}" alt="{esc(captions[panel])}" src="data:image/png;base64,{encoded}">')
     parts.append('<h2>Layers</h2><table id="layers"><thead><tr><th>layer</th><th>type</th><th>numel</th>')
-    parts.append("<th>norm</th><th>rms</th><th>max |g|</th><th>zeros</th><th>update/weight</th><th>status</th>")
+    parts.append("<th>norm</th><th>rms</th><th>max |g|</th><th>zeros</th><th>NaN/Inf</th><th>update/weight</th>")
+    parts.append("<th>FP8 E5M2 flushed</th><th>status</th>")
     parts.append("</tr></thead><tbody>")
     for row in report.layers:
+        # A layer holding NaN/Inf shows nan, never the finite elements' numbers alone.
+        norm, rms, max_abs = (float("nan"),) * 3 if row.nonfinite else (row.norm, row.rms, row.max_abs)
         parts.append(
-            f"<tr><td>{esc(row.name)}</td><td>{esc(row.type)}</td>{_cell(row.numel, 'int')}{_cell(row.norm)}"
-            f"{_cell(row.rms)}{_cell(row.max_abs)}{_cell(row.zero_frac, 'pct')}{_cell(row.update_ratio)}"
-            f"<td>{esc(row.status)}</td></tr>"
+            f"<tr><td>{esc(row.name)}</td><td>{esc(row.type)}</td>{_cell(row.numel, 'int')}{_cell(norm)}"
+            f"{_cell(rms)}{_cell(max_abs)}{_cell(row.zero_frac, 'pct')}{_cell(row.nonfinite, 'int')}"
+            f"{_cell(row.update_ratio)}{_cell(row.fp8_e5m2_zero, 'pct')}<td>{esc(row.status)}</td></tr>"
         )
     parts.append("</tbody></table><h2>Resources</h2><table><tbody>")
     for key, value in report.resources.items():

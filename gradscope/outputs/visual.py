@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradscope.health.report import HealthReport
+from gradscope.run.forward_history import FORWARD_FIELDS
 from gradscope.run.history import BUILT_IN_FIELDS
 from gradscope.stats import layout
 
@@ -73,7 +74,7 @@ class RunData:
         loss = source.history("loss")
         metrics = {}
         for name in source.fields():
-            if name in BUILT_IN_FIELDS:
+            if name in BUILT_IN_FIELDS or name in FORWARD_FIELDS:
                 continue
             series = source.history(name)
             ok = np.isfinite(series.values)

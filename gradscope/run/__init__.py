@@ -3,7 +3,8 @@
 Receives records (:mod:`gradscope.run.records`: what the monitor learns at one moment — a
 sampled step's statistics rows per layer, a step's loss and resources, metrics, update
 norms, failures) and hands on the run's state: a bounded history of every field
-(:mod:`gradscope.run.history`) and the events a report must never forget
+(:mod:`gradscope.run.history`; forward statistics in :mod:`gradscope.run.forward_history`,
+with where a NaN/Inf first appeared in the forward pass) and the events a report must never forget
 (:class:`~gradscope.run.state.RunState`), described by a
 :class:`~gradscope.run.info.RunInfo`. A live monitor and a run log replayed by
 :mod:`gradscope.run.logfile` build the same state from the same records. What the state

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradscope.stats import layout
+from gradscope.stats import formats, layout
 
 STEP_FIELDS = ("loss", "step_time", "peak_memory", "energy", "grad_scale")
 """Per-step values: loss, seconds since the previous step, peak memory in bytes (running
@@ -34,7 +34,7 @@ step (NVML), and the GradScaler scale the step's gradients were multiplied by.""
 ROW_FIELDS = (*layout.SCALAR_FIELDS, *layout.DERIVED_FIELDS, "present")
 UPDATE_FIELDS = ("weight_norm", "update_norm", "update_ratio")
 """Per-row fields of update tracking, from :func:`update_norms`."""
-OTHER_ROW_FIELDS = ("hist", "backward_order")
+OTHER_ROW_FIELDS = ("hist", "backward_order", *formats.FP8_FIELDS)
 STEP_FLAGS = ("failed", "skipped")
 BUILT_IN_FIELDS = frozenset((*ROW_FIELDS, *UPDATE_FIELDS, *OTHER_ROW_FIELDS, *STEP_FIELDS, *STEP_FLAGS))
 """Every history field that is not a logged metric."""
@@ -219,6 +219,8 @@ class History:
         if name == "hist":
             order = _ring_order(self._hist_step, last)
             return Series(name, self._hist[order].astype(np.float64), self._hist_step[order], self.row_names)
+        if name in formats.FP8_FIELDS:
+            return self._fp8_series(name, last)
         if name not in ROW_FIELDS and name not in UPDATE_FIELDS and name != "backward_order":
             raise KeyError(f"unknown history field {name!r}; known: {', '.join(self.fields())}")
         if name in UPDATE_FIELDS and self._updates is None:
@@ -229,6 +231,18 @@ class History:
         if name != "present":
             values = np.where(present, values, np.nan)
         return Series(name, values, self._sampled_step[order], self.row_names)
+
+    def _fp8_series(self, name: str, last: int | None) -> Series:
+        """An FP8 readiness field (:data:`gradscope.stats.formats.FP8_FIELDS`) at the steps whose
+        histograms are kept; NaN where a row was absent."""
+        order = _ring_order(self._hist_step, last)
+        steps = self._hist_step[order]
+        slots = (steps // self.every) % self._sampled_step.shape[0]
+        kept = self._sampled_step[slots] == steps
+        max_abs = np.where(kept[:, None], self._scalars[slots, :, layout.MAX_ABS], np.nan)
+        present = kept[:, None] & self._present[slots]
+        values = formats.fp8_fields(self._hist[order].astype(np.float64), max_abs)[name]
+        return Series(name, np.where(present, values, np.nan), steps, self.row_names)
 
     def _row_values(self, name: str, order: np.ndarray) -> np.ndarray:
         if name == "present":

@@ -33,6 +33,12 @@ class RunInfo:
         hist_history: sampled steps whose histograms are kept.
         track_updates: whether update norms are recorded.
         row_numel: elements per row when all its parameters have gradients.
+        row_dtypes: the gradient dtype of each row (``"float32"``; the least precise when its
+            parameters differ); empty in logs written before it was recorded.
+        modules: with forward statistics (``watch(..., forward=True)``), the names of every
+            module whose inputs and outputs are measured, in model order (the watched model
+            itself is ``"(root)"``); empty otherwise.
+        module_types: their class names.
         extra: anything else recorded with the run (versions, creation time).
     """
 
@@ -47,6 +53,9 @@ class RunInfo:
     track_updates: bool
     row_numel: tuple[int, ...]
     extra: dict = field(default_factory=dict)
+    row_dtypes: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+    module_types: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,4 +65,6 @@ class RunInfo:
         data = dict(data)
         for name in ("rows", "row_types", "row_numel"):
             data[name] = tuple(data[name])
+        for name in ("row_dtypes", "modules", "module_types"):  # absent from older logs
+            data[name] = tuple(data.get(name, ()))
         return cls(**data)

@@ -18,11 +18,12 @@ import numpy as np
 
 from gradscope.stats import layout
 
-SCHEMA = 2
+SCHEMA = 3
 """Version of the run-log format this gradscope writes (and the newest it reads).
 
 1: the first format. 2: adds the ranks of non-finite gradients to ``sampled`` records and
-``desync`` records (distributed runs); version-1 logs are read as before."""
+``desync`` records (distributed runs). 3: adds ``forward`` records (forward statistics) and
+the rows' gradient dtypes to the header. Older logs are read as before."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,40 @@ class Sampled:
     order: np.ndarray
     nonfinite_rank: np.ndarray | None = None
     nonfinite_ranks: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Forward statistics of a sampled step (``watch(..., forward=True)``), for ``M`` modules.
+
+    Attributes:
+        step: the sampled step whose forward passes were measured.
+        outputs: float64 ``(M, ROW_WIDTH)``, statistics of each module's output tensors (all
+            its calls in the step combined); zeros where absent.
+        inputs: float64 ``(M, ROW_WIDTH)``, statistics of the input tensors of each module that
+            no measured module produced (the batch at the root, tensors computed by a parent's
+            own code between its submodules); zeros where there were none.
+        order: int64 ``(2, M)``, the position in the step's forward sequence (module calls
+            starting = inputs, row 0; module calls returning = outputs, row 1) of the first
+            call whose tensors held NaN/Inf, else of the first call; -1 where absent.
+        dtypes: per module, the dtype name of its (first floating) output, "" where absent.
+        autocast: the autocast dtype during the measured forward ("" when autocast was off).
+        nonfinite_rank: int64 ``(2, M)`` in distributed runs (rows combined over the ranks):
+            the lowest rank whose tensors of that row held NaN/Inf (-1: none); else None.
+    """
+
+    step: int
+    outputs: np.ndarray
+    inputs: np.ndarray
+    order: np.ndarray
+    dtypes: tuple[str, ...]
+    autocast: str = ""
+    nonfinite_rank: np.ndarray | None = None
+
+    @property
+    def present(self) -> np.ndarray:
+        """bool ``(2, M)``: inputs measured (row 0), outputs measured (row 1)."""
+        return self.order >= 0
 
 
 @dataclass(frozen=True)
@@ -102,7 +137,7 @@ class Closed:
     steps: int
 
 
-Record = Header | Sampled | StepValues | Metrics | Updates | Desync | Failed | Closed
+Record = Header | Sampled | Forward | StepValues | Metrics | Updates | Desync | Failed | Closed
 
 
 def _pack(arrays: list[tuple[str, np.ndarray]]) -> dict:
@@ -165,6 +200,20 @@ def encode(record: Record) -> str:
             arrays.append(("nf_rank", record.nonfinite_rank.astype(np.int32)))
             arrays.append(("nf_ranks", record.nonfinite_ranks.astype(np.int32)))
         obj = {"t": "sampled", "step": int(record.step), **_pack(arrays)}
+    elif isinstance(record, Forward):
+        both = np.stack([record.inputs, record.outputs])
+        hist = both[..., layout.HIST :]
+        counts = hist.astype(np.uint32 if hist.max(initial=0) < 2**32 else np.uint64)
+        arrays = [("order", record.order.astype(np.int64)), ("scalars", both[..., : layout.HIST]), ("hist", counts)]
+        if record.nonfinite_rank is not None:
+            arrays.append(("nf_rank", record.nonfinite_rank.astype(np.int32)))
+        obj = {
+            "t": "forward",
+            "step": int(record.step),
+            "dtypes": list(record.dtypes),
+            "autocast": record.autocast,
+            **_pack(arrays),
+        }
     elif isinstance(record, StepValues):
         obj = {"t": "step", "step": int(record.step), "v": _scalars(record.values)}
     elif isinstance(record, Metrics):
@@ -199,6 +248,19 @@ def decode(line: str) -> Record:
         if "nf_rank" in a:
             ranks = {"nonfinite_rank": a["nf_rank"].astype(np.int64), "nonfinite_ranks": a["nf_ranks"].astype(np.int64)}
         return Sampled(obj["step"], rows, a["present"].astype(bool), a["order"].astype(np.int64), **ranks)
+    if kind == "forward":
+        a = _unpack(obj)
+        both = np.concatenate([a["scalars"].astype(np.float64), a["hist"].astype(np.float64)], axis=-1)
+        rank = a["nf_rank"].astype(np.int64) if "nf_rank" in a else None
+        return Forward(
+            obj["step"],
+            both[1],
+            both[0],
+            a["order"].astype(np.int64),
+            tuple(obj["dtypes"]),
+            obj.get("autocast", ""),
+            rank,
+        )
     if kind == "step":
         return StepValues(obj["step"], _floats(obj["v"]))
     if kind == "metrics":

@@ -6,6 +6,7 @@ A live :class:`gradscope.Monitor` feeds it records as measurements reach the hos
 same health report (:mod:`gradscope.health` reads a ``RunState``). The records are:
 
 * ``sampled``: a sampled step's per-row statistics rows, presence and backward order;
+* ``forward``: a sampled step's forward statistics per module (``watch(..., forward=True)``);
 * ``step``: a step's scalar values (loss, step time, memory, energy, scale, step metrics);
 * ``metrics``: metrics logged with ``mon.log``;
 * ``updates``: per-row squared weight and update norms;
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gradscope.run import records
+from gradscope.run.forward_history import FORWARD_FIELDS, ForwardHistory
 from gradscope.run.history import STEP_FIELDS, History, Series
 from gradscope.run.info import RunInfo
 from gradscope.stats import layout
@@ -29,7 +31,8 @@ KEPT_EVENTS = 32
 """Non-finite events remembered for the whole run (beyond the history's window)."""
 
 INITIAL_LOSSES = 64
-"""First finite losses remembered for the whole run (underfitting is judged against them)."""
+"""First finite losses, and first non-zero total gradient norms, remembered for the whole run
+(underfitting and gradient spikes are judged against them)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,8 @@ class RunState:
         self.desync_steps = 0
         self.first_bad_loss: tuple[int, float] | None = None
         self.initial_losses: list[float] = []
+        self.initial_grad_norms: list[float] = []
+        self.forward = ForwardHistory(info.modules) if info.modules else None
 
     # ---- records ------------------------------------------------------------------------
 
@@ -78,6 +83,9 @@ class RunState:
             self.add_sampled(
                 record.step, record.rows, record.present, record.order, record.nonfinite_rank, record.nonfinite_ranks
             )
+        elif isinstance(record, records.Forward):
+            if self.forward is not None:
+                self.forward.add(record)
         elif isinstance(record, records.StepValues):
             self.add_step(record.step, record.values)
         elif isinstance(record, records.Metrics):
@@ -102,6 +110,10 @@ class RunState:
         backward order (-1 where unknown); distributed runs add, per row, the lowest rank
         whose gradient held NaN/Inf and how many ranks did."""
         self.history.add_sampled(step, rows, present, order)
+        if present.any() and len(self.initial_grad_norms) < INITIAL_LOSSES:
+            total = float(np.sqrt(rows[present, layout.SUMSQ].sum()))
+            if np.isfinite(total) and total > 0:
+                self.initial_grad_norms.append(total)
         bad = present & (rows[:, layout.NANS] + rows[:, layout.INFS] > 0)
         if not bad.any():
             return
@@ -155,10 +167,17 @@ class RunState:
     # ---- reading ------------------------------------------------------------------------
 
     def series(self, name: str, last: int | None = None) -> Series:
+        if name in FORWARD_FIELDS:
+            if self.forward is None:
+                raise KeyError(f"{name!r} needs watch(..., forward=True)")
+            values, steps = self.forward.series(name)
+            if last is not None:
+                values, steps = values[len(steps) - last :], steps[len(steps) - last :]
+            return Series(name, values, steps, self.info.modules)
         return self.history.series(name, last)
 
     def fields(self) -> tuple[str, ...]:
-        return self.history.fields()
+        return self.history.fields() + (FORWARD_FIELDS if self.forward is not None else ())
 
     def stats(self, step: int | None = None) -> TensorStats:
         """Statistics of the rows present at a sampled ``step`` (default: the latest)."""

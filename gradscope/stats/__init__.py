@@ -9,7 +9,9 @@ computed in one read of the tensor's bytes:
 * ``dispatch``: which backend reads which tensor (one rule, for ``grad_stats`` and the monitor);
 * ``numpy_backend`` (any device, on the CPU) and ``triton_backend`` (glue to the kernels in
   ``gradscope.kernels``, CUDA or Triton's interpreter);
-* ``compute``: :func:`grad_stats`, the public entry point; ``tensor_stats``: :class:`TensorStats`.
+* ``compute``: :func:`grad_stats`, the public entry point; ``tensor_stats``: :class:`TensorStats`;
+* ``formats``: number formats (float16, bfloat16, FP8) and what a row's histogram says about
+  them: values below the smallest normal, FP8 readiness.
 
 Nothing here knows about training, steps or layers.
 """

@@ -25,13 +25,25 @@ def _jobs():
 def test_ddp_two_ranks(tmp_path, mode):
     results = run_ranks(_jobs().ddp_job, 2, tmp_path, mode, 1, 4)
     first, second = results
+
     # Gradient findings and layers are the same on every rank; the loss is each rank's own
-    # (rank 1's was NaN at step 4, rank 0's was not).
+    # (rank 1's was NaN at step 4, rank 0's was not), and so is what it proves: on rank 1 the
+    # NaN loss is the root (born in its forward pass) and the NaN gradients its consequence;
+    # rank 0's finite loss says nothing about rank 1's forward pass, so the pass is unknown there.
+    def same_problem(f):
+        return {k: v for k, v in f.items() if k not in ("message", "cause", "suggestion", "evidence")} | {
+            "evidence": {k: v for k, v in f["evidence"].items() if k != "pass"}
+        }
+
     gradient_findings = [[f for f in r["report"]["findings"] if f["layer"] is not None] for r in results]
-    assert gradient_findings[0] == gradient_findings[1] != []
+    assert [same_problem(f) for f in gradient_findings[0]] == [same_problem(f) for f in gradient_findings[1]] != []
+    assert gradient_findings[0][0]["evidence"]["pass"] == "unknown" and gradient_findings[0][0]["cause"] is None
+    assert "each rank sees only its own loss" in gradient_findings[0][0]["message"]
+    assert gradient_findings[1][0]["cause"] == {"kind": "nonfinite", "layer": None, "step": 4}
     assert first["report"]["layers"] == second["report"]["layers"]
     loss_findings = [[f for f in r["report"]["findings"] if f["layer"] is None] for r in results]
-    assert loss_findings[0] == [] and [f["message"] for f in loss_findings[1]] == ["the loss is nan at step 4"]
+    assert loss_findings[0] == [] and len(loss_findings[1]) == 1
+    assert loss_findings[1][0]["message"].startswith("the loss is nan at step 4: the NaN/Inf was born in the forward")
     kinds = [f["kind"] for f in first["report"]["findings"]]
     assert "rank_desync" not in kinds, "replicas of a correct DDP run agree"
     nonfinite = next(f for f in first["report"]["findings"] if f["kind"] == "nonfinite" and f["layer"])

@@ -92,6 +92,7 @@ def test_to_dict_carries_every_field_as_plain_json():
         "suggestion": SUGGESTIONS["dead"],
         "evidence": {"zero_frac": 1.0, "numel": 34, "layers": ["fc2"]},
         "layers": ["fc2", "fc1"],
+        "cause": None,
     }
     assert type(data["step"]) is int and type(data["since_step"]) is int
     assert type(data["layers"]) is list
@@ -133,10 +134,9 @@ def test_every_kind_has_a_suggestion(kind):
 
 def test_no_suggestion_without_a_kind():
     def kind_of(key: str) -> str:
-        for side in ("_low", "_high"):
-            if key.endswith(side) and key[: -len(side)] in KINDS:
-                return key[: -len(side)]
-        return key
+        """A key is a kind, or a kind and a variant of its advice ("nonfinite_forward")."""
+        owners = [kind for kind in KINDS if key == kind or key.startswith(kind + "_")]
+        return max(owners, key=len) if owners else key
 
     assert {kind_of(key) for key in SUGGESTIONS} == set(KINDS)
     assert len(set(SUGGESTIONS.values())) == len(SUGGESTIONS)  # no advice is copied for two keys

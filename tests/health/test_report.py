@@ -2,12 +2,20 @@
 
 import json
 
+import numpy as np
 import pytest
+import run_builders
 import torch
 from run_builders import watched_lookups
 from torch import nn
 
 import gradscope
+from gradscope import Thresholds, demo
+from gradscope.health import report as report_module
+from gradscope.health.readout import Run
+from gradscope.health.report import assess
+from gradscope.run import records
+from gradscope.stats import layout
 
 GRADIENT_KINDS = {"nonfinite", "exploding", "vanishing", "dead", "stalled_updates", "overflow"}
 
@@ -293,8 +301,9 @@ def test_report_is_plain_json_readable_and_sorted():
         report = mon.report()
     data = json.loads(report.to_json())
     assert data["status"] == "critical"
-    ranks = [gradscope.health.findings.SEVERITIES.index(f["severity"]) for f in data["findings"]]
-    assert ranks == sorted(ranks, reverse=True)
+    roots = [f for f in data["findings"] if f["cause"] is None]  # root causes, most severe first
+    ranks = [gradscope.health.findings.SEVERITIES.index(f["severity"]) for f in roots]
+    assert ranks == sorted(ranks, reverse=True) and len(roots) == len(report.root_causes)
     assert data["layers"][0]["name"] == "0" and len(data["layers"][0]["hist"]) == 64
     text = str(report)
     assert text.startswith("gradscope health: CRITICAL")
@@ -329,3 +338,161 @@ def test_loss_starting_at_zero():
             mon.step(loss=float(step))
         (divergence,) = [f for f in mon.report().findings if f.kind == "divergence"]
     assert divergence.evidence["best"] == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# Causes, non-finite layers and steps in flight, on runs fed record by record
+# --------------------------------------------------------------------------------------
+
+NAMES = ("a", "b", "c")
+
+
+def sampled(step, nans=(0, 0, 0), infs=(0, 0, 0)):
+    """A sampled step over ``NAMES``: 10 elements per row, each finite one 0.1."""
+    rows = np.zeros((len(NAMES), layout.ROW_WIDTH))
+    rows[:, layout.NUMEL] = 10
+    rows[:, layout.NANS] = nans
+    rows[:, layout.INFS] = infs
+    rows[:, layout.SUMSQ] = 0.01 * (10 - rows[:, layout.NANS] - rows[:, layout.INFS])
+    rows[:, layout.MAX_ABS] = 0.1
+    return records.Sampled(step, rows, np.ones(len(NAMES), dtype=bool), np.array([2, 1, 0]))
+
+
+def nan_run(steps=100, nan_from=30, bad=(10, 0)):
+    """The loss falls from 2.0 by 0.01 a step, then jumps to 3.0 one step after 'b''s gradient
+    holds ``bad`` = (NaN, Inf) elements, from ``nan_from`` on."""
+    state = run_builders.run_state(NAMES, numel=10)
+    for step in range(steps):
+        state.apply(records.StepValues(step, {"loss": 3.0 if step > nan_from else 2.0 - step / 100}))
+        after = step >= nan_from
+        state.apply(sampled(step, nans=(0, bad[0] if after else 0, 0), infs=(0, bad[1] if after else 0, 0)))
+    return state
+
+
+def test_a_consequence_prints_indented_under_its_root():
+    report = assess(nan_run(), Thresholds())
+    assert [(f.kind, f.cause) for f in report.findings] == [
+        ("nonfinite", None),
+        ("divergence", {"kind": "nonfinite", "layer": "b", "step": 30}),
+    ]
+    lines = str(report).splitlines()
+    root = next(i for i, line in enumerate(lines) if "] nonfinite" in line)
+    assert lines[root].startswith("  [critical] nonfinite in 'b', step 30: ")
+    assert lines[root + 1].startswith("      try: ")
+    consequence = lines[root + 2]
+    assert consequence.startswith("      ↳ [critical] divergence, step 99: the loss jumped at step ")
+    assert consequence.endswith(" (a consequence of nonfinite at step 30)")
+    assert lines[root + 3].startswith("            try: The loss is rising"), "its own advice, under it"
+    assert report.root_causes == report.findings[:1]
+    assert report.consequences(report.findings[0]) == report.findings[1:]
+    data = json.loads(report.to_json())
+    assert data["findings"][1]["cause"] == {"kind": "nonfinite", "layer": "b", "step": 30}
+
+
+def test_a_consequence_with_the_advice_of_its_root_does_not_repeat_it():
+    nan = gradscope.Finding("nonfinite", "critical", "b", 30, 30, "NaN", "lower the learning rate")
+    cause = {"kind": "nonfinite", "layer": "b", "step": 30}
+    dead = gradscope.Finding("dead", "warning", "c", 99, 40, "zeros", "lower the learning rate", cause=cause)
+    report = report_module.HealthReport("critical", (nan, dead), (30, "b"), (), {}, 99)
+    lines = str(report).splitlines()[1:]
+    assert lines == [
+        "  findings, root causes first (most severe first), each followed by its consequences (↳):",
+        "  [critical] nonfinite in 'b', step 30: NaN",
+        "      try: lower the learning rate",
+        "      ↳ [warning] dead in 'c', step 99: zeros (a consequence of nonfinite at step 30)",
+    ]
+
+
+@pytest.mark.parametrize(("bad", "count"), [((10, 0), 10), ((3, 2), 5)])
+def test_a_layer_whose_gradient_held_nan_prints_nan_with_its_count(bad, count):
+    report = assess(nan_run(steps=40, bad=bad), Thresholds())
+    (line,) = [line for line in str(report).splitlines() if line.startswith("  b ")]
+    fields = line.split()
+    assert fields[3:8] == ["nan", "nan", "nan", "0.0", str(count)], line
+    assert "0.00e+00" not in line
+    (healthy,) = [line for line in str(report).splitlines() if line.startswith("  a ")]
+    assert healthy.split()[3:8] == ["3.16e-01", "1.00e-01", "1.00e-01", "0.0", "0"]
+    row = json.loads(report.to_json())["layers"][1]
+    finite = 10 - count
+    assert row["nonfinite"] == count
+    assert row["norm"] == pytest.approx((0.01 * finite) ** 0.5) and row["max_abs"] == 0.1  # the finite elements
+    assert report.layers[1].nonfinite == count and report.layers[0].nonfinite == 0
+
+
+def test_an_absent_layer_has_no_count():
+    state = run_builders.run_state(NAMES, numel=10)
+    rows = sampled(0).rows
+    state.apply(records.Sampled(0, rows, np.array([True, False, True]), np.array([1, -1, 0])))
+    report = assess(state, Thresholds())
+    assert report.layers[1].status == "absent" and report.layers[1].nonfinite is None
+    (line,) = [line for line in str(report).splitlines() if line.startswith("  b ")]
+    assert line.split()[3:8] == ["-"] * 5
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "said"),
+    [
+        ((41,), "statistics of sampled step 41 are still in flight"),
+        ((41, 40), "statistics of sampled steps 40-41 are still in flight"),
+        ((30, 35, 40), "statistics of sampled steps 30, 35 and 40 are still in flight"),
+        (tuple(range(0, 50, 5)), "statistics of 10 sampled steps (0 to 45) are still in flight"),
+    ],
+)
+def test_steps_in_flight_are_named_in_the_note(in_flight, said):
+    state = nan_run(steps=20)
+    assert assess(state, Thresholds()).note is None
+    note = assess(state, Thresholds(), in_flight=in_flight).note
+    assert note.startswith(said) and note.endswith("; report(wait=True) waits for them")
+
+
+def test_steps_in_flight_before_any_step_arrived():
+    state = run_builders.run_state(NAMES, numel=10)
+    note = assess(state, Thresholds(), in_flight=(0,)).note
+    assert note.startswith("no steps have reached the host yet")
+    assert "statistics of sampled step 0 are still in flight" in note
+    assert assess(state, Thresholds()).note == "no steps recorded yet: nothing to judge"
+
+
+def test_steps_in_flight_join_the_other_notes(monkeypatch):
+    def broken(view, thresholds):
+        raise ZeroDivisionError("simulated")
+
+    monkeypatch.setattr(report_module, "CHECKS", (broken, *report_module.CHECKS))
+    note = assess(nan_run(steps=20), Thresholds(), in_flight=(20,)).note
+    assert note.startswith("checks that failed: test_report: ZeroDivisionError: simulated; statistics of sampled step")
+
+
+def test_report_passes_the_steps_in_flight_unless_it_waits():
+    class Live(Run):
+        def _in_flight(self):
+            return (19,)
+
+    run = Live(nan_run(steps=19), Thresholds(), closed=False, files=[])
+    assert "sampled step 19 are still in flight" in run.report().note
+    assert run.report(wait=True).note is None
+    assert Run(nan_run(steps=19), Thresholds(), closed=True, files=[]).report().note is None
+
+
+def test_a_failing_linker_leaves_the_findings_unlinked(monkeypatch):
+    def broken(findings, view, thresholds):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(report_module, "link", broken)
+    report = assess(nan_run(), Thresholds(), in_flight=(100,))
+    assert [f.kind for f in report.findings] == ["nonfinite", "divergence"]  # by severity, since_step, check
+    assert all(f.cause is None for f in report.findings) and report.status == "critical"
+    assert report.note.startswith("linking findings to their causes failed (RuntimeError: simulated)")
+    assert "sampled step 100" in report.note
+    assert report.first_nonfinite == (30, "b")
+
+
+def test_the_nan_demo_leads_with_the_nan_and_links_what_it_caused():
+    """``gradscope demo --fault nan``: about 10 s of training on CPU."""
+    report = demo.run("nan").report()
+    first = report.findings[0]
+    assert (first.kind, first.layer, first.cause) == ("nonfinite", "blocks.4.linear", None)
+    assert report.first_nonfinite == (first.since_step, first.layer)
+    (divergence,) = [f for f in report.findings if f.kind == "divergence"]
+    assert divergence.cause == {"kind": "nonfinite", "layer": "blocks.4.linear", "step": first.since_step}
+    assert divergence in report.consequences(first) and first in report.root_causes
+    json.loads(report.to_json())

@@ -29,6 +29,7 @@ KEYWORD_ONLY = (
     "comm_hook",
     "batch_size",
     "noise_scale_decay",
+    "forward",
 )
 
 

@@ -39,7 +39,19 @@ def test_to_dict_holds_every_field():
         "track_updates": True,
         "row_numel": (1024, 10, 200),
         "extra": {"versions": {"torch": "2.4.0"}, "created": 1700000000.5, "distributed": None},
+        "row_dtypes": (),
+        "modules": (),
+        "module_types": (),
     }
+
+
+def test_an_older_header_without_dtypes_or_modules_reads_with_empty_ones():
+    data = make_info().to_dict()
+    for name in ("row_dtypes", "modules", "module_types"):
+        del data[name]
+    back = RunInfo.from_dict(data)
+    assert back.row_dtypes == () and back.modules == () and back.module_types == ()
+    assert back.rows == ("encoder.0", "encoder.1", "head")
 
 
 def test_round_trip_through_json_restores_tuples():

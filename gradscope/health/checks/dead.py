@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradscope.health.checks.number_format import flushed_rows
 from gradscope.health.findings import SUGGESTIONS, Finding
 from gradscope.health.thresholds import Thresholds
 from gradscope.health.view import RunView, for_steps, trailing_run
@@ -16,6 +17,7 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
     if len(view.sampled_steps) == 0:
         return []
     judged = np.array([kind not in SPARSE_BY_DESIGN for kind in view.row_types])
+    judged[flushed_rows(view, t)[0]] = False  # zeros a low-precision format flushed: underflow, not dead units
     with np.errstate(invalid="ignore"):
         run, start = trailing_run(view.zero_frac >= t.dead_zero_frac, view.present)
     findings = []

@@ -56,11 +56,14 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
         )
 
     total = view.total_norm
+    # A spike that stays far below the gradients the run started with is a converged run's
+    # ordinary batch, not an explosion (relative to a tiny median, anything looks large).
+    floor = view.initial_grad_norm / t.spike_factor if view.initial_grad_norm else 0.0
     spikes = []
     for i in range(max(1, len(total) - t.spike_window), len(total)):
         previous = total[max(0, i - t.spike_window) : i]
         previous = previous[np.isfinite(previous) & (previous > 0)]
-        if len(previous) >= 5 and total[i] > t.spike_factor * np.median(previous):
+        if len(previous) >= 5 and total[i] > max(t.spike_factor * np.median(previous), floor):
             spikes.append((i, float(np.median(previous))))
     if spikes:
         i, median = spikes[-1]

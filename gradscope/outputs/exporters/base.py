@@ -7,7 +7,7 @@ import numpy as np
 from gradscope.run import records
 from gradscope.run.history import update_norms
 from gradscope.run.info import RunInfo
-from gradscope.stats import layout
+from gradscope.stats import formats, layout
 
 
 class Exporter:
@@ -30,8 +30,12 @@ class ScalarExporter(Exporter):
     """Turns records into named scalars per step, for exporters of scalar metrics.
 
     Per present row (layer): ``grad_norm/<row>``, ``grad_rms/<row>``, ``grad_max_abs/<row>``,
-    ``grad_zero_frac/<row>``, and ``grad_nonfinite/<row>`` when non-zero; with update tracking
-    ``update_ratio/<row>``; per step ``loss`` and every metric by name.
+    ``grad_zero_frac/<row>``, ``grad_nonfinite/<row>`` when non-zero, and FP8 readiness
+    ``fp8_e4m3_zero/<row>``, ``fp8_e5m2_zero/<row>`` (fraction of the non-zero gradient values
+    that format would flush; :mod:`gradscope.stats.formats`); with update tracking
+    ``update_ratio/<row>``; with forward statistics, per module that ran, ``act_rms/<module>``,
+    ``act_max_abs/<module>`` and ``act_nonfinite/<module>`` when non-zero; per step ``loss``
+    and every metric by name.
     """
 
     def start(self, header: records.Header) -> None:
@@ -41,6 +45,8 @@ class ScalarExporter(Exporter):
         if isinstance(record, records.Sampled):
             self.write_scalars(record.step, self.layer_scalars(record))
             self.write_histograms(record)
+        elif isinstance(record, records.Forward):
+            self.write_scalars(record.step, self.module_scalars(record))
         elif isinstance(record, (records.StepValues, records.Metrics)):
             values = {k: v for k, v in record.values.items() if k not in ("step_time", "peak_memory", "energy")}
             if isinstance(record, records.StepValues):
@@ -74,6 +80,31 @@ class ScalarExporter(Exporter):
             out[f"grad_zero_frac/{name}"] = float(values["zero_frac"][i])
             if values["nonfinite"][i]:
                 out[f"grad_nonfinite/{name}"] = float(values["nonfinite"][i])
+        fp8 = formats.fp8_fields(rows[:, layout.HIST :], columns["max_abs"])
+        for short in formats.FP8_FORMATS:
+            lost = fp8[f"fp8_{short}_zero"]
+            out.update(
+                {
+                    f"fp8_{short}_zero/{self.info.rows[r]}": float(lost[i])
+                    for i, r in enumerate(present)
+                    if np.isfinite(lost[i])
+                }
+            )
+        return out
+
+    def module_scalars(self, record: records.Forward) -> dict[str, float]:
+        """The per-module scalars of a sampled step's forward statistics (modules that ran)."""
+        ran = np.flatnonzero(record.order[1] >= 0)
+        rows = record.outputs[ran]
+        columns = {name: rows[:, i] for i, name in enumerate(layout.SCALAR_FIELDS)}
+        rms, nonfinite = layout.derive("rms", columns), layout.derive("nonfinite", columns)
+        out = {}
+        for i, m in enumerate(ran):
+            name = self.info.modules[m]
+            out[f"act_rms/{name}"] = float(rms[i])
+            out[f"act_max_abs/{name}"] = float(columns["max_abs"][i])
+            if nonfinite[i]:
+                out[f"act_nonfinite/{name}"] = float(nonfinite[i])
         return out
 
     def write_scalars(self, step: int, values: dict[str, float]) -> None:

@@ -71,6 +71,7 @@ def test_first_nonfinite_step_names_the_layer_nearest_the_loss():
     assert finding.layer == "c" and finding.layers == ("c", "b")
     assert finding.step == finding.since_step == 2
     assert finding.evidence == {
+        "pass": "unknown",  # no loss given, no forward statistics: the pass cannot be told
         "first_step": 2,
         "layers": ["c", "b"],
         "nans": 3,
@@ -128,10 +129,10 @@ def test_distributed_events_name_the_rank():
     state.apply(sampled(0, nans=(0, 2, 0), nonfinite_rank=np.array([-1, 3, -1]), nonfinite_ranks=np.array([0, 3, 0])))
     (finding,) = detect(state)
     assert finding.evidence["rank"] == 3 and finding.evidence["ranks_affected"] == 3
-    assert finding.message.endswith("; on rank 3 and 2 more ranks")
+    assert "; on rank 3 and 2 more ranks;" in finding.message
     state = run_state()
     state.apply(sampled(0, nans=(0, 2, 0), nonfinite_rank=np.array([-1, 1, -1]), nonfinite_ranks=np.array([0, 2, 0])))
-    assert detect(state)[0].message.endswith("; on rank 1 and 1 more rank")
+    assert "; on rank 1 and 1 more rank;" in detect(state)[0].message
 
 
 # --------------------------------------------------------------------------------------
@@ -139,23 +140,40 @@ def test_distributed_events_name_the_rank():
 # --------------------------------------------------------------------------------------
 
 
-def test_nonfinite_loss_is_a_second_finding_without_a_layer():
+def test_a_nonfinite_loss_before_any_nonfinite_gradient_is_the_root_born_in_forward():
     state = run_state()
     for step, loss in enumerate([1.0, 0.9, math.inf, math.nan, 0.7]):
         state.apply(records.StepValues(step, {"loss": loss}))
         state.apply(sampled(step, nans=(0, 1, 0) if step == 3 else (0, 0, 0)))
     found = detect(state)
     assert len(found) == 2
-    grads, loss = found
-    assert grads.layer == "b" and grads.since_step == 3
-    assert loss.kind == "nonfinite" and loss.severity == "critical"
+    loss, grads = found
+    assert loss.kind == "nonfinite" and loss.severity == "critical" and loss.cause is None
     assert loss.layer is None and loss.layers == ()
     assert loss.step == loss.since_step == 2  # the first bad loss is kept, not the latest
-    assert loss.message == "the loss is inf at step 2"
-    assert loss.evidence == {"step": 2, "loss": "inf"}
+    assert loss.message.startswith("the loss is inf at step 2: the NaN/Inf was born in the forward pass")
+    assert "watch(..., forward=True)" in loss.message  # says how to name the module
+    assert loss.evidence == {"pass": "forward", "step": 2, "loss": "inf"}
+    assert loss.suggestion == SUGGESTIONS["nonfinite_forward"]
     assert json.loads(json.dumps(loss.to_dict()))["evidence"]["loss"] == "inf"
+    # The gradients that went NaN a step later are its consequence, not a second problem.
+    assert grads.layer == "b" and grads.since_step == 3
+    assert grads.cause == {"kind": "nonfinite", "layer": None, "step": 2}
     report = assess(state, Thresholds())
     assert report.first_nonfinite == (3, "b"), "the gradient finding, not the loss one"
+
+
+def test_nonfinite_gradients_under_a_finite_loss_are_born_in_backward():
+    state = run_state()
+    for step, loss in enumerate([1.0, 0.9, 0.8, math.nan]):
+        state.apply(records.StepValues(step, {"loss": loss}))
+        state.apply(sampled(step, nans=(0, 2, 0) if step >= 2 else (0, 0, 0)))
+    grads, loss = detect(state)
+    assert grads.evidence["pass"] == "backward" and grads.cause is None and grads.since_step == 2
+    assert grads.message.startswith("NaN/Inf born in the backward pass first at step 2")
+    assert grads.suggestion == SUGGESTIONS["nonfinite_backward"]
+    # The loss that went NaN afterwards (NaN weights) follows from it.
+    assert loss.layer is None and loss.since_step == 3 and loss.cause == {"kind": "nonfinite", "layer": "b", "step": 2}
 
 
 def test_nan_loss_alone():

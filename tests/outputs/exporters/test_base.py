@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import run_builders
+import torch
 
 from gradscope.outputs.exporters.base import Exporter, ScalarExporter
 from gradscope.run import records
@@ -44,6 +45,18 @@ def make_rows(columns=COLUMNS) -> np.ndarray:
     return rows
 
 
+def fp8_flushed(max_abs: float, dtype: torch.dtype) -> float:
+    """Fraction of ``make_rows``' non-zero values (all in the binade [0.25, 0.5)) that a real cast
+    to ``dtype`` flushes after scaling by the largest power of two keeping ``max_abs`` in range."""
+    k = 0
+    top = torch.finfo(dtype).max
+    while max_abs * 2.0 ** (k + 1) <= top:
+        k += 1
+    while max_abs * 2.0**k > top:
+        k -= 1
+    return float(torch.tensor(0.375 * 2.0**k, dtype=torch.float64).to(dtype).float() == 0)
+
+
 def expected_layer_scalars(columns, present) -> dict:
     out = {}
     for name, (numel, _sum, sumsq, max_abs, zeros, nans, infs), here in zip(NAMES, columns, present, strict=True):
@@ -55,6 +68,9 @@ def expected_layer_scalars(columns, present) -> dict:
         out[f"grad_zero_frac/{name}"] = float(zeros / max(numel, 1))
         if nans + infs:
             out[f"grad_nonfinite/{name}"] = float(nans + infs)
+        if numel - zeros - nans - infs > 0 and max_abs > 0:  # FP8 readiness of the non-zero values
+            out[f"fp8_e4m3_zero/{name}"] = fp8_flushed(max_abs, torch.float8_e4m3fn)
+            out[f"fp8_e5m2_zero/{name}"] = fp8_flushed(max_abs, torch.float8_e5m2)
     return out
 
 
@@ -147,6 +163,8 @@ def test_absent_rows_produce_nothing_even_with_nan_columns(capture):
                 "grad_rms/mid": float(np.sqrt(2.0 / 6.0)),
                 "grad_max_abs/mid": 1.0,
                 "grad_zero_frac/mid": 0.0,
+                "fp8_e4m3_zero/mid": 0.0,
+                "fp8_e5m2_zero/mid": 0.0,
             },
         )
     ]

@@ -1,0 +1,52 @@
+"""``fp8_range``: layers whose gradient FP8 would flush to zero in large part (``info``).
+
+From each row's newest histogram and ``max_abs`` (:func:`gradscope.stats.formats.fp8_fields`):
+the fraction of its finite non-zero gradient values that a cast to E5M2 (the usual FP8
+gradient format) with per-tensor power-of-two amax scaling would round to zero; the E4M3
+figures are in the evidence. The run is not in FP8, so this is advice for a move to FP8,
+not a fault: severity ``info``, which leaves a healthy run healthy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradscope.health.findings import SUGGESTIONS, Finding
+from gradscope.health.thresholds import Thresholds
+from gradscope.health.view import RunView, layer_list
+from gradscope.stats import formats
+
+
+def detect(view: RunView, t: Thresholds) -> list[Finding]:
+    if view.latest_hist is None or len(view.sampled_steps) == 0:
+        return []
+    present = view.present
+    index = len(present) - 1 - np.argmax(present[::-1], axis=0)
+    max_abs = np.where(present.any(axis=0), view.max_abs[index, np.arange(present.shape[1])], np.nan)
+    fields = formats.fp8_fields(view.latest_hist, max_abs)
+    lost = fields["fp8_e5m2_zero"]
+    with np.errstate(invalid="ignore"):
+        rows = np.flatnonzero(lost >= t.fp8_flush_fraction)
+    if not len(rows):
+        return []
+    rows = rows[np.lexsort((rows, -lost[rows]))]  # most affected first
+    names = [view.rows[r] for r in rows]
+    worst = rows[0]
+    step = int(view.sampled_steps[-1])
+    return [
+        Finding(
+            kind="fp8_range",
+            severity="info",
+            layer=names[0],
+            step=step,
+            since_step=step,
+            message=(
+                f"in FP8 E5M2 (per-tensor amax scaling) {100 * lost[worst]:.0f}% of the non-zero gradient values of "
+                f"'{names[0]}' would be flushed to zero (E4M3: {100 * fields['fp8_e4m3_zero'][worst]:.0f}%)"
+                + (f"; also {layer_list(names[1:])}" if len(names) > 1 else "")
+            ),
+            suggestion=SUGGESTIONS["fp8_range"],
+            evidence={name: {view.rows[r]: float(fields[name][r]) for r in rows} for name in formats.FP8_FIELDS},
+            layers=tuple(names),
+        )
+    ]

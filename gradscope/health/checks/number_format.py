@@ -1,0 +1,252 @@
+"""``underflow`` and ``overflow`` of low-precision number formats (float16, bfloat16), in
+gradients and, with forward statistics, in activations — for pure low-precision training
+too, not only under a GradScaler.
+
+* **underflow, subnormal** — a float16 tensor with at least ``underflow_fraction`` of its
+  finite non-zero values below float16's smallest normal (``2**-14``): they have lost
+  precision, and one binade further down they flush to zero (exact, from the histogram).
+* **underflow, flushed** — a low-precision gradient that is (almost) all exact zeros, step
+  after step, while the model's other low-precision gradients are subnormal, or while every
+  low-precision gradient of the model is all zeros (the layer nearest the loss included).
+  Dead units (ReLUs that never fire) leave the gradients nearer the loss alive and in range;
+  a gradient flushed by its format does not. These rows are not reported as ``dead``
+  (:func:`flushed_rows` is what the ``dead`` check consults).
+* **overflow** — a low-precision tensor whose largest finite value is within one binade of
+  the format's largest (float16: at or above 32768): the next doubling is Inf.
+
+bfloat16 has float32's exponent range: its subnormals lie below the histogram's range, so
+only the flushed and overflow rules apply to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradscope.health.findings import SUGGESTIONS, Finding
+from gradscope.health.thresholds import Thresholds
+from gradscope.health.view import RunView, for_steps, layer_list, trailing_run
+from gradscope.stats import formats, layout
+
+
+def _formats(view: RunView) -> list[formats.NumberFormat | None]:
+    fmts = [formats.format_of(dtype) for dtype in view.row_dtypes] if view.row_dtypes else []
+    if len(fmts) != len(view.rows):
+        return [None] * len(view.rows)
+    return [f if f is not None and f.name in formats.LOW_PRECISION else None for f in fmts]
+
+
+def subnormal_rows(view: RunView, t: Thresholds) -> dict[int, float]:
+    """Rows whose latest histogram has at least ``underflow_fraction`` of its finite non-zero
+    values below their low-precision format's smallest normal: ``{row: fraction}``."""
+    out = {}
+    if view.latest_hist is None or len(view.sampled_steps) == 0:
+        return out
+    max_abs = _latest(view, view.max_abs)
+    for r, fmt in enumerate(_formats(view)):
+        hist = view.latest_hist[r]
+        if fmt is None or np.isnan(hist).any() or hist.sum() == 0:
+            continue
+        below = float(formats.below_normal(hist, max_abs[r], fmt))
+        if below / hist.sum() >= t.underflow_fraction:
+            out[r] = below / float(hist.sum())
+    return out
+
+
+def flushed_rows(view: RunView, t: Thresholds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Low-precision rows whose all-zero gradients are underflow rather than dead units
+    (module docstring): ``(rows, run lengths, run starts)``."""
+    empty = np.zeros(0, dtype=np.int64)
+    if len(view.sampled_steps) == 0:
+        return empty, empty, empty
+    low = np.array([f is not None for f in _formats(view)])
+    if not low.any():
+        return empty, empty, empty
+    with np.errstate(invalid="ignore"):
+        run, start = trailing_run(view.zero_frac >= t.dead_zero_frac, view.present)
+    zeroed = low & (run >= t.sustain)
+    seen = view.present.any(axis=0)
+    everything = zeroed[low & seen].all()
+    if not (everything or subnormal_rows(view, t)):
+        return empty, empty, empty
+    rows = np.flatnonzero(zeroed)
+    return rows, run[rows], start[rows]
+
+
+def _latest(view: RunView, values: np.ndarray) -> np.ndarray:
+    """Each row's value at its latest present sampled step (NaN if never present)."""
+    present = view.present
+    index = len(present) - 1 - np.argmax(present[::-1], axis=0)
+    out = values[index, np.arange(values.shape[1])]
+    return np.where(present.any(axis=0), out, np.nan)
+
+
+def _gradient_underflow(view: RunView, t: Thresholds) -> list[Finding]:
+    findings = []
+    fmts = _formats(view)
+    subnormal = subnormal_rows(view, t)
+    steps = view.sampled_steps
+    last = int(steps[-1]) if len(steps) else 0
+    root = None
+    if subnormal:
+        rows = sorted(subnormal, key=lambda r: -subnormal[r])
+        names = [view.rows[r] for r in rows]
+        fmt = fmts[rows[0]]
+        root = Finding(
+            kind="underflow",
+            severity="warning",
+            layer=names[0],
+            step=last,
+            since_step=last,
+            message=(
+                f"{100 * subnormal[rows[0]]:.0f}% of the non-zero gradient values of '{names[0]}' are below "
+                f"{fmt.name}'s smallest normal number ({fmt.min_normal:.3g}): they are losing precision and "
+                "flushing to zero" + (f"; also {layer_list(names[1:])}" if len(names) > 1 else "")
+            ),
+            suggestion=SUGGESTIONS["underflow"],
+            evidence={
+                "pass": "backward",
+                "dtype": fmt.name,
+                "below_normal_fraction": {view.rows[r]: subnormal[r] for r in rows},
+                "min_normal": fmt.min_normal,
+            },
+            layers=tuple(names),
+        )
+        findings.append(root)
+    rows, run, start = flushed_rows(view, t)
+    if len(rows):
+        names = [view.rows[r] for r in rows]
+        fmt = fmts[rows[0]]
+        cause = {"kind": root.kind, "layer": root.layer, "step": root.since_step} if root is not None else None
+        why = (
+            "while the gradients nearer the loss are already subnormal"
+            if root is not None
+            else "and so is every low-precision gradient of the model, the layer nearest the loss included"
+        )
+        findings.append(
+            Finding(
+                kind="underflow",
+                severity="warning",
+                layer=names[-1],
+                step=last,
+                since_step=int(steps[int(start.min())]),
+                message=(
+                    f"the {fmt.name} gradients of {layer_list(names)} are exact zeros "
+                    f"{for_steps(int(run.min()), int(start.max()))} {why}: they underflowed (flushed to zero "
+                    "by the format), not dead units"
+                ),
+                suggestion=SUGGESTIONS["underflow"],
+                evidence={"pass": "backward", "dtype": fmt.name, "layers": names, "rule": "flushed"},
+                layers=tuple(names),
+                cause=cause,
+            )
+        )
+    return findings
+
+
+def _gradient_overflow(view: RunView) -> list[Finding]:
+    if len(view.sampled_steps) == 0:
+        return []
+    max_abs = _latest(view, view.max_abs)
+    hits = [(r, fmt) for r, fmt in enumerate(_formats(view)) if fmt is not None and max_abs[r] >= fmt.max / 2]
+    if not hits:
+        return []
+    names = [view.rows[r] for r, _ in hits]
+    r, fmt = hits[0]
+    return [
+        Finding(
+            kind="overflow",
+            severity="warning",
+            layer=names[0],
+            step=int(view.sampled_steps[-1]),
+            since_step=int(view.sampled_steps[-1]),
+            message=(
+                f"the {fmt.name} gradient of '{names[0]}' reaches {max_abs[r]:.6g}, within one binade of "
+                f"{fmt.name}'s largest value ({fmt.max:.6g}): the next doubling is Inf"
+                + (f"; also {layer_list(names[1:])}" if len(names) > 1 else "")
+            ),
+            suggestion=SUGGESTIONS["overflow_format"],
+            evidence={
+                "pass": "backward",
+                "dtype": fmt.name,
+                "max_abs": {view.rows[i]: float(max_abs[i]) for i, _ in hits},
+            },
+            layers=tuple(names),
+        )
+    ]
+
+
+def _activations(view: RunView, t: Thresholds) -> list[Finding]:
+    """Format trouble in the newest forward statistics (module outputs)."""
+    record = view.forward_latest
+    if record is None:
+        return []
+    findings = []
+    outputs = record.outputs
+    present = record.order[1] >= 0
+    near_max, subnormal = [], []
+    for m, dtype in enumerate(record.dtypes):
+        fmt = formats.format_of(dtype)
+        if not present[m] or fmt is None or fmt.name not in formats.LOW_PRECISION:
+            continue
+        row = outputs[m]
+        if row[layout.MAX_ABS] >= fmt.max / 2:
+            near_max.append((m, fmt, float(row[layout.MAX_ABS])))
+        hist = row[layout.HIST :]
+        if hist.sum() > 0:
+            below = float(formats.below_normal(hist, row[layout.MAX_ABS], fmt)) / float(hist.sum())
+            if below >= t.underflow_fraction:
+                subnormal.append((m, fmt, below))
+    where = f" (autocast {record.autocast})" if record.autocast else ""
+    if near_max:
+        m, fmt, value = near_max[0]
+        names = [view.modules[i] for i, _, _ in near_max]
+        findings.append(
+            Finding(
+                kind="overflow",
+                severity="warning",
+                layer=names[0],
+                step=record.step,
+                since_step=record.step,
+                message=(
+                    f"the {fmt.name} output of module '{names[0]}'{where} reaches {value:.6g}, within one binade of "
+                    f"{fmt.name}'s largest value ({fmt.max:.6g}): the next doubling is Inf"
+                    + (f"; also {layer_list(names[1:])}" if len(names) > 1 else "")
+                ),
+                suggestion=SUGGESTIONS["overflow_format"],
+                evidence={
+                    "pass": "forward",
+                    "dtype": fmt.name,
+                    "max_abs": {view.modules[i]: v for i, _, v in near_max},
+                },
+                layers=tuple(names),
+            )
+        )
+    if subnormal:
+        m, fmt, fraction = max(subnormal, key=lambda item: item[2])
+        names = [view.modules[i] for i, _, _ in subnormal]
+        findings.append(
+            Finding(
+                kind="underflow",
+                severity="warning",
+                layer=view.modules[m],
+                step=record.step,
+                since_step=record.step,
+                message=(
+                    f"{100 * fraction:.0f}% of the non-zero {fmt.name} outputs of module '{view.modules[m]}'{where} "
+                    f"are below {fmt.name}'s smallest normal number ({fmt.min_normal:.3g})"
+                    + (f"; also {layer_list([n for n in names if n != view.modules[m]])}" if len(names) > 1 else "")
+                ),
+                suggestion=SUGGESTIONS["underflow"],
+                evidence={
+                    "pass": "forward",
+                    "dtype": fmt.name,
+                    "below_normal_fraction": {view.modules[i]: f for i, _, f in subnormal},
+                },
+                layers=tuple(names),
+            )
+        )
+    return findings
+
+
+def detect(view: RunView, t: Thresholds) -> list[Finding]:
+    return _gradient_underflow(view, t) + _gradient_overflow(view) + _activations(view, t)

@@ -1,0 +1,41 @@
+"""The HTML page shows each finding's cause next to its message."""
+
+import numpy as np
+import pytest
+import run_builders
+
+from gradscope import Thresholds
+from gradscope.health.readout import Run
+from gradscope.run import records
+from gradscope.stats import layout
+
+pytest.importorskip("matplotlib", reason="needs the viz extra")
+from gradscope.outputs import html_page
+
+NAMES = ("a", "b<i>", "c")
+
+
+def nan_run(steps=100, nan_from=30):
+    """The loss falls from 2.0, then jumps to 3.0 one step after the gradient of 'b<i>' goes NaN."""
+    state = run_builders.run_state(NAMES, numel=10)
+    for step in range(steps):
+        state.apply(records.StepValues(step, {"loss": 3.0 if step > nan_from else 2.0 - step / 100}))
+        rows = np.zeros((len(NAMES), layout.ROW_WIDTH))
+        rows[:, layout.NUMEL] = 10
+        rows[1, layout.NANS] = 10 if step >= nan_from else 0
+        rows[:, layout.SUMSQ] = 0.01 * (10 - rows[:, layout.NANS])
+        rows[:, layout.MAX_ABS] = 0.1
+        state.apply(records.Sampled(step, rows, np.ones(len(NAMES), dtype=bool), np.array([2, 1, 0])))
+    return Run(state, Thresholds(), closed=True, files=[])
+
+
+def test_a_consequence_shows_its_cause():
+    run = nan_run()
+    report = run.report()
+    assert [f.kind for f in report.findings] == ["nonfinite", "divergence"]
+    text = html_page.html_report(run, report)
+    rows = [row for row in text.split("\n") if row.startswith('<tr class="finding">')]
+    assert len(rows) == 2
+    assert "consequence" not in rows[0]
+    assert '<span class="muted cause">a consequence of nonfinite at step 30</span>' in rows[1]
+    assert "b&lt;i&gt;" in rows[0] and "b<i>" not in text.split("<h2>Findings")[1].split("<h2>")[0]
