@@ -50,7 +50,8 @@ def _columns(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class HostRows:
-    """Rows of one step, computed with NumPy on the calling thread.
+    """Rows of one step, computed with NumPy when the hook runs (large activations on every
+    core: autograd is not running while a forward hook is).
 
     Args:
         count: rows (``2 * M``).
@@ -62,7 +63,7 @@ class HostRows:
 
     def add(self, index: int, seq: int, flats: Sequence[FlatElements]) -> None:
         """Measure ``flats`` (one call's tensors) into row ``index``."""
-        measured = numpy_backend.numpy_rows(flats, num_threads=1)
+        measured = numpy_backend.numpy_rows(flats)
         self.combine(index, seq, layout.combine_rows(measured))
 
     def combine(self, index: int, seq: int, row: np.ndarray) -> None:
