@@ -252,3 +252,24 @@ def noise_scale_job(rank: int, world: int, root, dim: int, sigma: float, mean: f
     report = mon.report(wait=True)
     mon.close()
     return {"small": small, "big": big, "noise": noise, "report": report.to_dict()}
+
+
+def rank_rows_job(rank: int, world: int, root, steps: list) -> list:
+    """Combine hand-made statistics rows with :class:`gradscope.distributed.rank_rows.RankRows`.
+
+    ``steps``: per step ``(rows, first_bad, failed)`` with ``rows[rank]`` float64 ``(N, ROW_WIDTH)``,
+    ``first_bad[rank]`` float64 ``(N,)`` and ``failed`` the ranks that pass ``failed=True``.
+    Returns per step the decoded ``(rows, first_bad, nonfinite_rank)``, or None."""
+    from gradscope.distributed.rank_rows import RankRows
+
+    combiner = RankRows(None, len(steps[0][0][rank]), torch.device("cpu"))
+    out = []
+    for rows, first_bad, failed in steps:
+        wire, works = combiner.issue(
+            torch.from_numpy(rows[rank]), torch.from_numpy(first_bad[rank]), failed=rank in failed
+        )
+        for work in works:
+            work.wait()
+        combined = combiner.decode(wire.numpy())
+        out.append(None if combined is None else (combined.rows, combined.first_bad, combined.nonfinite_rank))
+    return out

@@ -3,7 +3,7 @@
 Fed by :class:`gradscope.run.records.Forward` records (``watch(..., forward=True)``). Kept:
 
 * per sampled step and module, the scalar columns of its outputs (``FORWARD_HISTORY`` steps,
-  allocated up front: ``modules * 57 * FORWARD_HISTORY`` bytes);
+  allocated up front: ``(modules * 64 + 8) * FORWARD_HISTORY`` bytes);
 * the newest record whole (outputs, inputs, histograms, dtypes), for the format checks;
 * the first :data:`KEPT_EVENTS` steps whose forward pass held NaN/Inf, each with its origin
   (:class:`ForwardNonfinite`).

@@ -172,7 +172,8 @@ class RunState:
                 raise KeyError(f"{name!r} needs watch(..., forward=True)")
             values, steps = self.forward.series(name)
             if last is not None:
-                values, steps = values[len(steps) - last :], steps[len(steps) - last :]
+                keep = max(len(steps) - last, 0)
+                values, steps = values[keep:], steps[keep:]
             return Series(name, values, steps, self.info.modules)
         return self.history.series(name, last)
 

@@ -52,6 +52,12 @@ class NumberFormat:
     min_subnormal: float
 
     @property
+    def top_binade(self) -> float:
+        """The largest power of two in range: values at or above it are within one binade of
+        ``max`` (float16: 32768), one doubling away from Inf."""
+        return math.ldexp(1.0, math.frexp(self.max)[1] - 1)
+
+    @property
     def flush_below(self) -> float:
         """Magnitudes below this round to zero (half the smallest subnormal)."""
         return self.min_subnormal / 2

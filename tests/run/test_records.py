@@ -1,6 +1,7 @@
 """Records survive their JSON-line encoding bit for bit."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import gradscope
 from gradscope.run import records
+from gradscope.run.info import RunInfo
 from gradscope.stats import layout
 
 SCALAR_WIDTH = layout.HIST
@@ -118,3 +121,103 @@ def test_foreign_lines_are_rejected(line, message):
 def test_encode_rejects_non_records():
     with pytest.raises(TypeError, match="not a gradscope record: dict"):
         records.encode({"t": "header"})
+
+
+# --------------------------------------------------------------------------------------
+# Forward records (schema 3)
+# --------------------------------------------------------------------------------------
+
+
+@st.composite
+def forward_records(draw):
+    modules = draw(st.integers(0, 9))
+    scalars = draw(hnp.arrays(np.float64, (2, modules, SCALAR_WIDTH), elements=special_floats))
+    big = draw(st.booleans())
+    counts = draw(
+        hnp.arrays(np.int64, (2, modules, layout.NUM_BINS), elements=st.integers(0, 2**40 if big else 2**32 - 1))
+    )
+    both = np.concatenate([scalars, counts.astype(np.float64)], axis=-1)
+    order = draw(hnp.arrays(np.int64, (2, modules), elements=st.integers(-1, 2**40)))
+    names = st.sampled_from(["float32", "float16", "bfloat16", "", "float8_e4m3fn"]) | st.text(max_size=12)
+    dtypes = tuple(draw(st.lists(names, min_size=modules, max_size=modules)))
+    autocast = draw(st.sampled_from(["", "float16", "bfloat16"]))
+    rank = None
+    if draw(st.booleans()):  # a distributed run
+        rank = draw(hnp.arrays(np.int64, (2, modules), elements=st.integers(-1, 100_000)))
+    return records.Forward(draw(st.integers(0, 2**40)), both[1], both[0], order, dtypes, autocast, rank)
+
+
+@given(forward_records())
+def test_forward_round_trip_is_bit_exact(record):
+    line = records.encode(record)
+    assert "\n" not in line and json.loads(line)["t"] == "forward"
+    back = records.decode(line)
+    assert type(back) is records.Forward and back.step == record.step
+    assert same_bits(back.outputs, record.outputs)  # scalars (NaN payloads, -0.0) and histogram counts
+    assert same_bits(back.inputs, record.inputs)
+    assert same_bits(back.order, record.order)
+    np.testing.assert_array_equal(back.present, record.order >= 0)
+    assert back.dtypes == record.dtypes and back.autocast == record.autocast
+    if record.nonfinite_rank is None:
+        assert back.nonfinite_rank is None
+    else:
+        assert same_bits(back.nonfinite_rank, record.nonfinite_rank)
+
+
+def test_forward_histogram_counts_beyond_32_bits_are_exact():
+    outputs = np.zeros((2, layout.ROW_WIDTH))
+    outputs[0, layout.HIST + 5] = 2**33 + 1
+    outputs[1, layout.HIST + 63] = 2**32
+    inputs = np.zeros_like(outputs)
+    inputs[1, layout.HIST] = 2**32 - 1
+    record = records.Forward(3, outputs, inputs, np.array([[0, 2], [3, 1]]), ("float16", "float16"), "float16")
+    back = records.decode(records.encode(record))
+    assert back.outputs[0, layout.HIST + 5] == 2**33 + 1 and back.outputs[1, layout.HIST + 63] == 2**32
+    assert back.inputs[1, layout.HIST] == 2**32 - 1
+    assert back.nonfinite_rank is None
+
+
+def test_a_header_carries_row_dtypes_and_modules():
+    info = RunInfo(
+        rows=("a", "b"),
+        row_types=("Linear", "Linear"),
+        summary={},
+        every=1,
+        mode="backward",
+        granularity="layer",
+        history=10,
+        hist_history=10,
+        track_updates=False,
+        row_numel=(4, 2),
+        row_dtypes=("float16", "bfloat16"),
+        modules=("(root)", "a"),
+        module_types=("Net", "Linear"),
+    )
+    back = records.decode(records.encode(records.Header(info.to_dict())))
+    assert back.schema == records.SCHEMA == 3
+    assert RunInfo.from_dict(back.info) == info
+
+
+OLD_LOG = Path(__file__).resolve().parent.parent / "outputs" / "data" / "run-e76eb21"
+
+
+def test_a_schema_2_log_still_reads():
+    """A log written at commit e76eb21: no forward records, no row dtypes or modules in its header."""
+    lines = (OLD_LOG / "gradscope-00000.jsonl").read_text().splitlines()
+    decoded = [records.decode(line) for line in lines]
+    header = decoded[0]
+    assert isinstance(header, records.Header) and header.schema == 2
+    assert not {"row_dtypes", "modules", "module_types"} & header.info.keys()
+    info = RunInfo.from_dict(header.info)
+    assert (info.row_dtypes, info.modules, info.module_types) == ((), (), ())
+    assert not any(isinstance(r, records.Forward) for r in decoded)
+    sampled = [r for r in decoded if isinstance(r, records.Sampled)]
+    assert [r.step for r in sampled] == list(range(0, 40, 2))
+    assert all(r.rows.shape == (2, layout.ROW_WIDTH) and r.nonfinite_rank is None for r in sampled)
+
+    run = gradscope.load_run(OLD_LOG)
+    assert run.info.row_dtypes == () and run.info.modules == ()
+    assert not [name for name in run.fields() if name.startswith("forward_")]
+    with pytest.raises(KeyError, match="forward=True"):
+        run.history("forward_rms")
+    assert len(run.history("norm").steps) == 20

@@ -340,3 +340,13 @@ def test_replaying_the_same_records_gives_the_same_state():
     assert a.first_bad_loss[0] == b.first_bad_loss[0] == 7
     assert a.initial_losses == b.initial_losses and len(a.initial_losses) == 11
     assert a.desync_events == b.desync_events == [records.Desync(9, (1,), (0,))]
+
+
+def test_forward_series_last_beyond_the_kept_steps_returns_them_all():
+    info = RunInfo(**{**make_info().to_dict(), "modules": ("(root)",)})
+    state = RunState(info)
+    for step in range(3):
+        zeros = np.zeros((1, layout.ROW_WIDTH))
+        state.apply(records.Forward(step, zeros, zeros, np.array([[0], [1]]), ("float32",)))
+    assert list(state.series("forward_rms", last=2).steps) == [1, 2]
+    assert list(state.series("forward_rms", last=5).steps) == [0, 1, 2]  # as History.series does

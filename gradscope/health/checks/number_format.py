@@ -14,8 +14,10 @@ too, not only under a GradScaler.
 * **overflow** — a low-precision tensor whose largest finite value is within one binade of
   the format's largest (float16: at or above 32768): the next doubling is Inf.
 
-bfloat16 has float32's exponent range: its subnormals lie below the histogram's range, so
-only the flushed and overflow rules apply to it.
+bfloat16 has float32's exponent range: its subnormals (below ``2**-126``) lie below the
+histogram's range, so the subnormal rule sees them only when a tensor's largest value is
+itself below ``2**-126`` (every value is then subnormal); the flushed and overflow rules
+apply as for float16.
 """
 
 from __future__ import annotations
@@ -147,7 +149,7 @@ def _gradient_overflow(view: RunView) -> list[Finding]:
     if len(view.sampled_steps) == 0:
         return []
     max_abs = _latest(view, view.max_abs)
-    hits = [(r, fmt) for r, fmt in enumerate(_formats(view)) if fmt is not None and max_abs[r] >= fmt.max / 2]
+    hits = [(r, fmt) for r, fmt in enumerate(_formats(view)) if fmt is not None and max_abs[r] >= fmt.top_binade]
     if not hits:
         return []
     names = [view.rows[r] for r, _ in hits]
@@ -189,7 +191,7 @@ def _activations(view: RunView, t: Thresholds) -> list[Finding]:
         if not present[m] or fmt is None or fmt.name not in formats.LOW_PRECISION:
             continue
         row = outputs[m]
-        if row[layout.MAX_ABS] >= fmt.max / 2:
+        if row[layout.MAX_ABS] >= fmt.top_binade:
             near_max.append((m, fmt, float(row[layout.MAX_ABS])))
         hist = row[layout.HIST :]
         if hist.sum() > 0:
