@@ -83,3 +83,29 @@ def ddp_forward_job(rank: int, world: int, root, nan_rank: int, nan_step: int, w
         "errors": list(mon.errors),
         "hooked_after_close": hooked,
     }
+
+
+def in_flight_job(rank: int, world: int, root) -> dict:
+    """DDP with ``forward=True``: at step 1 rank 1 reaches ``mon.step()`` a second late, so rank
+    0's combining all-reduce of that step's forward rows cannot finish meanwhile; rank 0's
+    report at once names the step as in flight, and ``report(wait=True)`` has its numbers."""
+    import time
+
+    ddp = DDP(_net())
+    mon = gradscope.watch(ddp, forward=True, backend="numpy")
+    notes = {}
+    for step in range(2):
+        ddp(rank_batch(rank, step, False)).square().mean().backward()
+        if rank == 1 and step == 1:
+            time.sleep(1.5)
+        mon.step()
+        ddp.zero_grad()
+    if rank == 0:
+        notes["in_flight"] = mon._in_flight()
+        notes["early"] = mon.report().note
+        notes["forward_steps_early"] = mon._run.forward.steps().tolist()
+    waited = mon.report(wait=True)
+    notes["late"] = waited.note
+    notes["forward_steps_late"] = mon._run.forward.steps().tolist()
+    mon.close()
+    return notes

@@ -300,3 +300,16 @@ def test_ranks_combine_their_own_batches_and_name_the_rank_of_a_nan(tmp_path, wr
     assert root["evidence"]["rank"] == 1 and root["layer"] == ROOT
     assert second["findings"] == first["findings"]
     assert first["hooked_after_close"] == second["hooked_after_close"] == []
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+def test_a_report_names_the_steps_still_in_flight(tmp_path):
+    import forward_jobs
+
+    first, second = run_ranks(forward_jobs.in_flight_job, 2, tmp_path)
+    assert 1 in first["in_flight"] and first["forward_steps_early"] == [0]
+    assert "statistics of sampled step 1 are still in flight" in first["early"]
+    assert "report(wait=True) waits for them" in first["early"]
+    for rank in (first, second):
+        assert rank["forward_steps_late"] == [0, 1]
+        assert rank["late"] is None or "in flight" not in rank["late"]
