@@ -100,6 +100,14 @@ class RunView:
         """``(S, R)`` fraction of each row's elements that are exactly zero."""
         return self._derived("zero_frac")
 
+    def latest(self, values: np.ndarray) -> np.ndarray:
+        """``(R,)``: each row's entry of ``(S, R)`` ``values`` at its latest present sampled step
+        (NaN for a row never present in the window)."""
+        if not len(self.present):
+            return np.full(len(self.rows), np.nan)
+        index, seen = latest_present(self.present)
+        return np.where(seen, values[index, np.arange(values.shape[1])], np.nan)
+
     @property
     def total_norm(self) -> np.ndarray:
         """``(S,)`` L2 norm of every present gradient together, per sampled step."""
@@ -131,8 +139,7 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
     n_rows = len(info.rows)
     latest_hist = np.full((n_rows, layout.NUM_BINS), np.nan)
     if len(present):
-        seen = present.values.any(axis=0)
-        newest = len(present) - 1 - np.argmax(present.values[::-1], axis=0)
+        newest, seen = latest_present(present.values)
         for index in np.unique(newest[seen]):
             step = int(present.steps[index])
             found = h.sampled_rows(step) if h.has_hist(step) else None
@@ -181,6 +188,12 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         forward_events=tuple(state.forward.events) if state.forward is not None else (),
         forward_latest=state.forward.latest if state.forward is not None else None,
     )
+
+
+def latest_present(present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of a bool ``(S, R)`` presence array: the index of its last True entry, and
+    whether it has one (where it has none the index is meaningless)."""
+    return len(present) - 1 - np.argmax(present[::-1], axis=0), present.any(axis=0)
 
 
 def trailing_run(mask: np.ndarray, present: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

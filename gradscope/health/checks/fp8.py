@@ -20,10 +20,7 @@ from gradscope.stats import formats
 def detect(view: RunView, t: Thresholds) -> list[Finding]:
     if view.latest_hist is None or len(view.sampled_steps) == 0:
         return []
-    present = view.present
-    index = len(present) - 1 - np.argmax(present[::-1], axis=0)
-    max_abs = np.where(present.any(axis=0), view.max_abs[index, np.arange(present.shape[1])], np.nan)
-    fields = formats.fp8_fields(view.latest_hist, max_abs)
+    fields = formats.fp8_fields(view.latest_hist, view.latest(view.max_abs))
     lost = fields["fp8_e5m2_zero"]
     with np.errstate(invalid="ignore"):
         rows = np.flatnonzero(lost >= t.fp8_flush_fraction)

@@ -43,7 +43,7 @@ def subnormal_rows(view: RunView, t: Thresholds) -> dict[int, float]:
     out = {}
     if view.latest_hist is None or len(view.sampled_steps) == 0:
         return out
-    max_abs = _latest(view, view.max_abs)
+    max_abs = view.latest(view.max_abs)
     for r, fmt in enumerate(_formats(view)):
         hist = view.latest_hist[r]
         if fmt is None or np.isnan(hist).any() or hist.sum() == 0:
@@ -72,14 +72,6 @@ def flushed_rows(view: RunView, t: Thresholds) -> tuple[np.ndarray, np.ndarray, 
         return empty, empty, empty
     rows = np.flatnonzero(zeroed)
     return rows, run[rows], start[rows]
-
-
-def _latest(view: RunView, values: np.ndarray) -> np.ndarray:
-    """Each row's value at its latest present sampled step (NaN if never present)."""
-    present = view.present
-    index = len(present) - 1 - np.argmax(present[::-1], axis=0)
-    out = values[index, np.arange(values.shape[1])]
-    return np.where(present.any(axis=0), out, np.nan)
 
 
 def _gradient_underflow(view: RunView, t: Thresholds) -> list[Finding]:
@@ -148,7 +140,7 @@ def _gradient_underflow(view: RunView, t: Thresholds) -> list[Finding]:
 def _gradient_overflow(view: RunView) -> list[Finding]:
     if len(view.sampled_steps) == 0:
         return []
-    max_abs = _latest(view, view.max_abs)
+    max_abs = view.latest(view.max_abs)
     hits = [(r, fmt) for r, fmt in enumerate(_formats(view)) if fmt is not None and max_abs[r] >= fmt.top_binade]
     if not hits:
         return []
