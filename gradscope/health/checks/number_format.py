@@ -30,11 +30,24 @@ from gradscope.health.view import RunView, for_steps, layer_list, trailing_run
 from gradscope.stats import formats, layout
 
 
+def _low_precision(dtype: str) -> formats.NumberFormat | None:
+    """The format of ``dtype`` when it is one gradscope judges (float16, bfloat16), else None."""
+    fmt = formats.format_of(dtype)
+    return fmt if fmt is not None and fmt.name in formats.LOW_PRECISION else None
+
+
 def _formats(view: RunView) -> list[formats.NumberFormat | None]:
-    fmts = [formats.format_of(dtype) for dtype in view.row_dtypes] if view.row_dtypes else []
-    if len(fmts) != len(view.rows):
+    if len(view.row_dtypes) != len(view.rows):
         return [None] * len(view.rows)
-    return [f if f is not None and f.name in formats.LOW_PRECISION else None for f in fmts]
+    return [_low_precision(dtype) for dtype in view.row_dtypes]
+
+
+def _below_normal_fraction(hist: np.ndarray, max_abs: float, fmt: formats.NumberFormat) -> float | None:
+    """Fraction of a row's finite non-zero values below ``fmt``'s smallest normal (None when
+    the histogram is not kept or the row has no such values)."""
+    if np.isnan(hist).any() or hist.sum() == 0:
+        return None
+    return float(formats.below_normal(hist, max_abs, fmt)) / float(hist.sum())
 
 
 def subnormal_rows(view: RunView, t: Thresholds) -> dict[int, float]:
@@ -45,18 +58,18 @@ def subnormal_rows(view: RunView, t: Thresholds) -> dict[int, float]:
         return out
     max_abs = view.latest(view.max_abs)
     for r, fmt in enumerate(_formats(view)):
-        hist = view.latest_hist[r]
-        if fmt is None or np.isnan(hist).any() or hist.sum() == 0:
-            continue
-        below = float(formats.below_normal(hist, max_abs[r], fmt))
-        if below / hist.sum() >= t.underflow_fraction:
-            out[r] = below / float(hist.sum())
+        fraction = _below_normal_fraction(view.latest_hist[r], max_abs[r], fmt) if fmt is not None else None
+        if fraction is not None and fraction >= t.underflow_fraction:
+            out[r] = fraction
     return out
 
 
-def flushed_rows(view: RunView, t: Thresholds) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def flushed_rows(
+    view: RunView, t: Thresholds, subnormal: dict[int, float] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Low-precision rows whose all-zero gradients are underflow rather than dead units
-    (module docstring): ``(rows, run lengths, run starts)``."""
+    (module docstring): ``(rows, run lengths, run starts)``. ``subnormal``: the rows'
+    :func:`subnormal_rows`, when already known."""
     empty = np.zeros(0, dtype=np.int64)
     if len(view.sampled_steps) == 0:
         return empty, empty, empty
@@ -68,7 +81,7 @@ def flushed_rows(view: RunView, t: Thresholds) -> tuple[np.ndarray, np.ndarray, 
     zeroed = low & (run >= t.sustain)
     seen = view.present.any(axis=0)
     everything = zeroed[low & seen].all()
-    if not (everything or subnormal_rows(view, t)):
+    if not (everything or (subnormal if subnormal is not None else subnormal_rows(view, t))):
         return empty, empty, empty
     rows = np.flatnonzero(zeroed)
     return rows, run[rows], start[rows]
@@ -106,7 +119,7 @@ def _gradient_underflow(view: RunView, t: Thresholds) -> list[Finding]:
             layers=tuple(names),
         )
         findings.append(root)
-    rows, run, start = flushed_rows(view, t)
+    rows, run, start = flushed_rows(view, t, subnormal)
     if len(rows):
         names = [view.rows[r] for r in rows]
         fmt = fmts[rows[0]]
@@ -137,36 +150,40 @@ def _gradient_underflow(view: RunView, t: Thresholds) -> list[Finding]:
     return findings
 
 
+def _overflow(hits: list[tuple[str, formats.NumberFormat, float]], subject: str, pass_: str, step: int) -> Finding:
+    """The ``overflow`` finding for ``(name, format, max_abs)`` hits, the first named in the
+    message as ``subject`` ("gradient of 'x'", "output of module 'x'")."""
+    name, fmt, value = hits[0]
+    names = [hit[0] for hit in hits]
+    return Finding(
+        kind="overflow",
+        severity="warning",
+        layer=name,
+        step=step,
+        since_step=step,
+        message=(
+            f"the {fmt.name} {subject} reaches {value:.6g}, within one binade of "
+            f"{fmt.name}'s largest value ({fmt.max:.6g}): the next doubling is Inf"
+            + (f"; also {layer_list(names[1:])}" if len(names) > 1 else "")
+        ),
+        suggestion=SUGGESTIONS["overflow_format"],
+        evidence={"pass": pass_, "dtype": fmt.name, "max_abs": {n: v for n, _, v in hits}},
+        layers=tuple(names),
+    )
+
+
 def _gradient_overflow(view: RunView) -> list[Finding]:
     if len(view.sampled_steps) == 0:
         return []
     max_abs = view.latest(view.max_abs)
-    hits = [(r, fmt) for r, fmt in enumerate(_formats(view)) if fmt is not None and max_abs[r] >= fmt.top_binade]
+    hits = [
+        (view.rows[r], fmt, float(max_abs[r]))
+        for r, fmt in enumerate(_formats(view))
+        if fmt is not None and max_abs[r] >= fmt.top_binade
+    ]
     if not hits:
         return []
-    names = [view.rows[r] for r, _ in hits]
-    r, fmt = hits[0]
-    return [
-        Finding(
-            kind="overflow",
-            severity="warning",
-            layer=names[0],
-            step=int(view.sampled_steps[-1]),
-            since_step=int(view.sampled_steps[-1]),
-            message=(
-                f"the {fmt.name} gradient of '{names[0]}' reaches {max_abs[r]:.6g}, within one binade of "
-                f"{fmt.name}'s largest value ({fmt.max:.6g}): the next doubling is Inf"
-                + (f"; also {layer_list(names[1:])}" if len(names) > 1 else "")
-            ),
-            suggestion=SUGGESTIONS["overflow_format"],
-            evidence={
-                "pass": "backward",
-                "dtype": fmt.name,
-                "max_abs": {view.rows[i]: float(max_abs[i]) for i, _ in hits},
-            },
-            layers=tuple(names),
-        )
-    ]
+    return [_overflow(hits, f"gradient of '{hits[0][0]}'", "backward", int(view.sampled_steps[-1]))]
 
 
 def _activations(view: RunView, t: Thresholds) -> list[Finding]:
@@ -179,42 +196,18 @@ def _activations(view: RunView, t: Thresholds) -> list[Finding]:
     present = record.order[1] >= 0
     near_max, subnormal = [], []
     for m, dtype in enumerate(record.dtypes):
-        fmt = formats.format_of(dtype)
-        if not present[m] or fmt is None or fmt.name not in formats.LOW_PRECISION:
+        fmt = _low_precision(dtype)
+        if not present[m] or fmt is None:
             continue
         row = outputs[m]
         if row[layout.MAX_ABS] >= fmt.top_binade:
-            near_max.append((m, fmt, float(row[layout.MAX_ABS])))
-        hist = row[layout.HIST :]
-        if hist.sum() > 0:
-            below = float(formats.below_normal(hist, row[layout.MAX_ABS], fmt)) / float(hist.sum())
-            if below >= t.underflow_fraction:
-                subnormal.append((m, fmt, below))
+            near_max.append((view.modules[m], fmt, float(row[layout.MAX_ABS])))
+        below = _below_normal_fraction(row[layout.HIST :], row[layout.MAX_ABS], fmt)
+        if below is not None and below >= t.underflow_fraction:
+            subnormal.append((m, fmt, below))
     where = f" (autocast {record.autocast})" if record.autocast else ""
     if near_max:
-        m, fmt, value = near_max[0]
-        names = [view.modules[i] for i, _, _ in near_max]
-        findings.append(
-            Finding(
-                kind="overflow",
-                severity="warning",
-                layer=names[0],
-                step=record.step,
-                since_step=record.step,
-                message=(
-                    f"the {fmt.name} output of module '{names[0]}'{where} reaches {value:.6g}, within one binade of "
-                    f"{fmt.name}'s largest value ({fmt.max:.6g}): the next doubling is Inf"
-                    + (f"; also {layer_list(names[1:])}" if len(names) > 1 else "")
-                ),
-                suggestion=SUGGESTIONS["overflow_format"],
-                evidence={
-                    "pass": "forward",
-                    "dtype": fmt.name,
-                    "max_abs": {view.modules[i]: v for i, _, v in near_max},
-                },
-                layers=tuple(names),
-            )
-        )
+        findings.append(_overflow(near_max, f"output of module '{near_max[0][0]}'{where}", "forward", record.step))
     if subnormal:
         m, fmt, fraction = max(subnormal, key=lambda item: item[2])
         names = [view.modules[i] for i, _, _ in subnormal]
