@@ -165,27 +165,50 @@ def _cause_of(finding: Finding, cause: Finding) -> Finding:
     return dataclasses.replace(finding, cause=_cause(cause))
 
 
-def _loss_only_forward(bad_loss: tuple[int, float], forward_on: bool) -> Finding:
+def _loss_finding(
+    bad_loss: tuple[int, float],
+    cause: Finding | None = None,
+    explanation: str = "",
+    suggestion: str = "nonfinite",
+    **evidence,
+) -> Finding:
+    """The finding of the run's first non-finite loss: "the loss is nan at step N" and what it
+    proves (``explanation``), a root or (with ``cause``) a consequence."""
     step, value = bad_loss
-    why = (
-        f"forward statistics were not taken at step {step} (an unsampled step), so the module cannot be named"
-        if forward_on
-        else "Forward statistics are off, so the module cannot be named: watch(..., forward=True) names the "
-        "first module whose output went non-finite"
-    )
     return Finding(
         kind="nonfinite",
         severity="critical",
         layer=None,
         step=step,
         since_step=step,
-        message=(
-            f"the loss is {value} at step {step}: the NaN/Inf was born in the forward pass (the loss is "
-            f"computed before any gradient). {why[0].upper()}{why[1:]}"
-        ),
-        suggestion=SUGGESTIONS["nonfinite_forward"],
-        evidence={"pass": "forward", "step": step, "loss": str(value)},
+        message=f"the loss is {value} at step {step}{explanation}",
+        suggestion=SUGGESTIONS[suggestion],
+        evidence={**evidence, "step": step, "loss": str(value)},
+        cause=_cause(cause) if cause is not None else None,
     )
+
+
+def _loss_only_forward(bad_loss: tuple[int, float], forward_on: bool) -> Finding:
+    step = bad_loss[0]
+    why = (
+        f"forward statistics were not taken at step {step} (an unsampled step), so the module cannot be named"
+        if forward_on
+        else "Forward statistics are off, so the module cannot be named: watch(..., forward=True) names the "
+        "first module whose output went non-finite"
+    )
+    explanation = (
+        ": the NaN/Inf was born in the forward pass (the loss is computed before any gradient). "
+        f"{why[0].upper()}{why[1:]}"
+    )
+    return _loss_finding(bad_loss, None, explanation, "nonfinite_forward", **{"pass": "forward"})
+
+
+def _loss_code_root(bad_loss: tuple[int, float]) -> Finding:
+    explanation = (
+        " while every module's output, the model's included, was finite: the NaN/Inf was born in the loss "
+        "computation, after the model (log of 0, division by zero, a mean over an empty selection)"
+    )
+    return _loss_finding(bad_loss, None, explanation, "nonfinite_forward", **{"pass": "forward", "where": "loss"})
 
 
 def _optimizer_root(view: RunView, before: float) -> Finding | None:
@@ -221,24 +244,6 @@ def _optimizer_root(view: RunView, before: float) -> Finding | None:
         suggestion=SUGGESTIONS["nonfinite_optimizer"],
         evidence={"pass": "optimizer", "first_step": step, "layers": names},
         layers=tuple(names),
-    )
-
-
-def _loss_code_root(view: RunView, bad_loss: tuple[int, float]) -> Finding:
-    step, value = bad_loss
-    return Finding(
-        kind="nonfinite",
-        severity="critical",
-        layer=None,
-        step=step,
-        since_step=step,
-        message=(
-            f"the loss is {value} at step {step} while every module's output, the model's included, was finite: "
-            "the NaN/Inf was born in the loss computation, after the model (log of 0, division by zero, a mean "
-            "over an empty selection)"
-        ),
-        suggestion=SUGGESTIONS["nonfinite_forward"],
-        evidence={"pass": "forward", "where": "loss", "step": step, "loss": str(value)},
     )
 
 
@@ -281,26 +286,11 @@ def _origin(view: RunView, events: list, affected: int) -> list[Finding]:
         return out
     if bad_loss is not None:
         measured = view.forward_steps is not None and bad_loss[0] in view.forward_steps
-        root = _loss_code_root(view, bad_loss) if measured else _loss_only_forward(bad_loss, bool(view.modules))
+        root = _loss_code_root(bad_loss) if measured else _loss_only_forward(bad_loss, bool(view.modules))
         out.append(root)
         if grad is not None:
             out.append(_gradient_finding(view, grad, "consequence", root, affected))
     return out
-
-
-def _loss_finding(bad_loss: tuple[int, float], cause: Finding) -> Finding:
-    step, value = bad_loss
-    return Finding(
-        kind="nonfinite",
-        severity="critical",
-        layer=None,
-        step=step,
-        since_step=step,
-        message=f"the loss is {value} at step {step}",
-        suggestion=SUGGESTIONS["nonfinite"],
-        evidence={"step": step, "loss": str(value)},
-        cause=_cause(cause),
-    )
 
 
 def detect(view: RunView, t: Thresholds) -> list[Finding]:
