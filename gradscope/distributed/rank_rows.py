@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gradscope.distributed.collectives import all_reduce_sum_max
 from gradscope.stats import layout
 
 LATEST = float(2**40)
@@ -86,15 +87,7 @@ class RankRows:
             maxed[:, :-2] = rows.index_select(1, self._max)
             maxed[:, -2] = bad * float(self.world - self.rank)
             maxed[:, -1] = torch.where(first_bad >= 0, LATEST - first_bad, torch.zeros_like(first_bad))
-        works = [
-            dist.all_reduce(wire[: count * self._sum_width], dist.ReduceOp.SUM, group=self.group, async_op=True),
-            dist.all_reduce(wire[count * self._sum_width :], dist.ReduceOp.MAX, group=self.group, async_op=True),
-        ]
-        if self.device.type == "cuda":
-            for work in works:
-                work.wait()  # the current stream waits for the collective; the host does not
-            works = []
-        return wire, works
+        return wire, all_reduce_sum_max(wire, count * self._sum_width, self.group)
 
     def decode(self, wire: np.ndarray) -> RankCombined | None:
         """Combined rows from a reduced wire buffer (host, float64); None when a rank failed."""

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from gradscope.distributed.collectives import all_reduce_sum_max
 from gradscope.distributed.topology import Topology
 from gradscope.stats import layout
 
@@ -102,15 +102,7 @@ class ShardedRows:
             summed[:, -1] = bad
             maxed[:, :-1] = rows.index_select(1, self._max_columns)
             maxed[:, -1] = bad * float(self.world - self.rank)
-        works = [
-            dist.all_reduce(wire[: count * SUM_WIDTH], dist.ReduceOp.SUM, group=self.group, async_op=True),
-            dist.all_reduce(wire[count * SUM_WIDTH :], dist.ReduceOp.MAX, group=self.group, async_op=True),
-        ]
-        if self.device.type == "cuda":
-            for work in works:
-                work.wait()  # the current stream waits for the collective; the host does not
-            works = []
-        return wire, works
+        return wire, all_reduce_sum_max(wire, count * SUM_WIDTH, self.group)
 
     def decode(self, wire: np.ndarray) -> CombinedRows | None:
         """Combined rows from a reduced wire buffer (host, float64); None when a rank failed."""
