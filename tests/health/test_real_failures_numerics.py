@@ -17,24 +17,9 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from training_runs import train
 
-import gradscope
 from gradscope.health.findings import SUGGESTIONS
-
-
-def train(model, opt, steps, loss_at, **watch_options):
-    """Train ``model`` for ``steps`` steps under ``gradscope.watch``; ``loss_at(step)`` computes a
-    step's loss. Returns the report and the losses the loop saw (floats)."""
-    losses = []
-    with gradscope.watch(model, **watch_options) as mon:
-        for step in range(steps):
-            loss = loss_at(step)
-            loss.backward()
-            mon.step(loss=loss)
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        return mon.report(), losses
 
 
 def first_nonfinite(losses) -> int:

@@ -15,23 +15,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-import gradscope
-
-
-def train(model, opt, steps, loss_at, **watch_options):
-    """Train ``model`` for ``steps`` steps under ``gradscope.watch``; ``loss_at(step)`` computes a
-    step's loss. Returns the report and the losses the loop saw."""
-    losses = []
-    with gradscope.watch(model, **watch_options) as mon:
-        for step in range(steps):
-            loss = loss_at(step)
-            loss.backward()
-            mon.step(loss=loss)
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        return mon.report(), losses
+from training_runs import train
 
 
 def regression(g, inputs=8, batch=64):
