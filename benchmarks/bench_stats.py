@@ -230,7 +230,9 @@ def run_set(name: str, device: str, repeats: int, with_slow: bool) -> dict:
             )
         )
     tensorboard_dir = None
-    if with_slow:
+    if with_slow and numel > 200_000_000:
+        print(f"  ({name}: tensorboard add_histogram not measured over 200M elements; its CPU histogram takes minutes)")
+    elif with_slow:
         try:
             tensorboard_dir = tempfile.mkdtemp(prefix="gradscope-bench-tb-")
             methods.append(("tensorboard add_histogram", tensorboard_histograms(grads, names, tensorboard_dir), 3))

@@ -82,32 +82,38 @@ def _histogram_bin(abits, IS_FP64: tl.constexpr, NUM_BINS: tl.constexpr, MIN_EXP
 
 
 @triton.jit
-def _fast_step(
+def _fast_tile(
     x,
     acc_sum,
     acc_sq,
     max_bits,
-    unusual,
+    min_bits_m1,
+    zero_count,
     hist,
-    tiny_below,
-    huge_from,
     IS_FP64: tl.constexpr,
     NUM_BINS: tl.constexpr,
     MIN_EXPONENT: tl.constexpr,
 ):
-    """Fold one block of widened values into the fast path's per-lane accumulators.
+    """Fold one ``[ROWS, LANES, VEC]`` tile of widened values into the fast path's per-lane
+    accumulators (shape ``[LANES]``: one per thread, so the tile's rows and vector elements
+    are reduced inside each thread, without barriers).
 
-    ``unusual`` flags lanes that saw a value the fast path cannot sum exactly enough
-    (tiny, huge or non-finite); zeros (masked-off lanes included) are never unusual.
+    ``min_bits_m1`` is the unsigned minimum of ``bits(|x|) - 1``: a zero wraps to the largest
+    value, so it tracks the smallest non-zero magnitude in two instructions. Zeros land in
+    histogram bin 0 (their exponent clamps to it) and are counted apart, so the histogram
+    needs no mask; the caller takes them out of bin 0.
     """
     abits = _magnitude_bits(x, IS_FP64)
-    nonzero = abits != 0
-    acc_sum += x
-    acc_sq += x * x
-    max_bits = tl.maximum(max_bits, abits)
-    unusual |= (nonzero & ((abits < tiny_below) | (abits >= huge_from))).to(tl.int32)
-    hist += tl.histogram(_histogram_bin(abits, IS_FP64, NUM_BINS, MIN_EXPONENT), NUM_BINS, mask=nonzero)
-    return acc_sum, acc_sq, max_bits, unusual, hist
+    acc_sum += tl.sum(tl.sum(x, axis=2), axis=0)
+    acc_sq += tl.sum(tl.sum(x * x, axis=2), axis=0)
+    max_bits = tl.maximum(max_bits, tl.max(tl.max(abits, axis=2), axis=0))
+    if not IS_FP64:
+        nonzero_m1 = (abits - 1).to(tl.uint32, bitcast=True)
+        min_bits_m1 = tl.minimum(min_bits_m1, tl.min(tl.min(nonzero_m1, axis=2), axis=0))
+    zero_count += tl.sum(tl.sum((abits == 0).to(tl.int32), axis=2), axis=0)
+    bins = _histogram_bin(abits, IS_FP64, NUM_BINS, MIN_EXPONENT)
+    hist += tl.histogram(tl.reshape(bins, [bins.numel]), NUM_BINS)
+    return acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist
 
 
 @triton.jit
@@ -142,18 +148,17 @@ def _store_partial(
     tl.store(partial + PARTIAL_HIST + tl.arange(0, NUM_BINS), hist.to(ACC))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tensors"])  # a launch of one tensor must not make it a constant
 def _grad_stats_kernel(
     # pointers
-    tables_ptr,  # int64: [base address | numel | out row | first chunk | chunk count] per tensor,
-    #              then [tensor index | start element] per chunk
+    tables_ptr,  # int64: [base address | numel | out row | first chunk | chunk count | chunk size]
+    #              per tensor, then [tensor index | start element] per chunk
     partial_ptr,  # ACC [num_chunks, PARTIAL_WIDTH]: per-chunk partial rows (scratch)
     arrival_ptr,  # int32 [num_tensors]: zero on entry, left zero on exit
     out_ptr,  # float64 [rows, ROW_WIDTH]: receives one row per tensor
     scale_ptr,  # float32 [1]: inv_scale every element is multiplied by (if HAS_SCALE)
     # sizes
     num_tensors,
-    chunk_numel,  # elements per chunk, a multiple of BLOCK
     # meta-parameters
     IN_DTYPE: tl.constexpr,
     ACC: tl.constexpr,  # float32, or float64 for float64 inputs
@@ -161,7 +166,9 @@ def _grad_stats_kernel(
     IS_BF16: tl.constexpr,
     ALIGNED: tl.constexpr,  # all base addresses are multiples of 16 bytes
     HAS_SCALE: tl.constexpr,
-    BLOCK: tl.constexpr,  # elements per fast-path step
+    ROWS: tl.constexpr,  # fast-path tile: ROWS x LANES x VEC elements, VEC contiguous per thread
+    LANES: tl.constexpr,
+    VEC: tl.constexpr,
     CAREFUL_BLOCK: tl.constexpr,  # elements per careful-path step (fewer live registers)
     FINAL_ROWS: tl.constexpr,  # partial rows added per step by the finishing program
     PARTIAL_HIST: tl.constexpr,  # first histogram column of a partial row
@@ -171,15 +178,16 @@ def _grad_stats_kernel(
     NUM_BINS: tl.constexpr,
     MIN_EXPONENT: tl.constexpr,
 ):
+    BLOCK: tl.constexpr = ROWS * LANES * VEC
     chunk = tl.program_id(0).to(tl.int64)
     num_chunks = tl.num_programs(0).to(tl.int64)
     n_tensors = num_tensors.to(tl.int64)
-    tensor = tl.load(tables_ptr + 5 * n_tensors + chunk)
-    start = tl.load(tables_ptr + 5 * n_tensors + num_chunks + chunk)
+    tensor = tl.load(tables_ptr + 6 * n_tensors + chunk)
+    start = tl.load(tables_ptr + 6 * n_tensors + num_chunks + chunk)
     numel = tl.load(tables_ptr + n_tensors + tensor)
-    stop = tl.minimum(start + chunk_numel, numel)
+    stop = tl.minimum(start + tl.load(tables_ptr + 5 * n_tensors + tensor), numel)
     base = tl.load(tables_ptr + tensor).to(tl.pointer_type(IN_DTYPE))
-    if ALIGNED:  # every base address is 16-byte aligned and chunks start on a block: wide loads
+    if ALIGNED:  # every base address is 16-byte aligned and chunks start on a tile: wide loads
         base = tl.multiple_of(base, 16)
         start = tl.multiple_of(start, BLOCK)
     partial = partial_ptr + chunk * PARTIAL_WIDTH
@@ -189,39 +197,56 @@ def _grad_stats_kernel(
     else:
         inv_scale = 1.0
 
-    # Magnitude classes (as bits): tiny below 2**-40, huge from 2**40; none for float64.
+    # Magnitude classes (as bits). float32 squares stay normal from 2**-63 and per-lane sums
+    # of squares (at most 2**13 terms per lane in a 2**20-element chunk) stay finite below
+    # 2**56: the fast path's plain sums are accurate for magnitudes in [2**-63, 2**56).
+    # float64 needs no classes.
     if IS_FP64:
         tiny_below = 0
         huge_from = 0x7FF0000000000000
         inf_bits = 0x7FF0000000000000
     else:
-        tiny_below = 87 << 23
-        huge_from = 167 << 23
+        tiny_below = 64 << 23
+        huge_from = 183 << 23
         inf_bits = 0x7F800000
 
     # ---- fast path: plain sums; flags chunks that need the careful path -------------------
-    # Whole blocks load without a mask (so aligned inputs get wide vector loads); the last,
-    # partial block of a tensor loads with one.
-    lanes = tl.arange(0, BLOCK)
-    acc_sum = tl.zeros([BLOCK], ACC)
-    acc_sq = tl.zeros([BLOCK], ACC)
-    max_bits = _magnitude_bits(tl.zeros([BLOCK], ACC), IS_FP64)
-    unusual = tl.zeros([BLOCK], tl.int32)
-    hist = tl.zeros([NUM_BINS], tl.int32)
-    whole_blocks = ((stop - start) // BLOCK).to(tl.int32)
-    for step in range(0, whole_blocks):
-        x = _widen(tl.load(base + (start + step * BLOCK + lanes)), ACC, IS_BF16) * inv_scale
-        acc_sum, acc_sq, max_bits, unusual, hist = _fast_step(
-            x, acc_sum, acc_sq, max_bits, unusual, hist, tiny_below, huge_from, IS_FP64, NUM_BINS, MIN_EXPONENT
-        )
-    index = start + whole_blocks * BLOCK + lanes
-    x = _widen(tl.load(base + index, mask=index < stop, other=0.0), ACC, IS_BF16) * inv_scale
-    acc_sum, acc_sq, max_bits, unusual, hist = _fast_step(
-        x, acc_sum, acc_sq, max_bits, unusual, hist, tiny_below, huge_from, IS_FP64, NUM_BINS, MIN_EXPONENT
+    # Whole tiles load without a mask (aligned inputs get 16-byte vector loads, ROWS of them
+    # in flight per thread); the last, partial tile of a tensor loads with one.
+    offsets = (
+        tl.arange(0, ROWS)[:, None, None] * (LANES * VEC)
+        + tl.arange(0, LANES)[None, :, None] * VEC
+        + tl.arange(0, VEC)[None, None, :]
     )
+    acc_sum = tl.zeros([LANES], ACC)
+    acc_sq = tl.zeros([LANES], ACC)
+    max_bits = _magnitude_bits(tl.zeros([LANES], ACC), IS_FP64)
+    min_bits_m1 = tl.full([LANES], 0xFFFFFFFF, tl.uint32)
+    zero_count = tl.zeros([LANES], tl.int32)
+    hist = tl.zeros([NUM_BINS], tl.int32)
+    whole_tiles = ((stop - start) // BLOCK).to(tl.int32)
+    for step in range(0, whole_tiles):
+        x = _widen(tl.load(base + (start + step * BLOCK + offsets)), ACC, IS_BF16) * inv_scale
+        acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist = _fast_tile(
+            x, acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist, IS_FP64, NUM_BINS, MIN_EXPONENT
+        )
+    tail_start = start + whole_tiles * BLOCK
+    padding = 0
+    if tail_start < stop:
+        index = tail_start + offsets
+        x = _widen(tl.load(base + index, mask=index < stop, other=0.0), ACC, IS_BF16) * inv_scale
+        acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist = _fast_tile(
+            x, acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist, IS_FP64, NUM_BINS, MIN_EXPONENT
+        )
+        padding = (tail_start + BLOCK - stop).to(tl.int32)  # masked lanes: zeros, in bin 0
 
-    if tl.max(unusual, axis=0) == 0:
-        # No NaN/Inf here, so every element is either a zero or in the histogram.
+    chunk_max_bits = tl.max(max_bits, axis=0)
+    usual = chunk_max_bits < huge_from  # no huge or non-finite value
+    if not IS_FP64:
+        usual = usual & (tl.min(min_bits_m1, axis=0) >= (tiny_below - 1))  # no tiny non-zero value
+    if usual:
+        zeros_and_padding = tl.sum(zero_count, axis=0)
+        hist -= tl.where(tl.arange(0, NUM_BINS) == 0, zeros_and_padding, 0)
         _store_partial(
             partial,
             tl.sum(acc_sum, axis=0),
@@ -230,8 +255,8 @@ def _grad_stats_kernel(
             tl.sum(acc_sq, axis=0),
             0.0,
             0.0,
-            tl.max(max_bits, axis=0).to(ACC, bitcast=True),
-            (stop - start) - tl.sum(hist, axis=0),
+            chunk_max_bits.to(ACC, bitcast=True),
+            zeros_and_padding - padding,
             0,
             0,
             hist,
@@ -312,8 +337,10 @@ def _grad_stats_kernel(
     if arrived == tensor_chunks - 1:
         first_chunk = tl.load(tables_ptr + 3 * n_tensors + tensor)
         cols = tl.arange(0, PARTIAL_COLS)
-        sums = tl.zeros([PARTIAL_COLS], tl.float64)
-        maxima = tl.zeros([PARTIAL_COLS], tl.float64)
+        # Tiles are folded element-wise (no barrier per step) and reduced once at the end;
+        # the order is fixed, so the row is bit-identical whatever the scheduling.
+        is_max = (cols == 6)[None, :]
+        folded = tl.zeros([FINAL_ROWS, PARTIAL_COLS], tl.float64)
         for row0 in range(0, tensor_chunks, FINAL_ROWS):
             rows = row0 + tl.arange(0, FINAL_ROWS)
             tile = tl.load(
@@ -322,8 +349,9 @@ def _grad_stats_kernel(
                 other=0.0,
                 cache_modifier=".cg",  # written by other programs: read from L2, not L1
             ).to(tl.float64)
-            sums += tl.sum(tile, axis=0)
-            maxima = tl.maximum(maxima, tl.max(tile, axis=0))
+            folded = tl.where(is_max, tl.maximum(folded, tile), folded + tile)
+        sums = tl.sum(folded, axis=0)
+        maxima = tl.max(folded, axis=0)
         total = (
             tl.sum(tl.where(cols == 0, sums, 0.0), axis=0)
             + tl.sum(tl.where(cols == 1, sums, 0.0), axis=0) * 1.2924697071141057e-26  # 2**-86
@@ -384,22 +412,51 @@ def _arrival(device: torch.device, count: int) -> torch.Tensor:
     return counters
 
 
+TARGET_CHUNKS = 512
+"""A tensor is split into about this many chunks at most (chunks grow from the minimum in
+powers of two, up to 2**20 elements): the finishing program then adds at most
+``TARGET_CHUNKS / FINAL_ROWS`` tiles for any tensor below 2**29 elements."""
+
+
 def _launch_sizes(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(block, careful block, chunk elements, final rows, warps) for one launch.
+    """(block, careful block, minimum chunk elements, final rows, warps) for one launch.
 
-    The chunk size is fixed, not derived from the launch's total size, so that a tensor's
-    row is bit-identical whichever other tensors share its launch (the monitor launches per
-    bucket of gradients in backward mode and all at once in step mode). 2**16 elements per
-    program keeps every SM busy from about 10M elements on an H100.
+    Chunk sizes depend on each tensor's own size only (:func:`chunk_sizes`), never on the
+    launch's other tensors, so a tensor's row is bit-identical whichever tensors share its
+    launch (the monitor launches per bucket of gradients in backward mode and all at once in
+    step mode). 2**16 elements per program keeps every SM busy from about 10M elements.
 
-    Compiled sizes keep the kernel within 64 registers per thread on sm_90 (cuobjdump with
-    Triton 3.9: 59-61 for 16/32-bit inputs, 52 for float64), so four 8-warp programs fit on
-    each SM.
+    Compiled: 4 warps, and ``block`` = ROWS x 128 threads x one 16-byte vector each: 4 rows
+    of 8 for 16-bit inputs, 8 rows of 4 for float32, 2 rows of 2 for float64, so each thread
+    keeps 64 (32 for float64) bytes of loads in flight per step. Registers and spills of each
+    variant are in ``benchmarks/kernel_static.py``'s report; timings in ``bench_launch.py``.
     """
     if is_interpreted():
         return 1024, 256, 1 << 12, 8, 1
-    block, careful_block = (1024, 256) if dtype == torch.float64 else (2048, 512)
-    return block, careful_block, 1 << 16, 16, 8
+    if dtype == torch.float64:
+        return 512, 256, 1 << 16, 16, 4
+    return 4096, 512, 1 << 16, 16, 4
+
+
+def tile_shape(block: int, num_warps: int, element_size: int) -> tuple[int, int, int]:
+    """(ROWS, LANES, VEC) of a fast-path tile of ``block`` elements (powers of two).
+
+    VEC elements (16 bytes) are contiguous in one thread; LANES = one per thread; ROWS
+    such tiles are loaded per step.
+    """
+    vec = max(1, min(16 // element_size, block))
+    lanes = max(1, min(32 * num_warps, block // vec))
+    return block // (lanes * vec), lanes, vec
+
+
+def chunk_sizes(numels: np.ndarray, min_chunk: int) -> np.ndarray:
+    """Elements per chunk of each tensor: ``min_chunk``, doubled until the tensor has at most
+    :data:`TARGET_CHUNKS` chunks, capped at 2**20 (float32 partial counts stay exact)."""
+    wanted = -(-numels // TARGET_CHUNKS)
+    chunk = np.full(numels.shape, min_chunk, dtype=np.int64)
+    while (grow := (chunk < wanted) & (chunk < _MAX_CHUNK)).any():
+        chunk[grow] *= 2
+    return chunk
 
 
 def grad_stats_launch(
@@ -415,8 +472,10 @@ def grad_stats_launch(
 ) -> None:
     """Write the statistics rows of ``values`` into ``out[out_rows]``, without host synchronisation.
 
-    One kernel launch whatever the number of tensors. The caller keeps ``values`` alive
-    until the launch has run (on CUDA, stream order does this for tensors it frees).
+    One kernel launch for the 16-byte-aligned tensors and one for the others (so that one
+    misaligned tensor does not cost the rest their wide loads), whatever the number of
+    tensors. The caller keeps ``values`` alive until the launch has run (on CUDA, stream
+    order does this for tensors it frees).
 
     Args:
         values: 1-D contiguous tensors sharing one device and one dtype (float16, bfloat16,
@@ -428,7 +487,7 @@ def grad_stats_launch(
             then those of ``g * inv_scale`` (multiplied in float32, as ``GradScaler.unscale_``
             does), read by the kernel so that no host synchronisation is needed.
         block, careful_block, chunk_numel, final_rows: override the tiling (tests); powers of
-            two, ``chunk_numel`` a multiple of both blocks and at most 2**20.
+            two, ``chunk_numel`` (the smallest chunk) a multiple of both blocks and at most 2**20.
     """
     if not values:
         return
@@ -469,37 +528,39 @@ def grad_stats_launch(
     if rows.min() < 0 or rows.max() >= out.shape[0]:
         raise ValueError(f"grad_stats_launch: out_rows must lie in [0, {out.shape[0]})")
     addresses = np.fromiter((v.data_ptr() for v in values), dtype=np.int64, count=len(values))
-    table = work_table(addresses, numels, rows, chunk_numel)
-    launch_table(
-        table,
-        len(values),
-        dtype,
-        out,
-        inv_scale=inv_scale,
-        chunk_numel=chunk_numel,
-        block=block,
-        careful_block=careful_block,
-        final_rows=final_rows or sizes[3],
-        num_warps=sizes[4],
-    )
+    aligned = addresses % 16 == 0
+    for group in (aligned, ~aligned):
+        if group.any():
+            launch_table(
+                work_table(addresses[group], numels[group], rows[group], chunk_numel),
+                int(group.sum()),
+                dtype,
+                out,
+                inv_scale=inv_scale,
+                block=block,
+                careful_block=careful_block,
+                final_rows=final_rows or sizes[3],
+                num_warps=sizes[4],
+            )
 
 
-def work_table(addresses: np.ndarray, numels: np.ndarray, out_rows: np.ndarray, chunk_numel: int) -> np.ndarray:
+def work_table(addresses: np.ndarray, numels: np.ndarray, out_rows: np.ndarray, min_chunk: int) -> np.ndarray:
     """The kernel's int64 work table (layout in ``_grad_stats_kernel``); every tensor gets a chunk.
 
     Args:
         addresses: int64 ``(T,)`` address of each tensor's first element.
         numels: int64 ``(T,)`` elements per tensor.
         out_rows: int64 ``(T,)`` output row per tensor.
-        chunk_numel: elements per chunk.
+        min_chunk: elements per chunk of small tensors (:func:`chunk_sizes`).
     """
     count = numels.size
+    chunk_numel = chunk_sizes(numels, min_chunk)
     chunks = np.maximum(1, -(-numels // chunk_numel))
     first_chunk = np.zeros(count, dtype=np.int64)
     np.cumsum(chunks[:-1], out=first_chunk[1:])
     chunk_tensor = np.repeat(np.arange(count, dtype=np.int64), chunks)
-    chunk_start = (np.arange(chunk_tensor.size, dtype=np.int64) - first_chunk[chunk_tensor]) * chunk_numel
-    return np.concatenate([addresses, numels, out_rows, first_chunk, chunks, chunk_tensor, chunk_start])
+    chunk_start = (np.arange(chunk_tensor.size, dtype=np.int64) - first_chunk[chunk_tensor]) * chunk_numel[chunk_tensor]
+    return np.concatenate([addresses, numels, out_rows, first_chunk, chunks, chunk_numel, chunk_tensor, chunk_start])
 
 
 def launch_table(
@@ -509,21 +570,27 @@ def launch_table(
     out: torch.Tensor,
     *,
     inv_scale: torch.Tensor | None = None,
-    chunk_numel: int,
     block: int,
     careful_block: int,
     final_rows: int,
-    num_warps: int = 8,
-) -> None:
-    """Launch the kernel over a work table from :func:`work_table` (no checks; no host sync)."""
+    num_warps: int = 4,
+    maxnreg: int | None = None,
+):
+    """Launch the kernel over a work table from :func:`work_table` (no checks; no host sync).
+
+    Returns Triton's compiled kernel (its ``n_regs``/``n_spills`` say what the launch used),
+    or None when interpreted. ``maxnreg`` caps registers per thread (None: the compiler's
+    choice).
+    """
     device = out.device
-    num_chunks = (table.size - 5 * num_tensors) // 2
+    num_chunks = (table.size - 6 * num_tensors) // 2
     aligned = bool((table[:num_tensors] % 16 == 0).all())
     table = torch.from_numpy(table)
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)  # pinned + async: no host sync
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     partial = torch.empty((num_chunks, PARTIAL_WIDTH), dtype=acc, device=device)
+    rows, lanes, vec = tile_shape(block, 1 if is_interpreted() else num_warps, dtype.itemsize)
     launching = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
     # The interpreter evaluates the fast path's float32 squares even for chunks that then take
     # the careful path; their overflow is expected and must not warn.
@@ -531,22 +598,25 @@ def launch_table(
     # FMA fusion (x * x + acc in one rounding) is what we want; said explicitly, as Triton's
     # default is changing.
     options = {} if is_interpreted() else {"num_warps": num_warps, "enable_fp_fusion": True}
+    if maxnreg is not None and not is_interpreted():
+        options["maxnreg"] = maxnreg
     with launching, quiet:
-        _grad_stats_kernel[(num_chunks,)](
+        return _grad_stats_kernel[(num_chunks,)](
             table,
             partial,
             _arrival(device, num_tensors),
             out,
             out if inv_scale is None else inv_scale,  # any pointer when there is no scale
             num_tensors,
-            chunk_numel,
             IN_DTYPE=_TRITON_DTYPES[dtype],
             ACC=_TRITON_DTYPES[acc],
             IS_FP64=dtype == torch.float64,
             IS_BF16=dtype == torch.bfloat16,
             ALIGNED=aligned,
             HAS_SCALE=inv_scale is not None,
-            BLOCK=block,
+            ROWS=rows,
+            LANES=lanes,
+            VEC=vec,
             CAREFUL_BLOCK=careful_block,
             FINAL_ROWS=final_rows,
             PARTIAL_HIST=PARTIAL_HIST,

@@ -62,8 +62,10 @@ def make(name: str, seed: int = 0) -> nn.Module:
 
 
 def loss_of(name: str, model: nn.Module, step: int) -> torch.Tensor:
-    """The loss of ``model`` on a deterministic synthetic batch for ``step``."""
+    """The loss of ``model`` on a deterministic synthetic batch for ``step`` (drawn on the CPU,
+    then moved to the model's device, so CPU and CUDA runs see the same batch)."""
     g = torch.Generator().manual_seed(1000 + step)
+    device = next(model.parameters()).device
     if name == "mlp":
         x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
     elif name == "transformer":
@@ -71,6 +73,6 @@ def loss_of(name: str, model: nn.Module, step: int) -> torch.Tensor:
     elif name == "convnet":
         x, y = torch.randn(6, 3, 10, 10, generator=g), torch.randint(0, 4, (6,), generator=g)
     else:
-        tokens = torch.randint(0, 50, (8, 6), generator=g)
+        tokens = torch.randint(0, 50, (8, 6), generator=g).to(device)
         return nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 50), tokens[:, 1:].reshape(-1))
-    return nn.functional.cross_entropy(model(x), y)
+    return nn.functional.cross_entropy(model(x.to(device)), y.to(device))

@@ -65,12 +65,8 @@ def test_numbers_equal_reference_numpy(monkeypatch, name, mode, worker):
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("mode", ["backward", "step"])
 def test_numbers_equal_reference_triton(kernel_device, name, mode):
-    if kernel_device != "cpu":
-        pytest.skip(
-            "compiled kernels read CUDA tensors and this test trains on the CPU; on a GPU, "
-            "test_no_host_sync_on_cuda checks the monitor's numbers against the reference (both modes)"
-        )
-    model = make(name)
+    """On the device the kernels read: CPU when interpreted, CUDA when compiled."""
+    model = make(name).to(kernel_device)
     with gradscope.watch(model, mode=mode, backend="triton") as mon:
         grads = train(name, model, mon, steps=2)
         check_against_grads(mon, grads, [0, 1])
@@ -78,12 +74,8 @@ def test_numbers_equal_reference_triton(kernel_device, name, mode):
 
 @pytest.mark.parametrize("backend", ["numpy", "triton"])
 def test_backward_and_step_modes_give_identical_numbers(kernel_device, backend):
-    if backend == "triton" and kernel_device != "cpu":
-        pytest.skip(
-            "compiled kernels read CUDA tensors and this test trains on the CPU; on a GPU the property it "
-            "rests on is test_rows_do_not_depend_on_launch_companions (no monitor-level CUDA test of it)"
-        )
-    a, b = make("transformer"), make("transformer")
+    device = kernel_device if backend == "triton" else "cpu"
+    a, b = make("transformer").to(device), make("transformer").to(device)
     mon_a = gradscope.watch(a, mode="backward", backend=backend)
     mon_b = gradscope.watch(b, mode="step", backend=backend)
     train("transformer", a, mon_a, steps=3)
@@ -142,19 +134,15 @@ def test_accumulation_measures_the_complete_gradient():
 
 @pytest.mark.parametrize("backend", ["numpy", "triton"])
 def test_grad_scaler_statistics_are_unscaled_and_overflow_steps_skipped(kernel_device, backend):
-    if backend == "triton" and kernel_device != "cpu":
-        pytest.skip(
-            "compiled kernels read CUDA tensors and this test trains on the CPU; on a GPU, unscaling in the "
-            "kernel is checked by test_statistics_of_unscaled_gradients (no monitor-level CUDA GradScaler test)"
-        )
-    model = make("mlp")
+    device = kernel_device if backend == "triton" else "cpu"  # on a GPU: the CUDA GradScaler
+    model = make("mlp").to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**12)
     with gradscope.watch(model, optimizer=opt, scaler=scaler, backend=backend) as mon:
         expected = []
         for step in range(4):
             opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = loss_of("mlp", model, step)
             if step == 2:
                 loss = loss * float("inf")  # overflow: the scaler skips this step
