@@ -53,10 +53,10 @@ def steps(out_dir: Path, quick: bool) -> list[tuple[str, list[str], int]]:
         launch += ["--quick", "--rounds", "8"]
         overhead += ["--rounds", "2", "--methods", "gradscope,_foreach_norm"]
     return [
-        ("tests", tests, 150 if quick else 200),
-        ("stats", stats, 80 if quick else 100),
-        ("launch", launch, 60 if quick else 120),
-        ("overhead", overhead, 60 if quick else 120),
+        ("tests", tests, 150),
+        ("stats", stats, 60 if quick else 90),
+        ("launch", launch, 60 if quick else 110),
+        ("overhead", overhead, 60 if quick else 100),
     ]
 
 
