@@ -234,6 +234,60 @@ def run_steps(work: Workload, make, steps: int, warmup: int) -> list[float]:
     return times
 
 
+def profile_model(name: str, device: str, steps: int, only: list[str] | None, top: int = 30) -> None:
+    """Where each method's step time goes: per step, the host time to enqueue the step (no
+    sync inside) against the synchronised step time, then a cProfile of the host side."""
+    import cProfile
+    import pstats
+
+    work = Workload(name, device)
+    methods = [
+        (label, make)
+        for label, make in available_methods()
+        if label == "no monitoring" or not only or any(o in label for o in only)
+    ]
+    run_steps(work, method_none, steps=1, warmup=2)
+    for label, make in methods:
+        after, context, teardown = make(work)
+        enqueue, total = [], []
+        try:
+            for step in range(2 + steps):
+                work.sync()
+                start = time.perf_counter()
+                with context():
+                    work.optimizer.zero_grad(set_to_none=True)
+                    loss = work.loss()
+                    loss.backward()
+                after(step, loss)
+                work.optimizer.step()
+                queued = time.perf_counter()
+                work.sync()
+                if step >= 2:
+                    enqueue.append(queued - start)
+                    total.append(time.perf_counter() - start)
+            print(
+                f"{label:<40} host enqueue {statistics.median(enqueue) * 1e3:7.2f} ms, "
+                f"step {statistics.median(total) * 1e3:7.2f} ms"
+            )
+            if label == "no monitoring":
+                continue
+            profiler = cProfile.Profile()
+            profiler.enable()
+            for step in range(steps):
+                with context():
+                    work.optimizer.zero_grad(set_to_none=True)
+                    loss = work.loss()
+                    loss.backward()
+                after(step, loss)
+                work.optimizer.step()
+            work.sync()
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            stats.sort_stats("tottime").print_stats(top)
+        finally:
+            teardown()
+
+
 def run_model(name: str, device: str, rounds: int, steps: int, only: list[str] | None = None) -> dict:
     work = Workload(name, device)
     methods = available_methods()
@@ -282,11 +336,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods", default=None, help="comma-separated substrings of method labels to keep (plain step always kept)"
     )
+    parser.add_argument(
+        "--profile", action="store_true", help="host enqueue time and a cProfile per method, instead of the table"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda needs a CUDA device", file=sys.stderr)
         return 2
     models = args.models.split(",") if args.models else (["gpt2"] if args.device == "cuda" else ["mlp", "transformer"])
+    if args.profile:
+        only = [m for m in args.methods.split(",") if m] if args.methods else None
+        for name in models:
+            profile_model(name, args.device, args.steps, only)
+        return 0
     env = environment(args.device)
     print(f"gradscope {env['gradscope']} overhead benchmark on {env['device']} ({env['torch_threads']} torch threads)")
     only = [m for m in args.methods.split(",") if m] if args.methods else None
