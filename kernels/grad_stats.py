@@ -450,13 +450,12 @@ def tile_shape(block: int, num_warps: int, element_size: int) -> tuple[int, int,
 
 
 def chunk_sizes(numels: np.ndarray, min_chunk: int) -> np.ndarray:
-    """Elements per chunk of each tensor: ``min_chunk``, doubled until the tensor has at most
-    :data:`TARGET_CHUNKS` chunks, capped at 2**20 (float32 partial counts stay exact)."""
-    wanted = -(-numels // TARGET_CHUNKS)
-    chunk = np.full(numels.shape, min_chunk, dtype=np.int64)
-    while (grow := (chunk < wanted) & (chunk < _MAX_CHUNK)).any():
-        chunk[grow] *= 2
-    return chunk
+    """Elements per chunk of each tensor: ``min_chunk`` (a power of two), doubled until the
+    tensor has at most :data:`TARGET_CHUNKS` chunks, capped at 2**20 (float32 partial counts
+    stay exact)."""
+    wanted = np.maximum(-(-numels // TARGET_CHUNKS), 1)
+    doublings = np.ceil(np.log2(np.maximum(wanted / min_chunk, 1.0))).astype(np.int64)
+    return np.minimum(np.left_shift(np.int64(min_chunk), doublings), max(_MAX_CHUNK, min_chunk))
 
 
 def grad_stats_launch(
@@ -520,9 +519,11 @@ def grad_stats_launch(
     block = block or sizes[0]
     careful_block = careful_block or sizes[1]
     chunk_numel = chunk_numel or max(sizes[2], block, careful_block)
-    if chunk_numel % block or chunk_numel % careful_block or chunk_numel > _MAX_CHUNK:
+    power_of_two = (chunk_numel & (chunk_numel - 1)) == 0
+    if not power_of_two or chunk_numel % block or chunk_numel % careful_block or chunk_numel > _MAX_CHUNK:
         raise ValueError(
-            f"grad_stats_launch: chunk_numel={chunk_numel} must be a multiple of both blocks, <= {_MAX_CHUNK}"
+            f"grad_stats_launch: chunk_numel={chunk_numel} must be a power of two, a multiple of both blocks, "
+            f"<= {_MAX_CHUNK}"
         )
     rows = np.asarray(out_rows, dtype=np.int64)
     if rows.min() < 0 or rows.max() >= out.shape[0]:
@@ -591,7 +592,8 @@ def launch_table(
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     partial = torch.empty((num_chunks, PARTIAL_WIDTH), dtype=acc, device=device)
     rows, lanes, vec = tile_shape(block, 1 if is_interpreted() else num_warps, dtype.itemsize)
-    launching = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    switch = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
+    launching = torch.cuda.device(device) if switch else contextlib.nullcontext()
     # The interpreter evaluates the fast path's float32 squares even for chunks that then take
     # the careful path; their overflow is expected and must not warn.
     quiet = np.errstate(over="ignore", invalid="ignore") if is_interpreted() else contextlib.nullcontext()
