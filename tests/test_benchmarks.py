@@ -68,3 +68,54 @@ def test_overhead_benchmark_runs_every_method(bench_overhead, tmp_path):
     assert methods[:3] == ["no monitoring", "gradscope watch(every=1)", "gradscope watch(every=10)"]
     assert {"per-parameter .norm().item()", "set_detect_anomaly(True)"} <= set(methods)
     assert entry["results"][0]["x_plain"] == 1.0
+
+
+@pytest.fixture
+def gpu_check(monkeypatch):
+    yield load("gpu_check", monkeypatch)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_without_a_gpu_and_dry_run_lists_every_step(gpu_check, tmp_path, capsys):
+    assert gpu_check.main(["--out-dir", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # nothing written
+    assert gpu_check.main(["--dry-run", "--out-dir", str(tmp_path)]) == 0
+    listed = capsys.readouterr().out
+    for step, script in [("tests", "pytest"), ("stats", "bench_stats.py"), ("launch", "bench_launch.py")]:
+        assert f"{step} (limit" in listed and script in listed
+    assert "overhead (limit" in listed and "--device cuda" in listed
+    assert gpu_check.main(["--dry-run", "--quick", "--only", "stats"]) == 0
+    quick = capsys.readouterr().out
+    assert quick.count("(limit") == 1 and "--repeats" in quick
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_launch_benchmark_refuses_without_a_gpu(monkeypatch, capsys):
+    bench_launch = load("bench_launch", monkeypatch)
+    try:
+        assert bench_launch.main([]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+    finally:
+        for name in ("model_shapes", "bench_stats"):
+            sys.modules.pop(name, None)
+
+
+def test_kernel_static_report_writes_the_promised_json(monkeypatch, tmp_path):
+    pytest.importorskip("triton.backends.nvidia")
+    static = load("kernel_static", monkeypatch)
+    try:
+        static.cuobjdump()
+    except SystemExit:
+        pytest.skip("Triton ships no cuobjdump here")
+    out = tmp_path / "static.json"
+    assert static.main(["--dtypes", "bfloat16", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["dtype"], r["scale"], r["aligned"]) for r in report] == [
+        ("bfloat16", scale, aligned) for scale in (False, True) for aligned in (True, False)
+    ]
+    for entry in report:
+        assert isinstance(entry["registers"], int) and entry["registers"] > 0
+        assert entry["spills"] == 0
+        assert entry["instructions_per_element"] > 0 and entry["loop_barriers"] >= 1
+    assert report[0]["triton"] and report[0]["arch"] == 90

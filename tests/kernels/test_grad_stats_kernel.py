@@ -268,3 +268,235 @@ def test_tensor_over_2_31_elements_on_cuda():
     assert stats.infs[0] == 1
     assert stats.max_abs[0] == 2.0
     assert stats.sumsq[0] == 5.0
+
+
+# --------------------------------------------------------------------------------------
+# Chunk sizes, alignment groups, the fast path's magnitude range, zeros and masked tails
+# --------------------------------------------------------------------------------------
+
+
+def _chunk_size_by_definition(numel: int, min_chunk: int) -> int:
+    """The definition of a tensor's chunk size, as a plain loop: ``min_chunk`` doubled until
+    the tensor has at most TARGET_CHUNKS chunks, but never past the cap."""
+    cap = max(2**20, min_chunk)
+    chunk = min_chunk
+    while -(-numel // chunk) > 512 and chunk < cap:
+        chunk *= 2
+    return chunk
+
+
+@settings(max_examples=300)
+@given(
+    numels=st.lists(
+        st.one_of(
+            st.integers(0, 2**34),
+            # around the thresholds where the chunk doubles: 512 * min_chunk * 2**k (+-1)
+            st.builds(
+                lambda k, m, d: max(0, (512 << k) * m + d),
+                st.integers(0, 14),
+                st.sampled_from([256, 4096, 65536]),
+                st.integers(-1, 1),
+            ),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+    min_chunk=st.sampled_from([256, 4096, 65536]),
+)
+def test_chunk_sizes_follow_their_definition(numels, min_chunk):
+    pytest.importorskip("triton")
+    from gradscope.kernels import grad_stats as k
+
+    assert k.TARGET_CHUNKS == 512
+    array = np.asarray(numels, dtype=np.int64)
+    sizes = k.chunk_sizes(array, min_chunk)
+    assert sizes.shape == array.shape
+    expected = [_chunk_size_by_definition(n, min_chunk) for n in numels]
+    assert sizes.tolist() == expected, (numels, min_chunk)
+    for numel, size in zip(numels, sizes.tolist(), strict=True):
+        assert size >= min_chunk and size & (size - 1) == 0, (numel, size)
+        assert -(-numel // size) <= 512 or size == 2**20, (numel, size)
+        # each tensor's chunk depends on its own numel only, not on the others in the array
+        assert k.chunk_sizes(np.array([numel], dtype=np.int64), min_chunk).tolist() == [size]
+
+
+GROWN_TILES = {"block": 256, "careful_block": 16, "chunk_numel": 256, "final_rows": 4}
+"""Small tiles for a tensor whose chunk grows past the minimum: that takes over
+``TARGET_CHUNKS * chunk_numel`` elements, so each tile holds 256 of them (SMALL_TILES' 64
+would take the interpreter four times as long)."""
+
+
+def test_large_tensor_with_grown_chunks_matches_reference_and_ignores_companions(kernel_device):
+    """A tensor big enough that its chunk grows past the minimum (512 elements instead of
+    256), with specials planted in different chunks: it matches the float64 reference and
+    its row is bit-identical whether it is launched alone or between two small tensors."""
+    from gradscope.kernels import grad_stats as k
+
+    n = 256 * 512 + 123
+    assert k.chunk_sizes(np.array([n], dtype=np.int64), GROWN_TILES["chunk_numel"])[0] > GROWN_TILES["chunk_numel"]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, generator=g) * 10 ** torch.randn(n, generator=g).clamp(-3, 3)
+    x[5_000] = float("nan")
+    x[40_000] = float("-inf")
+    x[75_000:76_000] = 0.0  # a zero run across chunk boundaries
+    x[100_000] = 2.0**-70  # tiny: careful path
+    x[130_000] = 2.0**60  # huge: careful path
+    x[-1] = 0.0  # in the masked tail
+    x = x.to(kernel_device)
+    small = [torch.randn(100, generator=g).to(kernel_device), torch.randn(3000, generator=g).to(kernel_device)]
+
+    together = kernel_stats([small[0], x, small[1]], kernel_device, **GROWN_TILES)
+    alone = kernel_stats([x], kernel_device, **GROWN_TILES)
+    assert_matches_reference(alone, [x])
+    assert_matches_reference(together, [small[0], x, small[1]])
+    assert together.to_rows()[1].tobytes() == alone.to_rows()[0].tobytes()
+    assert alone.nans[0] == 1 and alone.infs[0] == 1 and alone.zeros[0] >= 1001
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_misaligned_tensors_launched_beside_aligned_ones(kernel_device, dtype):
+    """Tensors whose first element is not 16-byte aligned go in a launch of their own: each
+    row matches the reference and equals (bitwise) the row of the same tensor launched alone;
+    an aligned copy of it gets the same counts and histogram (bitwise the same row when
+    interpreted: chunks start at element offsets, not addresses)."""
+    g = torch.Generator().manual_seed(12)
+
+    def noise(count):
+        return (torch.randn(count, generator=g) * 10 ** torch.randn(count, generator=g).clamp(-2, 2)).to(dtype)
+
+    misaligned = []
+    for count in (1001, 2, 700):
+        base = noise(count).to(kernel_device)
+        misaligned.append(base[1:])
+    misaligned[2][100:120] = 0.0
+    misaligned[2][333] = float("nan")  # one misaligned chunk takes the careful path
+    aligned = [noise(count).to(kernel_device) for count in (600, 33)]
+    tensors = [aligned[0], misaligned[0], misaligned[1], aligned[1], misaligned[2]]
+    for t in misaligned:
+        assert flat_elements(t).values.data_ptr() % 16 != 0
+    for t in aligned:
+        assert flat_elements(t).values.data_ptr() % 16 == 0
+
+    together = kernel_stats(tensors, kernel_device, **SMALL_TILES)
+    assert_matches_reference(together, tensors)
+    rows = together.to_rows()
+    for i, t in enumerate(tensors):
+        alone = kernel_stats([t], kernel_device, **SMALL_TILES).to_rows()[0]
+        assert rows[i].tobytes() == alone.tobytes(), f"tensor {i}: row depends on its launch companions"
+    exact = [
+        layout.NUMEL,
+        layout.MAX_ABS,
+        layout.ZEROS,
+        layout.NANS,
+        layout.INFS,
+        *range(layout.HIST, layout.ROW_WIDTH),
+    ]
+    for i, t in enumerate(tensors):
+        copy = t.clone()
+        assert flat_elements(copy).values.data_ptr() % 16 == 0
+        aligned_row = kernel_stats([copy], kernel_device, **SMALL_TILES).to_rows()[0]
+        np.testing.assert_array_equal(rows[i][exact], aligned_row[exact], err_msg=f"tensor {i}")
+        if kernel_device == "cpu":
+            # interpreted, alignment only changes hints: the same arithmetic in the same order
+            # (compiled, the wider loads may change the layout of the float32 reductions)
+            assert rows[i].tobytes() == aligned_row.tobytes(), f"tensor {i}: row depends on its alignment"
+
+    # the same through launch_rows into a shared buffer, in a shuffled row order
+    out = torch.full((len(tensors) + 1, layout.ROW_WIDTH), -7.0, dtype=torch.float64, device=kernel_device)
+    out_rows = [4, 0, 5, 2, 1]
+    triton_backend.launch_rows([flat_elements(t) for t in tensors], out, out_rows, **SMALL_TILES)
+    buffer = out.cpu().numpy()
+    assert (buffer[3] == -7.0).all()
+    for i, r in enumerate(out_rows):
+        assert buffer[r].tobytes() == rows[i].tobytes()
+
+
+def _log_uniform(count, low_exponent, high_exponent, seed):
+    """float32 values with random signs and magnitudes log-uniform in ``[2**low, 2**high)``."""
+    rng = np.random.default_rng(seed)
+    magnitudes = np.exp2(rng.uniform(low_exponent, high_exponent, count))
+    x = torch.from_numpy(magnitudes * rng.choice([-1.0, 1.0], count)).float()
+    # float32 rounding may land on the upper edge: keep the values inside the interval
+    return x.clamp(-(2.0**high_exponent), 2.0**high_exponent)
+
+
+@pytest.mark.parametrize("tiling", [SMALL_TILES, {}], ids=["small_tiles", "default_tiles"])
+def test_fast_path_magnitude_range(kernel_device, tiling):
+    """Magnitudes in [2**-63, 2**56) take the fast path (plain float32 sums), anything
+    smaller (non-zero) or larger takes the careful path; both match the reference either
+    side of each threshold. Squares of float32 values from 2**-63 up stay normal, so a
+    chunk of magnitudes in [2**-62, 2**-41] (once careful, now fast) keeps its sum of squares
+    to float32 accuracy."""
+    count = 2000
+    tiny_range = _log_uniform(count, -62, -41, seed=1)
+    assert tiny_range.abs().min() >= 2.0**-62 and tiny_range.abs().max() <= 2.0**-41
+    just_below_tiny = _log_uniform(count, -64, -63, seed=2)
+    just_below_tiny = just_below_tiny[just_below_tiny.abs() < 2.0**-63]
+    # float32 squares of these are deep subnormals (summed on the fast path they lose about
+    # 2e-6 relative, or everything where denormals flush): only the careful path keeps them.
+    # Narrow bands, so that the deep squares dominate their sums.
+    far_below_tiny = _log_uniform(count, -70, -69, seed=3)
+    deep_tiny = _log_uniform(count, -80, -79, seed=6)
+
+    def below(edge):  # the largest float32 below ``edge``
+        return torch.tensor(edge).view(torch.int32).sub(1).view(torch.float32).item()
+
+    fast_edges = torch.tensor([2.0**-63, -(2.0**-63), below(2.0**56), -below(2.0**56), 1.0] * 50)
+    careful_edges = torch.tensor([below(2.0**-63), -below(2.0**-63), 2.0**56, -(2.0**56), 1.0] * 50)
+    near_huge = _log_uniform(count, 54.5, 55.99, seed=4)
+    huge = _log_uniform(count, 56.5, 57.5, seed=5)
+    huger = _log_uniform(count, 63, 64, seed=7)  # float32 squares: a few of them overflow
+    assert near_huge.abs().max() < 2.0**56 and huge.abs().min() >= 2.0**56
+    mixed = torch.cat([tiny_range[:1000], near_huge[:1000], torch.zeros(100), just_below_tiny[:10]])
+    tensors = [tiny_range, just_below_tiny, far_below_tiny, deep_tiny]
+    tensors += [fast_edges, careful_edges, near_huge, huge, huger, mixed]
+    tensors = [t.to(kernel_device) for t in tensors]
+
+    stats = kernel_stats(tensors, kernel_device, **tiling)
+    assert_matches_reference(stats, tensors)
+    for i in (0, 1, 2, 3):  # the fast path's tiny range, and the careful path's
+        expected = float((tensors[i].cpu().double() ** 2).sum())
+        assert abs(stats.sumsq[i] - expected) <= 1e-6 * expected, (
+            f"tensor {i}: sumsq {stats.sumsq[i]!r} vs {expected!r}"
+        )
+
+
+@pytest.mark.parametrize("tiling", [SMALL_TILES, {}], ids=["small_tiles", "default_tiles"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+def test_zeros_counted_exactly_with_masked_tails(kernel_device, dtype, tiling):
+    """Zeros are counted apart and taken out of histogram bin 0, and the masked lanes of a
+    tensor's last tile count as nothing: for lengths that are not multiples of a tile, all
+    zeros or a few zeros (and values in bin 0) among normal values, on the fast path and
+    (with a NaN and an Inf) on the careful path, ``zeros`` and the histogram are exact."""
+    g = torch.Generator().manual_seed(13)
+    lengths = (1, 63, 65, 257, 1000)
+    all_zero = []
+    mixed = []
+    careful_mixed = []
+    for n in lengths:
+        z = torch.zeros(n, dtype=dtype)
+        z[::3] = -0.0
+        all_zero.append(z)
+        x = torch.randn(n, generator=g, dtype=torch.float64)
+        x[torch.randperm(n, generator=g)[: max(1, n // 10)]] = 0.0
+        if n > 2:
+            x[1] = 2.0**-50  # bin 0, fast path (0 in float16)
+            x[-1] = -0.0
+        mixed.append(x.to(dtype))
+        careful = x.clone()
+        careful[0] = float("nan")  # the chunk (and the tensor's tail) takes the careful path
+        if n > 1:
+            careful[n // 2] = float("inf")
+        careful_mixed.append(careful.to(dtype))
+    tensors = [t.to(kernel_device) for t in all_zero + mixed + careful_mixed]
+
+    stats = kernel_stats(tensors, kernel_device, **tiling)
+    assert_matches_reference(stats, tensors)
+    for i, t in enumerate(tensors):
+        ref = reference_row(t)
+        assert stats.zeros[i] == ref["zeros"], f"tensor {i}"
+        np.testing.assert_array_equal(stats.hist[i], ref["hist"], err_msg=f"tensor {i}")
+        assert stats.hist[i].sum() == t.numel() - ref["zeros"] - ref["nans"] - ref["infs"], f"tensor {i}"
+    for i, n in enumerate(lengths):
+        assert stats.zeros[i] == n and not stats.hist[i].any()
+        assert stats.nans[2 * len(lengths) + i] == 1
