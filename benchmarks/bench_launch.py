@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_stats import environment, torch_full_set
-from gradscope.kernels import grad_stats as kernel
+from gradscope.kernels import launch as kernel
 from model_shapes import gpt2_shapes, llama_1b_shapes, synthetic_gradients
 
 from gradscope.stats import layout

@@ -45,17 +45,17 @@ from triton.compiler import ASTSource
 request = json.loads(sys.argv[1])
 sys.path.append(request["root"])  # after any installed gradscope
 try:
-    from gradscope.kernels import grad_stats as k
+    from gradscope.kernels import grad_stats as kernel, launch as k
 except ModuleNotFoundError:  # a source checkout on sys.path: gradscope.kernels is ./kernels
     import importlib
     sys.modules["gradscope.kernels"] = importlib.import_module("kernels")
-    from gradscope.kernels import grad_stats as k
+    from gradscope.kernels import grad_stats as kernel, launch as k
 
 name, arch, scale, aligned = request["dtype"], request["arch"], request["scale"], request["aligned"]
 torch_dtype = getattr(torch, name)
 block, careful, min_chunk, final_rows, warps = k._launch_sizes(torch_dtype)
 rows, lanes, vec = k.tile_shape(block, warps, torch_dtype.itemsize)
-fn = k._grad_stats_kernel
+fn = kernel._grad_stats_kernel
 acc = "fp64" if name == "float64" else "fp32"
 signature = {"tables_ptr": "*i64", "partial_ptr": "*" + acc, "arrival_ptr": "*i32", "out_ptr": "*fp64",
              "scale_ptr": "*fp32", "num_tensors": "i32"}
@@ -63,8 +63,8 @@ constants = dict(
     IN_DTYPE=getattr(tl, name), ACC=getattr(tl, "float64" if name == "float64" else "float32"),
     IS_FP64=name == "float64", IS_BF16=name == "bfloat16", ALIGNED=aligned, HAS_SCALE=scale,
     ROWS=rows, LANES=lanes, VEC=vec, CAREFUL_BLOCK=careful, FINAL_ROWS=final_rows,
-    PARTIAL_HIST=k.PARTIAL_HIST, PARTIAL_WIDTH=k.PARTIAL_WIDTH,
-    PARTIAL_COLS=triton.next_power_of_2(k.PARTIAL_WIDTH), ROW_WIDTH=71, NUM_BINS=64, MIN_EXPONENT=-48,
+    PARTIAL_HIST=kernel.PARTIAL_HIST, PARTIAL_WIDTH=kernel.PARTIAL_WIDTH,
+    PARTIAL_COLS=triton.next_power_of_2(kernel.PARTIAL_WIDTH), ROW_WIDTH=71, NUM_BINS=64, MIN_EXPONENT=-48,
 )
 signature.update({key: "constexpr" for key in constants})
 # Torch allocations are 16-byte aligned: the JIT marks every pointer argument so.

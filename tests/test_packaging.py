@@ -47,6 +47,7 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_contents(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "gradscope/kernels/grad_stats.py" in names
+    assert "gradscope/kernels/launch.py" in names
     assert "gradscope/kernels/__init__.py" in names
     assert "gradscope/stats/numpy_backend.py" in names
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels package would shadow PyPI's"

@@ -25,9 +25,9 @@ def triton_importable() -> bool:
 
 def kernels():
     """The kernel module, imported on first use (so ``import gradscope`` never needs Triton)."""
-    from gradscope.kernels import grad_stats
+    from gradscope.kernels import launch
 
-    return grad_stats
+    return launch
 
 
 def serves(device: torch.device) -> bool:

@@ -151,7 +151,7 @@ def test_offsets_beyond_int32(kernel_device):
     """Element offsets past 2**31 are int64 all the way: a tensor whose last chunks start
     beyond 2**31 is read from its true addresses (its base address is moved back by 2**31
     elements, so only the real data is ever touched)."""
-    from gradscope.kernels import grad_stats as k
+    from gradscope.kernels import launch as k
 
     data = torch.randn(700, device=kernel_device) * 3
     data[5] = 0
@@ -182,7 +182,7 @@ def test_offsets_beyond_int32(kernel_device):
 
 
 def test_rejects_what_it_cannot_read(kernel_device):
-    from gradscope.kernels import grad_stats as k
+    from gradscope.kernels import launch as k
 
     out = torch.zeros((2, layout.ROW_WIDTH), dtype=torch.float64, device=kernel_device)
     with pytest.raises(TypeError, match="int32"):
@@ -305,7 +305,7 @@ def _chunk_size_by_definition(numel: int, min_chunk: int) -> int:
 )
 def test_chunk_sizes_follow_their_definition(numels, min_chunk):
     pytest.importorskip("triton")
-    from gradscope.kernels import grad_stats as k
+    from gradscope.kernels import launch as k
 
     assert k.TARGET_CHUNKS == 512
     array = np.asarray(numels, dtype=np.int64)
@@ -330,7 +330,7 @@ def test_large_tensor_with_grown_chunks_matches_reference_and_ignores_companions
     """A tensor big enough that its chunk grows past the minimum (512 elements instead of
     256), with specials planted in different chunks: it matches the float64 reference and
     its row is bit-identical whether it is launched alone or between two small tensors."""
-    from gradscope.kernels import grad_stats as k
+    from gradscope.kernels import launch as k
 
     n = 256 * 512 + 123
     assert k.chunk_sizes(np.array([n], dtype=np.int64), GROWN_TILES["chunk_numel"])[0] > GROWN_TILES["chunk_numel"]

@@ -1,0 +1,272 @@
+"""Launcher of the statistics kernel (``grad_stats.py``): checks inputs, builds the work
+table, chooses the tiling and launches, without host synchronisation.
+
+The kernel's layouts (the work table, the partial rows) are documented in ``grad_stats.py``
+and written here; the tiling (tile shape, chunk sizes, warps) is chosen here from the
+measurements in ``benchmarks/bench_launch.py`` and the static report
+``benchmarks/kernel_static.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+from gradscope.kernels.grad_stats import _MAX_CHUNK, PARTIAL_HIST, PARTIAL_WIDTH, _grad_stats_kernel
+
+from gradscope.stats import layout
+
+_TRITON_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+_arrival_counters: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def is_interpreted() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import).
+
+    Interpreted kernels read CPU tensors; compiled kernels read CUDA tensors.
+    """
+    return not isinstance(_grad_stats_kernel, triton.runtime.JITFunction)
+
+
+def _arrival(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 counters for one launch; the kernel leaves them zeroed again.
+
+    On CUDA they are reused per (device, stream): launches on one stream run in order.
+    """
+    if device.type != "cuda":
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    counters = _arrival_counters.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _arrival_counters[key] = counters
+    return counters
+
+
+TARGET_CHUNKS = 512
+"""A tensor is split into about this many chunks at most (chunks grow from the minimum in
+powers of two, up to 2**20 elements): the finishing program then adds at most
+``TARGET_CHUNKS / FINAL_ROWS`` tiles for any tensor below 2**29 elements."""
+
+
+def _launch_sizes(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(block, careful block, minimum chunk elements, final rows, warps) for one launch.
+
+    Chunk sizes depend on each tensor's own size only (:func:`chunk_sizes`), never on the
+    launch's other tensors, so a tensor's row is bit-identical whichever tensors share its
+    launch (the monitor launches per bucket of gradients in backward mode and all at once in
+    step mode). 2**16 elements per program keeps every SM busy from about 10M elements.
+
+    Compiled: 4 warps, and ``block`` = ROWS x 128 threads x one 16-byte vector each: 4 rows
+    of 8 for 16-bit inputs, 8 rows of 4 for float32, 2 rows of 2 for float64, so each thread
+    keeps 64 (32 for float64) bytes of loads in flight per step. Registers and spills of each
+    variant are in ``benchmarks/kernel_static.py``'s report; timings in ``bench_launch.py``.
+    """
+    if is_interpreted():
+        return 1024, 256, 1 << 12, 8, 1
+    if dtype == torch.float64:
+        return 512, 256, 1 << 16, 16, 4
+    return 4096, 512, 1 << 16, 16, 4
+
+
+def tile_shape(block: int, num_warps: int, element_size: int) -> tuple[int, int, int]:
+    """(ROWS, LANES, VEC) of a fast-path tile of ``block`` elements (powers of two).
+
+    VEC elements (16 bytes) are contiguous in one thread; LANES = one per thread; ROWS
+    such tiles are loaded per step.
+    """
+    vec = max(1, min(16 // element_size, block))
+    lanes = max(1, min(32 * num_warps, block // vec))
+    return block // (lanes * vec), lanes, vec
+
+
+def chunk_sizes(numels: np.ndarray, min_chunk: int) -> np.ndarray:
+    """Elements per chunk of each tensor: ``min_chunk`` (a power of two), doubled until the
+    tensor has at most :data:`TARGET_CHUNKS` chunks, capped at 2**20 (float32 partial counts
+    stay exact)."""
+    wanted = np.maximum(-(-numels // TARGET_CHUNKS), 1)
+    doublings = np.ceil(np.log2(np.maximum(wanted / min_chunk, 1.0))).astype(np.int64)
+    return np.minimum(np.left_shift(np.int64(min_chunk), doublings), max(_MAX_CHUNK, min_chunk))
+
+
+def grad_stats_launch(
+    values: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    out_rows: Sequence[int],
+    *,
+    inv_scale: torch.Tensor | None = None,
+    block: int | None = None,
+    careful_block: int | None = None,
+    chunk_numel: int | None = None,
+    final_rows: int | None = None,
+) -> None:
+    """Write the statistics rows of ``values`` into ``out[out_rows]``, without host synchronisation.
+
+    One kernel launch for the 16-byte-aligned tensors and one for the others (so that one
+    misaligned tensor does not cost the rest their wide loads), whatever the number of
+    tensors. The caller keeps ``values`` alive until the launch has run (on CUDA, stream
+    order does this for tensors it frees).
+
+    Args:
+        values: 1-D contiguous tensors sharing one device and one dtype (float16, bfloat16,
+            float32 or float64): CUDA tensors for compiled kernels, CPU tensors when
+            interpreted (:func:`is_interpreted`). Empty tensors get a row of zeros.
+        out: float64 ``(R, ROW_WIDTH)`` contiguous tensor on the same device.
+        out_rows: for each tensor, the row of ``out`` it writes (distinct).
+        inv_scale: optional float32 one-element tensor on the same device; statistics are
+            then those of ``g * inv_scale`` (multiplied in float32, as ``GradScaler.unscale_``
+            does), read by the kernel so that no host synchronisation is needed.
+        block, careful_block, chunk_numel, final_rows: override the tiling (tests); powers of
+            two, ``chunk_numel`` (the smallest chunk) a multiple of both blocks and at most 2**20.
+    """
+    if not values:
+        return
+    first = values[0]
+    device, dtype = first.device, first.dtype
+    if dtype not in _TRITON_DTYPES:
+        raise TypeError(f"grad_stats_launch: dtype {dtype} is not one of {list(_TRITON_DTYPES)}")
+    wanted = "cpu" if is_interpreted() else "cuda"
+    if device.type != wanted:
+        mode = "interpreted (TRITON_INTERPRET=1)" if is_interpreted() else "compiled"
+        raise ValueError(f"grad_stats_launch: {mode} kernels read {wanted} tensors, got a {device.type} tensor")
+    for i, v in enumerate(values):
+        if v.device != device or v.dtype != dtype:
+            raise ValueError(f"grad_stats_launch: tensor {i} is {v.dtype} on {v.device}, expected {dtype} on {device}")
+        if v.dim() != 1 or not v.is_contiguous():
+            raise ValueError(f"grad_stats_launch: tensor {i} must be 1-D and contiguous")
+    if out.dtype != torch.float64 or out.dim() != 2 or out.shape[1] != layout.ROW_WIDTH or not out.is_contiguous():
+        raise ValueError(f"grad_stats_launch: out must be a contiguous float64 (R, {layout.ROW_WIDTH}) tensor")
+    if out.device != device:
+        raise ValueError(f"grad_stats_launch: out is on {out.device}, the tensors on {device}")
+    if len(out_rows) != len(values):
+        raise ValueError(f"grad_stats_launch: {len(out_rows)} out_rows for {len(values)} tensors")
+    if inv_scale is not None and (
+        inv_scale.dtype != torch.float32 or inv_scale.numel() != 1 or inv_scale.device != device
+    ):
+        raise ValueError(f"grad_stats_launch: inv_scale must be a one-element float32 tensor on {device}")
+
+    numels = np.fromiter((v.numel() for v in values), dtype=np.int64, count=len(values))
+    sizes = _launch_sizes(dtype)
+    block = block or sizes[0]
+    careful_block = careful_block or sizes[1]
+    chunk_numel = chunk_numel or max(sizes[2], block, careful_block)
+    power_of_two = (chunk_numel & (chunk_numel - 1)) == 0
+    if not power_of_two or chunk_numel % block or chunk_numel % careful_block or chunk_numel > _MAX_CHUNK:
+        raise ValueError(
+            f"grad_stats_launch: chunk_numel={chunk_numel} must be a power of two, a multiple of both blocks, "
+            f"<= {_MAX_CHUNK}"
+        )
+    rows = np.asarray(out_rows, dtype=np.int64)
+    if rows.min() < 0 or rows.max() >= out.shape[0]:
+        raise ValueError(f"grad_stats_launch: out_rows must lie in [0, {out.shape[0]})")
+    addresses = np.fromiter((v.data_ptr() for v in values), dtype=np.int64, count=len(values))
+    aligned = addresses % 16 == 0
+    for group in (aligned, ~aligned):
+        if group.any():
+            launch_table(
+                work_table(addresses[group], numels[group], rows[group], chunk_numel),
+                int(group.sum()),
+                dtype,
+                out,
+                inv_scale=inv_scale,
+                block=block,
+                careful_block=careful_block,
+                final_rows=final_rows or sizes[3],
+                num_warps=sizes[4],
+            )
+
+
+def work_table(addresses: np.ndarray, numels: np.ndarray, out_rows: np.ndarray, min_chunk: int) -> np.ndarray:
+    """The kernel's int64 work table (layout in ``_grad_stats_kernel``); every tensor gets a chunk.
+
+    Args:
+        addresses: int64 ``(T,)`` address of each tensor's first element.
+        numels: int64 ``(T,)`` elements per tensor.
+        out_rows: int64 ``(T,)`` output row per tensor.
+        min_chunk: elements per chunk of small tensors (:func:`chunk_sizes`).
+    """
+    count = numels.size
+    chunk_numel = chunk_sizes(numels, min_chunk)
+    chunks = np.maximum(1, -(-numels // chunk_numel))
+    first_chunk = np.zeros(count, dtype=np.int64)
+    np.cumsum(chunks[:-1], out=first_chunk[1:])
+    chunk_tensor = np.repeat(np.arange(count, dtype=np.int64), chunks)
+    chunk_start = (np.arange(chunk_tensor.size, dtype=np.int64) - first_chunk[chunk_tensor]) * chunk_numel[chunk_tensor]
+    return np.concatenate([addresses, numels, out_rows, first_chunk, chunks, chunk_numel, chunk_tensor, chunk_start])
+
+
+def launch_table(
+    table: np.ndarray,
+    num_tensors: int,
+    dtype: torch.dtype,
+    out: torch.Tensor,
+    *,
+    inv_scale: torch.Tensor | None = None,
+    block: int,
+    careful_block: int,
+    final_rows: int,
+    num_warps: int = 4,
+    maxnreg: int | None = None,
+):
+    """Launch the kernel over a work table from :func:`work_table` (no checks; no host sync).
+
+    Returns Triton's compiled kernel (its ``n_regs``/``n_spills`` say what the launch used),
+    or None when interpreted. ``maxnreg`` caps registers per thread (None: the compiler's
+    choice).
+    """
+    device = out.device
+    num_chunks = (table.size - 6 * num_tensors) // 2
+    aligned = bool((table[:num_tensors] % 16 == 0).all())
+    table = torch.from_numpy(table)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)  # pinned + async: no host sync
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    partial = torch.empty((num_chunks, PARTIAL_WIDTH), dtype=acc, device=device)
+    rows, lanes, vec = tile_shape(block, 1 if is_interpreted() else num_warps, dtype.itemsize)
+    switch = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
+    launching = torch.cuda.device(device) if switch else contextlib.nullcontext()
+    # The interpreter evaluates the fast path's float32 squares even for chunks that then take
+    # the careful path; their overflow is expected and must not warn.
+    quiet = np.errstate(over="ignore", invalid="ignore") if is_interpreted() else contextlib.nullcontext()
+    # FMA fusion (x * x + acc in one rounding) is what we want; said explicitly, as Triton's
+    # default is changing.
+    options = {} if is_interpreted() else {"num_warps": num_warps, "enable_fp_fusion": True}
+    if maxnreg is not None and not is_interpreted():
+        options["maxnreg"] = maxnreg
+    with launching, quiet:
+        return _grad_stats_kernel[(num_chunks,)](
+            table,
+            partial,
+            _arrival(device, num_tensors),
+            out,
+            out if inv_scale is None else inv_scale,  # any pointer when there is no scale
+            num_tensors,
+            IN_DTYPE=_TRITON_DTYPES[dtype],
+            ACC=_TRITON_DTYPES[acc],
+            IS_FP64=dtype == torch.float64,
+            IS_BF16=dtype == torch.bfloat16,
+            ALIGNED=aligned,
+            HAS_SCALE=inv_scale is not None,
+            ROWS=rows,
+            LANES=lanes,
+            VEC=vec,
+            CAREFUL_BLOCK=careful_block,
+            FINAL_ROWS=final_rows,
+            PARTIAL_HIST=PARTIAL_HIST,
+            PARTIAL_WIDTH=PARTIAL_WIDTH,
+            PARTIAL_COLS=triton.next_power_of_2(PARTIAL_WIDTH),
+            ROW_WIDTH=layout.ROW_WIDTH,
+            NUM_BINS=layout.NUM_BINS,
+            MIN_EXPONENT=layout.HIST_MIN_EXPONENT,
+            **options,
+        )
