@@ -5,8 +5,9 @@ gradscope installed with ``pip install --no-deps --no-build-isolation -e .`` (th
 target does this when needed), no network. Steps, each in its own process with its own
 time limit so that one slow step cannot eat the others:
 
-1. ``tests``: the kernel, statistics and monitor tests, compiled for the GPU (every test
-   that needs CUDA runs; the interpreter-only ones skip and say so);
+1. ``tests``: the kernel, statistics and monitor tests and the exporters' CUDA test,
+   compiled for the GPU (every test that needs CUDA runs; the interpreter-only ones skip and
+   say so);
 2. ``stats``: ``bench_stats.py --device cuda`` (full statistic set against
    ``torch._foreach_norm``, a bandwidth-bound read and the per-tensor alternatives);
 3. ``launch``: ``bench_launch.py`` (the kernel's launch configurations against the copy
@@ -40,6 +41,7 @@ def steps(out_dir: Path, quick: bool) -> list[tuple[str, list[str], int]]:
     """(name, command, time limit in seconds) of each step."""
     python = sys.executable
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "tests/stats", "tests/monitor"]
+    tests.append("tests/outputs/exporters/test_exporters_cuda.py")
     if importlib.util.find_spec("xdist") is not None:
         tests += ["-n", "8"]
     if importlib.util.find_spec("pytest_timeout") is not None:
