@@ -39,7 +39,7 @@ _COMPILE = r"""
 import json, sys
 import numpy as np
 import torch
-import triton, triton.language as tl
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 request = json.loads(sys.argv[1])
@@ -54,25 +54,19 @@ except ModuleNotFoundError:  # a source checkout on sys.path: gradscope.kernels 
 name, arch, scale, aligned = request["dtype"], request["arch"], request["scale"], request["aligned"]
 torch_dtype = getattr(torch, name)
 block, careful, min_chunk, final_rows, warps = k._launch_sizes(torch_dtype)
-rows, lanes, vec = k.tile_shape(block, warps, torch_dtype.itemsize)
+constants, options = k.kernel_meta(torch_dtype, aligned=aligned, scale=scale, block=block, careful_block=careful,
+                                   final_rows=final_rows, num_warps=warps)
+rows, lanes, vec = constants["ROWS"], constants["LANES"], constants["VEC"]
 fn = kernel._grad_stats_kernel
 acc = "fp64" if name == "float64" else "fp32"
 signature = {"tables_ptr": "*i64", "partial_ptr": "*" + acc, "arrival_ptr": "*i32", "out_ptr": "*fp64",
              "scale_ptr": "*fp32", "num_tensors": "i32"}
-constants = dict(
-    IN_DTYPE=getattr(tl, name), ACC=getattr(tl, "float64" if name == "float64" else "float32"),
-    IS_FP64=name == "float64", IS_BF16=name == "bfloat16", ALIGNED=aligned, HAS_SCALE=scale,
-    ROWS=rows, LANES=lanes, VEC=vec, CAREFUL_BLOCK=careful, FINAL_ROWS=final_rows,
-    PARTIAL_HIST=kernel.PARTIAL_HIST, PARTIAL_WIDTH=kernel.PARTIAL_WIDTH,
-    PARTIAL_COLS=triton.next_power_of_2(kernel.PARTIAL_WIDTH), ROW_WIDTH=71, NUM_BINS=64, MIN_EXPONENT=-48,
-)
 signature.update({key: "constexpr" for key in constants})
 # Torch allocations are 16-byte aligned: the JIT marks every pointer argument so.
 attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in signature if signature[p].startswith("*")}
 source = ASTSource(fn=fn, signature=signature, attrs=attrs,
                    constexprs={(fn.arg_names.index(key),): value for key, value in constants.items()})
-compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": warps, "enable_fp_fusion": True})
+compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 open(request["cubin"], "wb").write(compiled.asm["cubin"])
 chunk = int(k.chunk_sizes(np.array([request["embedding"]]), min_chunk)[0])
 chunks = -(-request["embedding"] // chunk)

@@ -205,6 +205,51 @@ def work_table(addresses: np.ndarray, numels: np.ndarray, out_rows: np.ndarray, 
     return np.concatenate([addresses, numels, out_rows, first_chunk, chunks, chunk_numel, chunk_tensor, chunk_start])
 
 
+def kernel_meta(
+    dtype: torch.dtype,
+    *,
+    aligned: bool,
+    scale: bool,
+    block: int,
+    careful_block: int,
+    final_rows: int,
+    num_warps: int,
+    maxnreg: int | None = None,
+) -> tuple[dict, dict]:
+    """(constexpr arguments, compiler options) of one launch: the one place that says which
+    variant a launch compiles, read by :func:`launch_table` and by the static report
+    (``benchmarks/kernel_static.py``), so the report compiles exactly what is launched."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows, lanes, vec = tile_shape(block, 1 if is_interpreted() else num_warps, dtype.itemsize)
+    constants = dict(
+        IN_DTYPE=_TRITON_DTYPES[dtype],
+        ACC=_TRITON_DTYPES[acc],
+        IS_FP64=dtype == torch.float64,
+        IS_BF16=dtype == torch.bfloat16,
+        ALIGNED=aligned,
+        HAS_SCALE=scale,
+        ROWS=rows,
+        LANES=lanes,
+        VEC=vec,
+        CAREFUL_BLOCK=careful_block,
+        FINAL_ROWS=final_rows,
+        PARTIAL_HIST=PARTIAL_HIST,
+        PARTIAL_WIDTH=PARTIAL_WIDTH,
+        PARTIAL_COLS=triton.next_power_of_2(PARTIAL_WIDTH),
+        ROW_WIDTH=layout.ROW_WIDTH,
+        NUM_BINS=layout.NUM_BINS,
+        MIN_EXPONENT=layout.HIST_MIN_EXPONENT,
+    )
+    if is_interpreted():
+        return constants, {}
+    # FMA fusion (x * x + acc in one rounding) is what we want; said explicitly, as Triton's
+    # default is changing.
+    options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return constants, options
+
+
 def launch_table(
     table: np.ndarray,
     num_tensors: int,
@@ -232,17 +277,21 @@ def launch_table(
         table = table.pin_memory().to(device, non_blocking=True)  # pinned + async: no host sync
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     partial = torch.empty((num_chunks, PARTIAL_WIDTH), dtype=acc, device=device)
-    rows, lanes, vec = tile_shape(block, 1 if is_interpreted() else num_warps, dtype.itemsize)
+    constants, options = kernel_meta(
+        dtype,
+        aligned=aligned,
+        scale=inv_scale is not None,
+        block=block,
+        careful_block=careful_block,
+        final_rows=final_rows,
+        num_warps=num_warps,
+        maxnreg=maxnreg,
+    )
     switch = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
     launching = torch.cuda.device(device) if switch else contextlib.nullcontext()
     # The interpreter evaluates the fast path's float32 squares even for chunks that then take
     # the careful path; their overflow is expected and must not warn.
     quiet = np.errstate(over="ignore", invalid="ignore") if is_interpreted() else contextlib.nullcontext()
-    # FMA fusion (x * x + acc in one rounding) is what we want; said explicitly, as Triton's
-    # default is changing.
-    options = {} if is_interpreted() else {"num_warps": num_warps, "enable_fp_fusion": True}
-    if maxnreg is not None and not is_interpreted():
-        options["maxnreg"] = maxnreg
     with launching, quiet:
         return _grad_stats_kernel[(num_chunks,)](
             table,
@@ -251,22 +300,6 @@ def launch_table(
             out,
             out if inv_scale is None else inv_scale,  # any pointer when there is no scale
             num_tensors,
-            IN_DTYPE=_TRITON_DTYPES[dtype],
-            ACC=_TRITON_DTYPES[acc],
-            IS_FP64=dtype == torch.float64,
-            IS_BF16=dtype == torch.bfloat16,
-            ALIGNED=aligned,
-            HAS_SCALE=inv_scale is not None,
-            ROWS=rows,
-            LANES=lanes,
-            VEC=vec,
-            CAREFUL_BLOCK=careful_block,
-            FINAL_ROWS=final_rows,
-            PARTIAL_HIST=PARTIAL_HIST,
-            PARTIAL_WIDTH=PARTIAL_WIDTH,
-            PARTIAL_COLS=triton.next_power_of_2(PARTIAL_WIDTH),
-            ROW_WIDTH=layout.ROW_WIDTH,
-            NUM_BINS=layout.NUM_BINS,
-            MIN_EXPONENT=layout.HIST_MIN_EXPONENT,
+            **constants,
             **options,
         )
