@@ -109,11 +109,13 @@ def test_kernel_static_report_writes_the_promised_json(monkeypatch, tmp_path):
     except SystemExit:
         pytest.skip("Triton ships no cuobjdump here")
     out = tmp_path / "static.json"
-    assert static.main(["--dtypes", "bfloat16", "--json", str(out)]) == 0
+    chosen = static.variants([90])
+    assert len(chosen) == 16  # 4 dtypes x scale x alignment: what the launcher launches
+    # One variant is enough for the script's plumbing (tests/kernels compiles all of them).
+    monkeypatch.setattr(static, "variants", lambda arches: [v for v in chosen if v["dtype"] == "bfloat16"][:1])
+    assert static.main(["--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert [(r["dtype"], r["scale"], r["aligned"]) for r in report] == [
-        ("bfloat16", scale, aligned) for scale in (False, True) for aligned in (True, False)
-    ]
+    assert [(r["dtype"], r["scale"], r["aligned"]) for r in report] == [("bfloat16", False, True)]
     for entry in report:
         assert isinstance(entry["registers"], int) and entry["registers"] > 0
         assert entry["spills"] == 0
