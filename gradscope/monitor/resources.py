@@ -48,6 +48,10 @@ ENERGY_WORKER_IDLE_S = 2.0
 """Seconds without a request after which the energy reader's thread ends (it restarts on
 the next request), so that a finished monitor leaves no thread behind."""
 
+ENERGY_WAIT_S = 10.0
+"""Longest wait for one reading; a counter that takes longer is given up (energy reads NaN
+from then on) rather than holding up training or a report."""
+
 
 class EnergyMeter:
     """Total energy of a GPU in joules through NVML, if ``pynvml`` (nvidia-ml-py) is importable.
@@ -106,11 +110,16 @@ class EnergyMeter:
                 self._worker.start()
 
     def take(self, key, wait: bool = False) -> float | None:
-        """The reading filed under ``key`` (removed), None if not taken yet and not ``wait``."""
+        """The reading filed under ``key`` (removed), None if not taken yet and not ``wait``.
+
+        A reading not taken within :data:`ENERGY_WAIT_S` when waiting gives NaN, and the
+        counter is given up: :attr:`available` turns False.
+        """
         with self._lock:
-            if wait:
-                self._lock.wait_for(lambda: key in self._readings, timeout=10.0)
-            return self._readings.pop(key, None if not wait else float("nan"))
+            if wait and not self._lock.wait_for(lambda: key in self._readings, timeout=ENERGY_WAIT_S):
+                self._counter = None  # a counter this slow is not worth waiting for again
+                return float("nan")
+            return self._readings.pop(key, None)
 
     def _serve(self) -> None:
         while True:

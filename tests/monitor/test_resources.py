@@ -121,3 +121,24 @@ def test_cuda_peak_memory_is_the_allocators_peak():
     device = torch.device("cuda")
     big = torch.empty(64 << 20, dtype=torch.uint8, device=device)
     assert peak_memory(device) == torch.cuda.max_memory_allocated(device) >= big.numel()
+
+
+def test_a_counter_that_hangs_is_given_up_not_waited_for(monkeypatch):
+    from gradscope.monitor import resources
+
+    monkeypatch.setattr(resources, "ENERGY_WAIT_S", 0.2)
+    release = __import__("threading").Event()
+
+    def hanging() -> float:
+        release.wait(5)
+        return 1.0
+
+    meter = EnergyMeter(torch.device("cpu"), counter=hanging)
+    meter.mark(0)
+    started = time.perf_counter()
+    assert math.isnan(meter.take(0, wait=True))
+    assert time.perf_counter() - started < 2
+    assert not meter.available  # no more waiting on it: later steps read NaN at once
+    meter.mark(1)
+    assert meter.take(1) is None
+    release.set()
