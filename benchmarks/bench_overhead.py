@@ -213,25 +213,47 @@ def available_methods() -> list[tuple[str, Callable]]:
     return methods
 
 
+def chosen_methods(only: list[str] | None) -> list[tuple[str, Callable]]:
+    """The methods whose labels contain one of ``only`` (all if None); the plain step always."""
+    methods = available_methods()
+    if only:
+        methods = [
+            (label, make) for label, make in methods if label == "no monitoring" or any(o in label for o in only)
+        ]
+    return methods
+
+
+def train_step(work: Workload, after, context, step: int) -> None:
+    """One training step with a method's context and per-step callback (no sync)."""
+    with context():
+        work.optimizer.zero_grad(set_to_none=True)
+        loss = work.loss()
+        loss.backward()
+    after(step, loss)
+    work.optimizer.step()
+
+
+def timed_steps(work: Workload, after, context, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+    """(host time to enqueue each step, synchronised time of each step), warm-up steps dropped."""
+    enqueue, total = [], []
+    for step in range(warmup + steps):
+        work.sync()
+        start = time.perf_counter()
+        train_step(work, after, context, step)
+        queued = time.perf_counter()
+        work.sync()
+        if step >= warmup:
+            enqueue.append(queued - start)
+            total.append(time.perf_counter() - start)
+    return enqueue, total
+
+
 def run_steps(work: Workload, make, steps: int, warmup: int) -> list[float]:
     after, context, teardown = make(work)
-    times = []
     try:
-        for step in range(warmup + steps):
-            work.sync()
-            start = time.perf_counter()
-            with context():
-                work.optimizer.zero_grad(set_to_none=True)
-                loss = work.loss()
-                loss.backward()
-            after(step, loss)
-            work.optimizer.step()
-            work.sync()
-            if step >= warmup:
-                times.append(time.perf_counter() - start)
+        return timed_steps(work, after, context, steps, warmup)[1]
     finally:
         teardown()
-    return times
 
 
 def profile_model(name: str, device: str, steps: int, only: list[str] | None, top: int = 30) -> None:
@@ -241,30 +263,11 @@ def profile_model(name: str, device: str, steps: int, only: list[str] | None, to
     import pstats
 
     work = Workload(name, device)
-    methods = [
-        (label, make)
-        for label, make in available_methods()
-        if label == "no monitoring" or not only or any(o in label for o in only)
-    ]
     run_steps(work, method_none, steps=1, warmup=2)
-    for label, make in methods:
+    for label, make in chosen_methods(only):
         after, context, teardown = make(work)
-        enqueue, total = [], []
         try:
-            for step in range(2 + steps):
-                work.sync()
-                start = time.perf_counter()
-                with context():
-                    work.optimizer.zero_grad(set_to_none=True)
-                    loss = work.loss()
-                    loss.backward()
-                after(step, loss)
-                work.optimizer.step()
-                queued = time.perf_counter()
-                work.sync()
-                if step >= 2:
-                    enqueue.append(queued - start)
-                    total.append(time.perf_counter() - start)
+            enqueue, total = timed_steps(work, after, context, steps, warmup=2)
             print(
                 f"{label:<40} host enqueue {statistics.median(enqueue) * 1e3:7.2f} ms, "
                 f"step {statistics.median(total) * 1e3:7.2f} ms"
@@ -274,27 +277,17 @@ def profile_model(name: str, device: str, steps: int, only: list[str] | None, to
             profiler = cProfile.Profile()
             profiler.enable()
             for step in range(steps):
-                with context():
-                    work.optimizer.zero_grad(set_to_none=True)
-                    loss = work.loss()
-                    loss.backward()
-                after(step, loss)
-                work.optimizer.step()
+                train_step(work, after, context, step)
             work.sync()
             profiler.disable()
-            stats = pstats.Stats(profiler)
-            stats.sort_stats("tottime").print_stats(top)
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(top)
         finally:
             teardown()
 
 
 def run_model(name: str, device: str, rounds: int, steps: int, only: list[str] | None = None) -> dict:
     work = Workload(name, device)
-    methods = available_methods()
-    if only:
-        methods = [
-            (label, make) for label, make in methods if label == "no monitoring" or any(o in label for o in only)
-        ]
+    methods = chosen_methods(only)
     print(f"\n{name}: {work.description}, {work.parameters / 1e6:.1f}M parameters, on {device}")
     # times[label][round] = step times of that method in that round
     times: dict[str, list[list[float]]] = {label: [] for label, _ in methods}
