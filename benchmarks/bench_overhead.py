@@ -5,6 +5,8 @@ so that drifts of the machine (clock, other load) hit every method alike. Method
 
 * ``no monitoring``: the plain training step (forward, backward, optimizer step);
 * ``gradscope watch(every=1)`` and ``watch(every=10)``: every statistic, per layer;
+* ``watch(every=1)`` acting on findings: with ``on_finding``, ``halt_on``, early stopping and
+  the learning-rate controller, so that findings are checked at every ``mon.step()``;
 * the same with ``forward=True``: gradients plus every module's forward statistics;
 * ``per-parameter .norm().item()``: the hand-written loop (one host sync per parameter);
 * ``torch._foreach_norm + one sync``: the norm alone, as ``clip_grad_norm_`` computes it;
@@ -13,7 +15,8 @@ so that drifts of the machine (clock, other load) hit every method alike. Method
 * ``wandb.watch(log="gradients", log_freq=1)``: offline (if installed).
 
 Models: on CPU the 25.7M-parameter MLP (8 x Linear 1792, batch 512) and a 6-layer
-TransformerEncoder (d=512); on CUDA a GPT-2-small-shaped decoder (124M parameters) under
+TransformerEncoder (d=512), and on request (``--models demo``) the demo's 12-layer MLP, whose
+~10 ms step shows per-step host costs; on CUDA a GPT-2-small-shaped decoder (124M parameters) under
 bfloat16 autocast. Prints step times and, per method, the median over rounds of its step
 time divided by the unmonitored step time of the same round (with the spread over rounds);
 writes JSON under ``benchmarks/results/``.
@@ -79,6 +82,14 @@ class Workload:
             self.targets = torch.randn(16, 8, device=device)
             self.criterion = nn.functional.mse_loss
             self.description = "a two-layer MLP (smoke test)"
+        elif name == "demo":  # fast steps: where per-step host costs (judging findings) would show
+            from gradscope import demo
+
+            self.model = demo.build("none").to(device)
+            self.inputs = torch.randn(demo.BATCH, demo.INPUTS, device=device)
+            self.targets = torch.randint(0, demo.CLASSES, (demo.BATCH,), device=device)
+            self.criterion = nn.functional.cross_entropy
+            self.description = "the demo's 12-layer MLP (44k parameters), batch 128, SGD: a ~10 ms step"
         elif name == "mlp":
             layers: list[nn.Module] = []
             for _ in range(8):
@@ -129,9 +140,18 @@ def method_none(work: Workload):
     return (lambda step, loss: None), contextlib.nullcontext, lambda: None
 
 
-def method_gradscope(every: int, mode: str = "backward", forward: bool = False):
+def method_gradscope(every: int, mode: str = "backward", forward: bool = False, acting: bool = False):
     def make(work: Workload):
-        mon = gradscope.watch(work.model, every=every, mode=mode, forward=forward)
+        actions = {}
+        if acting:  # every action on: findings checked at each mon.step() (gradscope.actions)
+            actions = {
+                "optimizer": work.optimizer,
+                "on_finding": lambda finding: None,
+                "halt_on": "critical",
+                "early_stopping": True,
+                "adapt_lr": gradscope.AdaptiveLR(),
+            }
+        mon = gradscope.watch(work.model, every=every, mode=mode, forward=forward, **actions)
         return (lambda step, loss: mon.step(loss=loss)), contextlib.nullcontext, mon.close
 
     return make
@@ -192,6 +212,7 @@ def available_methods() -> list[tuple[str, Callable]]:
         ("gradscope watch(every=1)", method_gradscope(1)),
         ("gradscope watch(every=10)", method_gradscope(10)),
         ("gradscope watch(every=1, mode='step')", method_gradscope(1, "step")),
+        ("gradscope watch(every=1) acting on findings", method_gradscope(1, acting=True)),
         ("gradscope watch(every=1, forward=True)", method_gradscope(1, forward=True)),
         ("gradscope watch(every=10, forward=True)", method_gradscope(10, forward=True)),
         ("per-parameter .norm().item()", method_item_loop),
@@ -322,7 +343,7 @@ def run_model(name: str, device: str, rounds: int, steps: int, only: list[str] |
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--models", default=None, help="comma-separated: mlp, transformer, gpt2")
+    parser.add_argument("--models", default=None, help="comma-separated: mlp, transformer, demo, gpt2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per method per round")
     parser.add_argument("--out", default=None)

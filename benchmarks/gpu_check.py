@@ -41,7 +41,7 @@ def steps(out_dir: Path, quick: bool) -> list[tuple[str, list[str], int]]:
     """(name, command, time limit in seconds) of each step."""
     python = sys.executable
     tests = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", "tests/stats", "tests/monitor"]
-    tests.append("tests/outputs/exporters/test_exporters_cuda.py")
+    tests += ["tests/outputs/exporters/test_exporters_cuda.py", "tests/actions/test_actions_cuda.py"]
     if importlib.util.find_spec("xdist") is not None:
         tests += ["-n", "8"]
     if importlib.util.find_spec("pytest_timeout") is not None:

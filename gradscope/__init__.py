@@ -13,6 +13,7 @@ The subpackages are the stages of the data flow, each importing only those befor
     run          records -> the run's data: history, events    (RunState; no verdicts)
     health       the run's data -> findings, HealthReport      (Thresholds, load_run)
     outputs      records -> run log, exporters, visual report
+    actions      findings -> what to do: halt, stop early, adapt the learning rate
     monitor      a model in training -> records                (watch, Monitor)
 
 ``cli`` and ``demo`` sit on top. ``gradscope.exporters``, ``gradscope.visual`` and
@@ -22,6 +23,7 @@ kept from before this layout.
 
 import sys
 
+from gradscope.actions import AdaptiveLR, EarlyStopping, TrainingHalted
 from gradscope.health.findings import Finding
 from gradscope.health.readout import Run, load_run
 from gradscope.health.report import HealthReport, LayerHealth
@@ -44,6 +46,8 @@ __all__ = [
     "HIST_EDGES",
     "HIST_MIN_EXPONENT",
     "NUM_BINS",
+    "AdaptiveLR",
+    "EarlyStopping",
     "Finding",
     "HealthReport",
     "LayerHealth",
@@ -53,6 +57,7 @@ __all__ = [
     "Series",
     "TensorStats",
     "Thresholds",
+    "TrainingHalted",
     "WatchOptions",
     "__version__",
     "grad_stats",

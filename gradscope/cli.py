@@ -1,7 +1,8 @@
 """The ``gradscope`` command: ``demo``, ``report`` and ``bench``.
 
 ``gradscope demo`` trains the built-in model (:mod:`gradscope.demo`) with or without a fault,
-prints the health report and writes the run log and the visual report; ``gradscope report
+prints the health report and writes the run log and the visual report (``--act``: acting on
+the findings, :mod:`gradscope.actions`); ``gradscope report
 RUN`` prints a saved run's report and renders it; ``gradscope bench`` runs the benchmarks of a
 source checkout. A user's mistake (a missing file, a bad flag, a missing optional extra)
 prints one line and exits with status 1 or 2, never a traceback (set ``GRADSCOPE_DEBUG=1``
@@ -109,15 +110,20 @@ def cmd_demo(args) -> int:
     update, finish = _progress(args.steps, f"training ({args.fault})")
     started = time.perf_counter()
     try:
-        mon = demo.run(args.fault, args.steps, device=args.device, log_dir=out, progress=update)
+        mon = demo.run(args.fault, args.steps, device=args.device, log_dir=out, progress=update, act=args.act)
     finally:
         finish()
     seconds = time.perf_counter() - started
     report = mon.report()
     print(report)
-    print(f"\ntrained {args.steps} steps in {seconds:.1f} s; run log: {out}/")
-    ok = _expectation_met(report, expected)
-    print(("  as expected: " if ok else "  NOT as expected: ") + expected.explanation)
+    print(f"\ntrained {mon.step_index} steps in {seconds:.1f} s; run log: {out}/")
+    if args.act and expected.kind == "divergence":
+        ok = _acted(mon, report, expected)  # the controller's job is that the divergence never comes
+    else:
+        ok = _expectation_met(report, expected)
+        print(("  as expected: " if ok else "  NOT as expected: ") + expected.explanation)
+        if args.act:
+            ok = _acted(mon, report, expected) and ok
     if _visual_available():
         files = _render(mon, report, out / "report.html", out / "report.png", f"gradscope demo: {args.fault}")
         print("  visual report: " + ", ".join(str(f) for f in files))
@@ -125,6 +131,26 @@ def cmd_demo(args) -> int:
         print("  visual report skipped: it needs matplotlib (pip install 'gradscope-diagnostics[viz]')")
     print(f"  read it back: gradscope report {out}")
     return 0 if ok else 1
+
+
+def _acted(mon, report, expected) -> bool:
+    """``--act``: say what gradscope did; a NaN run must have been halted naming the layer."""
+    if mon.halted is not None:
+        print(f"  halted: {mon.halted}")
+    if mon.should_stop:
+        print(f"  stopped early: {mon.stop_reason} (restore the checkpoint of step {mon.best_step})")
+    changes = [a for a in report.actions if a["action"] == "lr"]
+    for change in changes:
+        print(f"  learning rate: {change['message']}")
+    if expected.kind == "nonfinite":
+        ok = mon.halted is not None and mon.halted.finding.layer == expected.layer
+        print(("  as expected: " if ok else "  NOT as expected: ") + f"training halted naming '{expected.layer}'")
+        return ok
+    if expected.kind == "divergence":
+        ok = bool(changes)
+        print(("  as expected: " if ok else "  NOT as expected: ") + "the controller lowered the learning rate")
+        return ok
+    return True
 
 
 def _expectation_met(report, expected) -> bool:
@@ -179,6 +205,7 @@ def cmd_bench(args) -> int:
         ("bench_overhead.py", ["--models", "tiny", "--rounds", "1", "--steps", "2"] if args.quick else []),
         ("bench_stats.py", ["--sets", "tiny", "--repeats", "3"] if args.quick else []),
         ("bench_runlog.py", ["--steps", "20", "--layers", "20"] if args.quick else []),
+        ("bench_actions.py", ["--seeds", "1", "--steps", "40", "--peaks", "1e-3"] if args.quick else []),
         (
             "bench_distributed.py",
             ["--world", "2", "--layers", "2", "--width", "16", "--steps", "2", "--rounds", "1"] if args.quick else [],
@@ -208,6 +235,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
     demo.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="default: cpu")
     demo.add_argument("--out", help="a new directory for the run log and visual report (default: runs/demo-...)")
+    demo.add_argument(
+        "--act",
+        action="store_true",
+        help="act on findings: halt at a NaN, adapt the learning rate, stop early (gradscope.actions)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     report = commands.add_parser("report", help="print a saved run's health report and render its visual report")

@@ -30,6 +30,12 @@ optionally with one of the faults gradscope is built to find:
     (6.1e-5), where it loses precision and, a few binades lower, flushes to zero. The model
     does not learn. (Adam's default ``eps``, 1e-8, is 0 in float16 and would make its first
     update 0/0: this fault uses ``eps=1e-4``, which float16 holds.)
+``high-lr``
+    a healthy model and Adam, but the learning rate warms up (linearly, over the first half
+    of the run) to a peak of 5e-2, fifty times the demo's 1e-3: the loss falls, then climbs
+    back as the rate grows, spikes, and the ReLU network collapses to a constant output
+    (the loss of guessing, ~2.08). With ``act=True`` (``gradscope demo --act``) the
+    learning-rate controller cuts the rate when the loss climbs back, and the run recovers.
 ``forward-overflow``
     ``blocks.6`` computes its activation, softplus, by hand in float16 (``log1p(exp(x))``
     on ``x.half()``, as a low-precision kernel would): ``exp`` overflows to Inf once the
@@ -51,7 +57,7 @@ from torch import nn
 if TYPE_CHECKING:
     from gradscope.monitor.monitor import Monitor
 
-FAULTS = ("none", "vanishing", "exploding", "dead", "nan", "fp16", "forward-overflow")
+FAULTS = ("none", "vanishing", "exploding", "dead", "nan", "fp16", "high-lr", "forward-overflow")
 
 WIDTH = 64
 DEPTH = 10
@@ -59,6 +65,8 @@ INPUTS = 32
 CLASSES = 8
 BATCH = 128
 FAULTY_BLOCK = {"exploding": 4, "dead": 3, "nan": 4, "forward-overflow": 6}
+HIGH_LR = 5e-2
+"""The ``high-lr`` fault's peak learning rate (the demo trains at 1e-3)."""
 FP16_LOSS_SCALE = 1e-4
 """The ``fp16`` fault's loss factor: the demo's gradients (~1e-2) become a large model's (~1e-6)."""
 
@@ -86,6 +94,9 @@ EXPECTED = {
         "underflow",
         "input",
         "pure float16 without a GradScaler: every gradient is below float16's smallest normal number, 'input' first",
+    ),
+    "high-lr": Expected(
+        "divergence", None, "a learning rate 50x too high: the loss climbs back, diverges, and the ReLU network dies"
     ),
     "forward-overflow": Expected(
         "nonfinite",
@@ -198,6 +209,7 @@ def run(
     exporters: Sequence = (),
     eval_every: int = 25,
     progress: Callable[[int, float], None] | None = None,
+    act: bool = False,
 ) -> Monitor:
     """Train the demo model with ``fault`` for ``steps`` steps under :func:`gradscope.watch`.
 
@@ -208,9 +220,16 @@ def run(
     each step with the step index and the loss tensor. The ``fp16`` fault trains in float16
     and reports its loss scaled by :data:`FP16_LOSS_SCALE` (the held-out loss is not scaled).
 
+    ``act=True`` acts on the findings (:mod:`gradscope.actions`): the run halts at the first
+    NaN/Inf (``halt_on="nonfinite"``; the :class:`~gradscope.TrainingHalted` is kept as
+    ``mon.halted``), the learning-rate controller (:class:`~gradscope.AdaptiveLR`) watches
+    for explosions, spikes, divergence and plateaus, and early stopping on ``val_loss``
+    (patience 5 evaluations) ends the run when it stops improving.
+
     Returns:
         The closed monitor (its history and report stay readable).
     """
+    from gradscope.actions import AdaptiveLR, EarlyStopping, TrainingHalted
     from gradscope.monitor.start import watch
 
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -220,10 +239,19 @@ def run(
     scale = FP16_LOSS_SCALE if fault == "fp16" else 1.0
     task = SyntheticTask(device)
     # Adam's default eps (1e-8) is 0 in float16: pure-float16 training needs one float16 holds.
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-4 if dtype == torch.float16 else 1e-8)
+    lr = HIGH_LR if fault == "high-lr" else 1e-3
+    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-4 if dtype == torch.float16 else 1e-8)
+    warmup = max(steps // 2, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) if fault == "high-lr" else 1.0
+    )
     held_out = task.batch(1024)
     forward = fault == "forward-overflow"
-    with watch(model, optimizer=opt, track_updates=True, log_dir=log_dir, exporters=exporters, forward=forward) as mon:
+    actions = {}
+    if act:
+        actions = {"halt_on": "nonfinite", "adapt_lr": AdaptiveLR(), "early_stopping": EarlyStopping()}
+    options = {"track_updates": True, "log_dir": log_dir, "exporters": exporters, "forward": forward, **actions}
+    with watch(model, optimizer=opt, **options) as mon:
         for step in range(steps):
             if fault == "exploding" and step == steps // 3:
                 model.blocks[FAULTY_BLOCK["exploding"]].activation = "faulty_backward"
@@ -232,9 +260,13 @@ def run(
             x, y = task.batch()
             loss = nn.functional.cross_entropy(model(x.to(dtype)).float(), y) * scale
             loss.backward()
-            mon.step(loss=loss)
+            try:
+                mon.step(loss=loss)
+            except TrainingHalted:
+                break  # before opt.step(): the bad gradients never reach the weights
             opt.step()
             opt.zero_grad(set_to_none=True)
+            schedule.step()
             if (step + 1) % eval_every == 0 or step == steps - 1:
                 with torch.no_grad():
                     logits = model(held_out[0].to(dtype)).float()
@@ -243,4 +275,6 @@ def run(
                 mon.log(val_loss=val_loss, val_accuracy=accuracy)
             if progress is not None:
                 progress(step, loss.detach())
+            if mon.should_stop:
+                break
     return mon

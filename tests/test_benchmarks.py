@@ -121,3 +121,25 @@ def test_kernel_static_report_writes_the_promised_json(monkeypatch, tmp_path):
         assert entry["spills"] == 0
         assert entry["instructions_per_element"] > 0 and entry["loop_barriers"] >= 1
     assert report[0]["triton"] and report[0]["arch"] == 90
+
+
+@pytest.fixture
+def bench_actions(monkeypatch):
+    yield load("bench_actions", monkeypatch)
+    sys.modules.pop("bench_stats", None)  # imported from benchmarks/ by the script: not kept
+
+
+def test_the_controller_benchmark_compares_both_arms(bench_actions, tmp_path, capsys):
+    import torch
+
+    out = tmp_path / "actions.json"
+    assert bench_actions.main(["--seeds", "2", "--steps", "40", "--peaks", "1e-3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["environment"]["torch"] == torch.__version__
+    off, on = result["results"]
+    assert (off["controller"], on["controller"]) == (False, True)
+    assert [r["seed"] for r in on["runs"]] == [0, 1]
+    # At the demo's healthy rate the controller changes nothing: the two arms train alike.
+    assert [r["final_loss"] for r in off["runs"]] == [r["final_loss"] for r in on["runs"]]
+    assert on["lr_changes"] == 0
+    assert "lr changes" in capsys.readouterr().out

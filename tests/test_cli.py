@@ -71,6 +71,35 @@ def test_demo_without_a_fault_is_healthy(tmp_path):
     assert "gradscope health: HEALTHY" in done.stdout and "as expected" in done.stdout
 
 
+def test_demo_act_halts_the_nan_run_naming_the_layer(tmp_path):
+    out = tmp_path / "nan-act"
+    done = gradscope_cli("demo", "--fault", "nan", "--steps", "120", "--act", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "halted: gradscope halted training at step 60: [critical] nonfinite in 'blocks.4.linear'" in done.stdout
+    assert "as expected: training halted naming 'blocks.4.linear'" in done.stdout
+    assert "trained 61 steps" in done.stdout  # the halted step is the last; its update never ran
+    (action,) = gradscope.load_run(out).report().actions
+    assert action["action"] == "halt" and action["step"] == 60
+    assert action["detail"]["because"] == {"kind": "nonfinite", "layer": "blocks.4.linear", "step": 60}
+
+
+def test_demo_act_lowers_the_learning_rate_of_the_high_lr_run(tmp_path):
+    out = tmp_path / "high-lr-act"
+    done = gradscope_cli("demo", "--fault", "high-lr", "--act", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "learning rate: lr 0.05 -> 0.025 at step" in done.stdout
+    assert "as expected: the controller lowered the learning rate" in done.stdout
+    changes = [a for a in gradscope.load_run(out).report().actions if a["action"] == "lr"]
+    assert changes and changes[0]["detail"]["scale"] == 0.5
+
+
+def test_demo_high_lr_without_act_diverges(tmp_path):
+    done = gradscope_cli("demo", "--fault", "high-lr", "--out", tmp_path / "high-lr")
+    assert done.returncode == 0, done.stderr
+    assert "[critical] divergence" in done.stdout and "as expected" in done.stdout
+    assert "actions taken" not in done.stdout
+
+
 def test_report_prints_and_renders_a_saved_run(nan_demo, tmp_path):
     _, out = nan_demo
     done = gradscope_cli("report", out, "--html", tmp_path / "r.html", "--png", tmp_path / "r.png")
@@ -87,12 +116,14 @@ def test_bench_quick_runs_every_benchmark(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     written = sorted(p.name for p in tmp_path.glob("*.json"))
     assert written == [
+        "bench_actions-cpu.json",
         "bench_distributed-cpu.json",
         "bench_overhead-cpu.json",
         "bench_runlog-cpu.json",
         "bench_stats-cpu.json",
     ]
     assert "x unmonitored" in done.stdout and "x floor" in done.stdout and "x none" in done.stdout
+    assert "lr changes" in done.stdout
 
 
 def test_user_mistakes_are_one_line(tmp_path):

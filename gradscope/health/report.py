@@ -77,6 +77,9 @@ class HealthReport:
         step: the latest step the report covers (-1 before the first step).
         note: a remark about the report itself (for example, that there are no steps yet,
             or that some sampled steps' statistics are still in flight).
+        actions: what gradscope did about its findings (:mod:`gradscope.actions`), oldest
+            first: dicts with ``step``, ``action`` (``"lr"``, ``"halt"``, ``"stop"``),
+            ``message`` and ``detail``.
     """
 
     status: str
@@ -86,6 +89,7 @@ class HealthReport:
     resources: dict
     step: int
     note: str | None = None
+    actions: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
         """Plain JSON types only."""
@@ -98,6 +102,7 @@ class HealthReport:
                 "findings": [f.to_dict() for f in self.findings],
                 "layers": [layer.to_dict() for layer in self.layers],
                 "resources": self.resources,
+                "actions": list(self.actions),
             }
         )
 
@@ -147,6 +152,9 @@ class HealthReport:
                 if f.suggestion not in suggested:  # each advice once, at its first finding
                     lines.append(f"{' ' * len(indent)}    try: {f.suggestion}")
                     suggested.add(f.suggestion)
+        if self.actions:
+            lines.append("  actions taken:")
+            lines += [f"    {action['message']}" for action in self.actions]
         if self.resources:
             parts = [f"{key}={_resource(key, value)}" for key, value in self.resources.items()]
             lines.append("  resources: " + ", ".join(parts))
@@ -188,19 +196,7 @@ def build(
         if waiting:
             note = f"no steps have reached the host yet: nothing to judge; {waiting}"
         return HealthReport("healthy", (), None, layers, dict(summary), -1, note=note)
-    findings, failed, notes = [], [], []
-    for check in CHECKS:
-        try:
-            findings += check(view, thresholds)
-        except Exception as error:  # a broken check must not take the report (or training) down
-            failed.append(f"{check.__module__.rsplit('.', 1)[-1]}: {type(error).__name__}: {error}")
-    if failed:
-        notes.append("checks that failed: " + "; ".join(failed))
-    findings.sort(key=lambda f: (-f.rank, f.since_step))
-    try:
-        findings = link(findings, view, thresholds)
-    except Exception as error:  # as for a check: the findings stand without their causes
-        notes.append(f"linking findings to their causes failed ({type(error).__name__}: {error}): shown unlinked")
+    findings, notes = judge(view, thresholds)
     if waiting:
         notes.append(waiting)
     worst = max((f.rank for f in findings), default=0)
@@ -218,7 +214,38 @@ def build(
         resources=_resources(view),
         step=step,
         note="; ".join(notes) if notes else None,
+        actions=tuple(
+            {"step": a.step, "action": a.action, "message": a.message, "detail": a.detail} for a in view.actions
+        ),
     )
+
+
+def judge(view: RunView, thresholds: Thresholds) -> tuple[list[Finding], list[str]]:
+    """The findings of every check on ``view``, most severe first, consequences linked to
+    their causes, and notes on checks that failed: the report without its layer table
+    (what acting on findings needs, at a fraction of the cost)."""
+    findings, failed, notes = [], [], []
+    for check in CHECKS:
+        try:
+            findings += check(view, thresholds)
+        except Exception as error:  # a broken check must not take the report (or training) down
+            failed.append(f"{check.__module__.rsplit('.', 1)[-1]}: {type(error).__name__}: {error}")
+    if failed:
+        notes.append("checks that failed: " + "; ".join(failed))
+    findings.sort(key=lambda f: (-f.rank, f.since_step))
+    try:
+        findings = link(findings, view, thresholds)
+    except Exception as error:  # as for a check: the findings stand without their causes
+        notes.append(f"linking findings to their causes failed ({type(error).__name__}: {error}): shown unlinked")
+    return findings, notes
+
+
+def findings_of(state: RunState, thresholds: Thresholds) -> list[Finding]:
+    """The findings :func:`assess` would report on ``state`` (no layer table, no notes)."""
+    view = view_of(state, thresholds)
+    if view is None or (len(view.steps) == 0 and len(view.sampled_steps) == 0):
+        return []
+    return judge(view, thresholds)[0]
 
 
 def _in_flight_note(steps: tuple[int, ...]) -> str | None:

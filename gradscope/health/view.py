@@ -15,7 +15,7 @@ import numpy as np
 
 from gradscope.health.thresholds import Thresholds
 from gradscope.run.forward_history import ForwardNonfinite
-from gradscope.run.records import Desync, Forward
+from gradscope.run.records import Action, Desync, Forward
 from gradscope.run.state import NonfiniteEvent, RunState
 from gradscope.stats import layout
 
@@ -61,6 +61,7 @@ class RunView:
     forward_steps: np.ndarray | None = None  # (F,) sampled steps with forward statistics kept
     forward_events: tuple[ForwardNonfinite, ...] = ()  # the first forward steps that held NaN/Inf
     forward_latest: Forward | None = None  # the newest forward record (outputs, inputs, dtypes)
+    actions: tuple[Action, ...] = ()  # what gradscope did about its findings (gradscope.actions)
 
     def loss_state(self, step: int) -> str:
         """Whether the loss of ``step`` was ``"finite"``, ``"nonfinite"`` or ``"unknown"`` (not
@@ -174,6 +175,7 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         desync_steps=state.desync_steps,
         world=int(info.extra.get("distributed", {}).get("world", 1)),
         first_bad_loss=state.first_bad_loss,
+        actions=tuple(state.actions),
         initial_loss=float(np.mean(initial)) if initial else None,
         initial_grad_norm=(
             float(np.max(state.initial_grad_norms[: thresholds.smooth])) if state.initial_grad_norms else None

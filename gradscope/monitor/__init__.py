@@ -14,6 +14,9 @@ hands on records (:mod:`gradscope.run.records`) to its run state, run log and ex
 * ``replicated``: DDP's extras (communication hook, noise scale, replica check);
 * ``resources``: step time, memory, energy; ``updates``: update/weight norms around
   ``optimizer.step()``;
+* ``failures``: a failure inside gradscope recorded and warned about, never raised into training;
+* ``acting``: the monitor's responder (:mod:`gradscope.actions`): ``on_finding``, halting,
+  early stopping, the learning-rate controller;
 * ``monitor``: :class:`Monitor`, the life of one watched model and its steps.
 """
 

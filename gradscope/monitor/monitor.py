@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import functools
 import threading
-import warnings
 import weakref
 from collections.abc import Iterator
 
@@ -33,8 +32,10 @@ import torch
 from gradscope.distributed import topology as topologies
 from gradscope.health.readout import RunReadout
 from gradscope.monitor import hooks, scaler
+from gradscope.monitor.acting import Acting
 from gradscope.monitor.aggregate import LayerRows, RowGroups, blame_replicas
 from gradscope.monitor.engines import Engines
+from gradscope.monitor.failures import FailureReporting
 from gradscope.monitor.forward import ForwardCapture
 from gradscope.monitor.options import WatchOptions
 from gradscope.monitor.replicated import DdpExtras
@@ -48,11 +49,10 @@ from gradscope.stats import layout
 from gradscope.stats.dispatch import NUMPY
 
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
-_MAX_ERRORS = 100
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
 
 
-class Monitor(RunReadout):
+class Monitor(RunReadout, Acting, FailureReporting):
     """Per-layer gradient statistics of a model, step by step. Create with :func:`gradscope.watch`.
 
     Attributes:
@@ -128,6 +128,7 @@ class Monitor(RunReadout):
         self._failed_steps: set[int] = set()  # their measurements are not trusted: recorded as absent
 
         self._handles = hooks.register_grad_hooks(self, self._watched.params) if self.mode == "backward" else []
+        self._start_acting()  # before the update tracker (see Acting._start_acting)
         self._updates = None
         if options.track_updates:
             self._updates = UpdateTracker(options.optimizer, self._watched.params, self._update_step)
@@ -179,6 +180,10 @@ class Monitor(RunReadout):
             loss: the step's loss, a number or a one-element tensor (kept on its device and
                 read later: this never synchronises).
             metrics: other scalars of this step (numbers or one-element tensors).
+
+        Raises:
+            gradscope.TrainingHalted: a finding named by ``watch(..., halt_on=...)`` appeared
+                (the step is complete: the monitor goes on if the loop does).
         """
         if self._closed:
             self._warn_once("closed", "gradscope: mon.step() after close() is ignored")
@@ -220,6 +225,8 @@ class Monitor(RunReadout):
                         self._forward.install()
                     else:
                         self._forward.remove()  # unsampled steps run without forward hooks
+        if self._responder is not None:
+            self._act(step)  # may raise TrainingHalted (watch(..., halt_on=...))
 
     def _finish_forward(self, step: int) -> None:
         """Close a sampled step's forward statistics (dropped if the step failed)."""
@@ -294,6 +301,7 @@ class Monitor(RunReadout):
         self._run.apply(record)
         if self._pump is not None:
             self._pump.put(record)
+        self._observe(record)
 
     def _record_sampled(self, step: int, present: np.ndarray, order: np.ndarray, arrived: dict) -> None:
         replica = arrived.pop("replicas", None)
@@ -349,25 +357,6 @@ class Monitor(RunReadout):
             error, self._updates.error = self._updates.error, None
             raise error
 
-    def _fail(self, error: BaseException) -> None:
-        step = self._step
-        self._emit(records.Failed(step))
-        if step % self.every == 0:
-            self._failed_steps.add(step)
-        if len(self.errors) < _MAX_ERRORS:
-            self.errors.append(f"step {step}: {type(error).__name__}: {error}")
-        self._warn_once(
-            "failure",
-            f"gradscope: monitoring failed at step {step} ({type(error).__name__}: {error}); "
-            "training is not affected, the step is marked failed and later failures are listed in mon.errors",
-        )
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            if self.is_logging_rank:  # other ranks of a distributed run stay silent
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
-
     def _check_new_params(self) -> None:
         model = self._model()
         message = new_params_warning(model, self._watched) if model is not None else None
@@ -391,6 +380,8 @@ class Monitor(RunReadout):
                 self._forward.close()
             if self._updates is not None:
                 self._updates.close()
+            if self._responder is not None:
+                self._responder.close()
             self._engines.close()
             if self._ddp is not None:
                 self._ddp.close()

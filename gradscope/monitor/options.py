@@ -8,12 +8,15 @@ on :func:`gradscope.watch`; the checks here name the offending argument.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 
 import torch
 import torch.distributed as dist
 
+from gradscope.actions.adaptive_lr import AdaptiveLR, check_optimizer
+from gradscope.actions.early_stopping import EarlyStopping
+from gradscope.actions.halting import HaltRule
 from gradscope.health.thresholds import Thresholds
 from gradscope.monitor.watched import GRANULARITIES, ParamSelector
 from gradscope.outputs.exporters.base import Exporter
@@ -58,6 +61,10 @@ class WatchOptions:
     batch_size: int | None = None
     noise_scale_decay: float = 0.95
     forward: bool = False
+    on_finding: Callable | None = None
+    halt_on: str | Sequence[str] | None = None
+    early_stopping: EarlyStopping | bool | None = None
+    adapt_lr: AdaptiveLR | bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("every", "accumulation_steps", "history", "hist_history"):
@@ -94,10 +101,49 @@ class WatchOptions:
         decay = self.noise_scale_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
             raise ValueError(f"watch: noise_scale_decay must be in [0, 1), got {decay!r}")
+        self._check_actions()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = self.log_rank
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world):
             raise ValueError(f"watch: log_rank must be None or a rank in [0, {world}), got {rank!r}")
+
+    def _check_actions(self) -> None:
+        if self.on_finding is not None and not callable(self.on_finding):
+            raise TypeError(
+                f"watch: on_finding must be a function of one Finding, got {type(self.on_finding).__name__}"
+            )
+        rule = HaltRule.parse(self.halt_on)
+        object.__setattr__(
+            self,
+            "halt_on",
+            None if rule is None else tuple(sorted(rule.kinds)) + ((rule.min_severity,) if rule.min_severity else ()),
+        )
+        for name, kind in (("early_stopping", EarlyStopping), ("adapt_lr", AdaptiveLR)):
+            value = getattr(self, name)
+            if value is True:
+                object.__setattr__(self, name, kind())
+            elif value is False:
+                object.__setattr__(self, name, None)
+            elif value is not None and not isinstance(value, kind):
+                raise TypeError(f"watch: {name} must be a gradscope.{kind.__name__}, True or None, got {value!r}")
+        if self.adapt_lr is not None:
+            if self.optimizer is None:
+                raise ValueError("watch: adapt_lr needs optimizer= (the optimizer whose learning rate it changes)")
+            check_optimizer(self.optimizer)
+            if self.adapt_lr.per_layer and not self.track_updates:
+                raise ValueError(
+                    "watch: AdaptiveLR(per_layer=True) acts on update/weight ratios: it needs track_updates=True"
+                )
+
+    @property
+    def halt_rule(self) -> HaltRule | None:
+        """``halt_on`` as a rule (None: never halt)."""
+        return HaltRule.parse(self.halt_on)
+
+    @property
+    def acts(self) -> bool:
+        """Whether any action on findings is asked for."""
+        return any(x is not None for x in (self.on_finding, self.halt_on, self.early_stopping, self.adapt_lr))
 
     def destinations(self, topology) -> list[Exporter]:
         """The run log (``log_dir``; under ``rank-NNNNN`` when every rank of a distributed run

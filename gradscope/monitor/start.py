@@ -70,6 +70,25 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
             a NaN/Inf was born in the forward pass, and judge activations' number formats.
             Costs one read of each activation on sampled steps (see README for the measured
             overhead); off by default.
+        on_finding: a function called with each new :class:`~gradscope.Finding` (and again
+            when one's severity rises), on the training thread, at ``mon.step()``. If it
+            raises, the error goes to ``mon.errors`` (one warning) and training goes on,
+            unless it raises :class:`gradscope.TrainingHalted` itself.
+        halt_on: finding kinds and/or severities (``"nonfinite"``, ``("nonfinite",
+            "divergence")``, ``"critical"``): ``mon.step()`` raises
+            :class:`gradscope.TrainingHalted` (with the finding and the report) at the first
+            step at which such a finding is seen. NaN/Inf and spikes are judged at the step
+            their statistics reach the host: on CPU the step itself; on CUDA when the step's
+            event has completed, usually one step later. Slower findings (vanishing,
+            plateau, divergence...) are judged within about a second of wall time (judging
+            is kept under 1% of the run's time; :mod:`gradscope.actions.cadence`). In a
+            distributed run the log rank decides and every rank acts one step later, together
+            (:mod:`gradscope.actions.consensus`).
+        early_stopping: a :class:`gradscope.EarlyStopping` (or True: ``val_loss``, patience
+            5): ``mon.should_stop``, ``mon.stop_reason``, ``mon.best_step`` and ``mon.best_value``.
+        adapt_lr: a :class:`gradscope.AdaptiveLR` (or True for its defaults): lower the
+            ``optimizer``'s learning rate on exploding gradients, loss spikes, divergence and
+            plateaus (:mod:`gradscope.actions.adaptive_lr`); needs ``optimizer=``.
 
     The first seven options (``every`` to ``history``) may also be given positionally, in
     this order, after the model. They are kept,

@@ -74,6 +74,15 @@ def html_report(source, report: HealthReport | None = None, title: str = "gradsc
     if not report.findings:
         parts.append('<tr><td colspan="7">No findings: the run looks healthy.</td></tr>')
     parts.append("</tbody></table>")
+    if report.actions:  # what gradscope did about them (gradscope.actions)
+        parts.append('<h2>Actions taken</h2><table id="actions"><thead><tr><th>step</th><th>action</th>')
+        parts.append("<th>what</th></tr></thead><tbody>")
+        for action in report.actions:
+            parts.append(
+                f'<tr class="action"><td class="num">{action["step"]}</td><td>{esc(action["action"])}</td>'
+                f"<td>{esc(action['message'])}</td></tr>"
+            )
+        parts.append("</tbody></table>")
     captions = {
         "gradient_flow": "Gradient flow",
         "zero_fraction": "Exact zeros",

@@ -9,7 +9,8 @@ Panels (each drawn by one function of this module onto a matplotlib ``Axes``):
   highlighted;
 * **histogram ridges**: for a few selected layers, the log2 |g| histogram at evenly spaced
   kept steps, one ridge per step;
-* **loss and metrics**: the loss (and logged metrics) over steps with each finding marked at
+* **loss and metrics**: the loss (and logged metrics) over steps, what gradscope did (learning-rate
+  changes, a halt, an early stop: solid lines) and each finding marked at
   the step it began.
 
 :mod:`gradscope.outputs.html_page` puts them, the findings and the layer table in one
@@ -267,9 +268,40 @@ def draw_loss(ax, data: RunData) -> None:
             ha="right",
             va="top",
         )
+    _draw_actions(ax, data.report.actions)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
     ax.set_title("Loss and metrics; findings marked at the first step the report sees them", fontsize=10)
+
+
+ACTION_COLOURS = {"lr": "tab:blue", "halt": "tab:red", "stop": "tab:green"}
+
+
+def _draw_actions(ax, actions) -> None:
+    """What gradscope did (:mod:`gradscope.actions`): a solid line at the step of each
+    learning-rate change ("lr x0.5"), halt or early stop, labelled at the bottom."""
+    for action in actions:
+        colour = ACTION_COLOURS.get(action["action"], "0.3")
+        ax.axvline(action["step"], color=colour, linestyle="-", linewidth=1.0, alpha=0.7)
+        detail = action.get("detail") or {}
+        if action["action"] == "lr" and detail.get("old_scale"):
+            label = f"lr x{detail['scale'] / detail['old_scale']:g}"
+            if detail.get("layers"):
+                label += f" {detail['layers'][0]}"
+        else:
+            label = {"halt": "halted", "stop": "early stop"}.get(action["action"], action["action"])
+        ax.annotate(
+            label,
+            xy=(action["step"], 0.02),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, 0),
+            textcoords="offset points",
+            rotation=90,
+            fontsize=7,
+            color=colour,
+            ha="left",
+            va="bottom",
+        )
 
 
 def _group_label(group: list) -> str:

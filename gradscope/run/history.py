@@ -110,6 +110,8 @@ class History:
         self._step_values = np.full((step_capacity, len(STEP_FIELDS)), np.nan)
         self._failed = np.zeros(step_capacity, dtype=bool)
         self._metrics: dict[str, np.ndarray] = {}
+        self._writes = 0  # steps written into any ring (invalidates _orders)
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # id(ring) -> (writes, oldest-first slots)
 
     # ---- writing ------------------------------------------------------------------------
 
@@ -119,6 +121,7 @@ class History:
             if self._step[slot] > step:
                 return -1  # a newer step owns the slot: this one is too old to keep
             self._step[slot] = step
+            self._writes += 1
             self._step_values[slot] = np.nan
             self._failed[slot] = False
             for values in self._metrics.values():
@@ -132,6 +135,7 @@ class History:
         if not claim or self._sampled_step[slot] > step:
             return -1
         self._sampled_step[slot] = step
+        self._writes += 1
         if self._updates is not None:
             self._updates[slot] = np.nan
         return slot
@@ -169,6 +173,7 @@ class History:
         self._order[slot] = order
         hslot = (step // self.every) % self._hist_step.shape[0]
         self._hist_step[hslot] = step
+        self._writes += 1
         self._hist[hslot] = np.where(present[:, None], rows[:, layout.HIST :], 0)
 
     def add_updates(self, step: int, weight_sq: np.ndarray, update_sq: np.ndarray) -> None:
@@ -217,7 +222,7 @@ class History:
         if name in STEP_FIELDS or name in STEP_FLAGS or name in self._metrics:
             return self._step_series(name, last)
         if name == "hist":
-            order = _ring_order(self._hist_step, last)
+            order = self._ring_order(self._hist_step, last)
             return Series(name, self._hist[order].astype(np.float64), self._hist_step[order], self.row_names)
         if name in formats.FP8_FIELDS:
             return self._fp8_series(name, last)
@@ -225,17 +230,27 @@ class History:
             raise KeyError(f"unknown history field {name!r}; known: {', '.join(self.fields())}")
         if name in UPDATE_FIELDS and self._updates is None:
             raise KeyError(f"{name!r} needs watch(..., track_updates=True, optimizer=...)")
-        order = _ring_order(self._sampled_step, last)
+        order = self._ring_order(self._sampled_step, last)
         present = self._present[order]
         values = self._row_values(name, order)
         if name != "present":
             values = np.where(present, values, np.nan)
         return Series(name, values, self._sampled_step[order], self.row_names)
 
+    def _ring_order(self, steps: np.ndarray, last: int | None) -> np.ndarray:
+        """:func:`_ring_order`, remembered per ring until a step is written into it (a health
+        judgement reads a dozen series of the same two rings)."""
+        cached = self._orders.get(id(steps))
+        if cached is None or cached[0] != self._writes:
+            cached = (self._writes, _ring_order(steps))
+            self._orders[id(steps)] = cached
+        order = cached[1]
+        return order if last is None else order[-last:]
+
     def _fp8_series(self, name: str, last: int | None) -> Series:
         """An FP8 readiness field (:data:`gradscope.stats.formats.FP8_FIELDS`) at the steps whose
         histograms are kept; NaN where a row was absent."""
-        order = _ring_order(self._hist_step, last)
+        order = self._ring_order(self._hist_step, last)
         steps = self._hist_step[order]
         slots = (steps // self.every) % self._sampled_step.shape[0]
         kept = self._sampled_step[slots] == steps
@@ -258,7 +273,7 @@ class History:
         return layout.derive(name, columns)
 
     def _step_series(self, name: str, last: int | None) -> Series:
-        order = _ring_order(self._step, last)
+        order = self._ring_order(self._step, last)
         steps = self._step[order]
         if name == "failed":
             return Series(name, self._failed[order].copy(), steps, None)

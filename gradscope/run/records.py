@@ -18,12 +18,13 @@ import numpy as np
 
 from gradscope.stats import layout
 
-SCHEMA = 3
+SCHEMA = 4
 """Version of the run-log format this gradscope writes (and the newest it reads).
 
 1: the first format. 2: adds the ranks of non-finite gradients to ``sampled`` records and
 ``desync`` records (distributed runs). 3: adds ``forward`` records (forward statistics) and
-the rows' gradient dtypes to the header. Older logs are read as before."""
+the rows' gradient dtypes to the header. 4: adds ``action`` records (what gradscope did about
+its findings: gradscope.actions). Older logs are read as before."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,26 @@ class Desync:
 
 
 @dataclass(frozen=True)
+class Action:
+    """Something gradscope did to the training run at ``step`` (:mod:`gradscope.actions`).
+
+    Attributes:
+        step: the step after which it took effect.
+        action: ``"lr"`` (a learning-rate change), ``"halt"`` (``TrainingHalted`` raised)
+            or ``"stop"`` (early stopping asked the loop to stop).
+        message: one line for a reader: "lr 3e-3 -> 1.5e-3 at step 412 because exploding in 'blocks.3'".
+        detail: plain JSON values: for ``"lr"`` ``old``/``new`` (the effective rate of the first
+            group concerned), ``scale``, ``groups`` or ``layers``; ``because``: the finding
+            behind it as ``{"kind", "layer", "step"}`` (or the metric, for a stop).
+    """
+
+    step: int
+    action: str
+    message: str
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Failed:
     """gradscope failed during ``step``."""
 
@@ -137,7 +158,7 @@ class Closed:
     steps: int
 
 
-Record = Header | Sampled | Forward | StepValues | Metrics | Updates | Desync | Failed | Closed
+Record = Header | Sampled | Forward | StepValues | Metrics | Updates | Desync | Action | Failed | Closed
 
 
 def _pack(arrays: list[tuple[str, np.ndarray]]) -> dict:
@@ -222,6 +243,9 @@ def encode(record: Record) -> str:
         obj = {"t": "updates", "step": int(record.step), **_pack([("w", record.weight_sq), ("u", record.update_sq)])}
     elif isinstance(record, Desync):
         obj = {"t": "desync", "step": int(record.step), "rows": list(record.rows), "ranks": list(record.ranks)}
+    elif isinstance(record, Action):
+        obj = {"t": "action", "step": int(record.step), "action": record.action, "message": record.message}
+        obj["detail"] = record.detail
     elif isinstance(record, Failed):
         obj = {"t": "failed", "step": int(record.step)}
     elif isinstance(record, Closed):
@@ -270,6 +294,8 @@ def decode(line: str) -> Record:
         return Updates(obj["step"], a["w"].astype(np.float64), a["u"].astype(np.float64))
     if kind == "desync":
         return Desync(obj["step"], tuple(int(r) for r in obj["rows"]), tuple(int(r) for r in obj["ranks"]))
+    if kind == "action":
+        return Action(obj["step"], obj["action"], obj["message"], dict(obj.get("detail") or {}))
     if kind == "failed":
         return Failed(obj["step"])
     if kind == "closed":

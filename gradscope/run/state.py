@@ -11,6 +11,7 @@ same health report (:mod:`gradscope.health` reads a ``RunState``). The records a
 * ``metrics``: metrics logged with ``mon.log``;
 * ``updates``: per-row squared weight and update norms;
 * ``desync``: DDP replicas whose gradients differed;
+* ``action``: what gradscope did about a finding (a learning-rate change, a halt, a stop);
 * ``failed``: a step during which gradscope failed.
 """
 
@@ -29,6 +30,9 @@ from gradscope.stats.tensor_stats import TensorStats
 
 KEPT_EVENTS = 32
 """Non-finite events remembered for the whole run (beyond the history's window)."""
+
+KEPT_ACTIONS = 1000
+"""Actions remembered for the whole run (a controller changes the rate a few times per run)."""
 
 INITIAL_LOSSES = 64
 """First finite losses, and first non-zero total gradient norms, remembered for the whole run
@@ -74,6 +78,7 @@ class RunState:
         self.initial_losses: list[float] = []
         self.initial_grad_norms: list[float] = []
         self.forward = ForwardHistory(info.modules) if info.modules else None
+        self.actions: list[records.Action] = []
 
     # ---- records ------------------------------------------------------------------------
 
@@ -94,6 +99,9 @@ class RunState:
             self.add_updates(record.step, record.weight_sq, record.update_sq)
         elif isinstance(record, records.Desync):
             self.add_desync(record)
+        elif isinstance(record, records.Action):
+            if len(self.actions) < KEPT_ACTIONS:
+                self.actions.append(record)
         elif isinstance(record, records.Failed):
             self.mark_failed(record.step)
 

@@ -30,6 +30,10 @@ KEYWORD_ONLY = (
     "batch_size",
     "noise_scale_decay",
     "forward",
+    "on_finding",
+    "halt_on",
+    "early_stopping",
+    "adapt_lr",
 )
 
 

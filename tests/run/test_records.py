@@ -194,7 +194,7 @@ def test_a_header_carries_row_dtypes_and_modules():
         module_types=("Net", "Linear"),
     )
     back = records.decode(records.encode(records.Header(info.to_dict())))
-    assert back.schema == records.SCHEMA == 3
+    assert back.schema == records.SCHEMA == 4
     assert RunInfo.from_dict(back.info) == info
 
 

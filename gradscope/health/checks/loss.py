@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from gradscope.health.findings import SUGGESTIONS, Finding
+from gradscope.health.progress import progress_of
 from gradscope.health.thresholds import Thresholds
 from gradscope.health.view import RunView, moving_average, steady_rise
 
@@ -69,17 +70,25 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
     return findings
 
 
+def divergence(view: RunView, t: Thresholds) -> list[Finding]:
+    """The divergence rule alone, on the smoothed training loss (the learning-rate controller
+    applies it with its own, more sensitive, rise and window)."""
+    if not len(view.steps):
+        return []
+    return _divergence(view.steps, moving_average(view.loss, t.smooth), t)
+
+
 def _plateau(name, steps, values, sign, patience, dense, t) -> list[Finding]:
     ok = np.isfinite(values)
-    steps, v = steps[ok], -sign * values[ok]  # lower is better from here on
-    if len(v) <= patience:
+    steps, values = steps[ok], values[ok]
+    if len(values) <= patience:
         return []
-    previous_best = np.minimum.accumulate(v)[:-1]
-    improved = np.concatenate([[True], v[1:] < previous_best - t.plateau_tolerance * np.abs(previous_best)])
-    last = int(np.flatnonzero(improved)[-1])
-    waited = len(v) - 1 - last
+    # "Improved" is the rule early stopping uses too (gradscope.health.progress).
+    last = progress_of(values, sign, tolerance=t.plateau_tolerance).last_improved
+    waited = len(values) - 1 - last
     if waited < patience:
         return []
+    v = -sign * values  # lower is better from here on
     # The best step: the first to come within the tolerance of the best value (where the
     # plateau began, and where early stopping would have stopped).
     lowest = float(v.min())
@@ -98,7 +107,13 @@ def _plateau(name, steps, values, sign, patience, dense, t) -> list[Finding]:
                 f"best {best_value:.4g} at step {int(steps[best])}"
             ),
             suggestion=SUGGESTIONS["plateau"],
-            evidence={"metric": name, "best_step": int(steps[best]), "best_value": best_value, "waited": waited},
+            evidence={
+                "metric": name,
+                "best_step": int(steps[best]),
+                "best_value": best_value,
+                "waited": waited,
+                "patience": patience,
+            },
         )
     ]
 
