@@ -53,13 +53,18 @@ class Acting:
                 self._emit(action)
 
     def _act(self, step: int) -> None:
-        """Respond after ``mon.step()`` closed ``step``; raises the run's ``TrainingHalted``."""
-        with self._lock:
-            actions, halt = self._responder.respond(
-                step, lambda: view_of(self._run, self.thresholds), lambda: self.report()
-            )
-            for action in actions:
-                self._emit(action)
+        """Respond after ``mon.step()`` closed ``step``; raises the run's ``TrainingHalted``
+        (and nothing else: a failure of the responder itself is reported, never raised)."""
+        try:
+            with self._lock:
+                actions, halt = self._responder.respond(
+                    step, lambda: view_of(self._run, self.thresholds), lambda: self.report()
+                )
+                for action in actions:
+                    self._emit(action)
+        except Exception as error:
+            self._report_error("responder", f"gradscope: acting on findings failed ({type(error).__name__}: {error})")
+            return
         if halt is not None:
             raise halt
 

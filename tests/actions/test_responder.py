@@ -137,3 +137,38 @@ def test_on_finding_is_called_once_per_finding_not_once_per_step():
 def test_a_loop_that_catches_a_halt_is_halted_again_by_a_later_nan():
     _, halts, _ = train(150, nan_at=(40, 100), halt_on="nonfinite")
     assert [step for step, _ in halts] == [40, 100]
+
+
+class BrokenView:
+    """A view whose every array read fails: the checks cannot judge anything."""
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"view field {name!r} is unreadable")
+
+
+def test_a_failure_of_the_responder_itself_never_reaches_training():
+    """Judging fails at every judgement (every check and the controller read a broken view):
+    training runs to the end, the failure is in ``mon.errors`` with one warning."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.warns(RuntimeWarning) as caught:
+        with gradscope.watch(model, optimizer=opt, halt_on="critical", adapt_lr=True) as mon:
+            mon._responder.cadence.budget = 1e9  # judge at every step
+            import gradscope.monitor.acting as acting
+
+            real = acting.view_of
+            acting.view_of = lambda state, thresholds: BrokenView()
+            try:
+                for _ in range(20):
+                    x = torch.randn(32, 8)
+                    nn.functional.mse_loss(model(x), x[:, :1]).backward()
+                    mon.step(loss=1.0)
+                    opt.step()
+                    opt.zero_grad()
+            finally:
+                acting.view_of = real
+            assert mon.step_index == 20
+    assert mon.errors and all("acting on findings failed" in e for e in mon.errors), mon.errors
+    assert len([w for w in caught if "acting on findings failed" in str(w.message)]) == 1
+    assert mon.lr_scale == 1.0
