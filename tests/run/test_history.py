@@ -91,3 +91,19 @@ def test_series_unpacks_and_converts():
     values, steps, rows = h.series("loss")
     assert values.tolist() == [1.5] and steps.tolist() == [0] and rows is None
     assert np.asarray(h.series("loss")).tolist() == [1.5]
+
+
+def test_series_read_between_out_of_order_writes_are_never_stale():
+    """Series orders are remembered between writes (a judgement reads a dozen series): a step
+    written after a newer one (a late step record) must appear at its place at once."""
+    h = History(("a",), every=1, capacity=8, hist_capacity=8, step_capacity=8)
+    for step in (0, 1, 2, 5):
+        h.add_step(step, loss=float(step))
+    assert h.series("loss").steps.tolist() == [0, 1, 2, 5]
+    h.add_step(3, loss=3.0)  # arrives late
+    assert h.series("loss").steps.tolist() == [0, 1, 2, 3, 5]
+    assert h.series("loss").values.tolist() == [0.0, 1.0, 2.0, 3.0, 5.0]
+    for step in range(6, 14):  # the ring wraps: the oldest are dropped
+        h.add_step(step, loss=float(step))
+    assert h.series("loss").steps.tolist() == list(range(6, 14))
+    assert h.series("loss", last=3).steps.tolist() == [11, 12, 13]
