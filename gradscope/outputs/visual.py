@@ -271,7 +271,10 @@ def draw_loss(ax, data: RunData) -> None:
     _draw_actions(ax, data.report.actions)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
-    ax.set_title("Loss and metrics; findings marked at the first step the report sees them", fontsize=10)
+    title = "Loss and metrics; findings marked at the first step the report sees them"
+    if data.report.actions:
+        title += "; what gradscope did: solid lines"
+    ax.set_title(title, fontsize=10)
 
 
 ACTION_COLOURS = {"lr": "tab:blue", "halt": "tab:red", "stop": "tab:green"}
@@ -279,7 +282,7 @@ ACTION_COLOURS = {"lr": "tab:blue", "halt": "tab:red", "stop": "tab:green"}
 
 def _draw_actions(ax, actions) -> None:
     """What gradscope did (:mod:`gradscope.actions`): a solid line at the step of each
-    learning-rate change ("lr x0.5"), halt or early stop, labelled at the bottom."""
+    learning-rate change ("lr x0.5"), halt or early stop, labelled at mid-height."""
     for action in actions:
         colour = ACTION_COLOURS.get(action["action"], "0.3")
         ax.axvline(action["step"], color=colour, linestyle="-", linewidth=1.0, alpha=0.7)
@@ -292,7 +295,7 @@ def _draw_actions(ax, actions) -> None:
             label = {"halt": "halted", "stop": "early stop"}.get(action["action"], action["action"])
         ax.annotate(
             label,
-            xy=(action["step"], 0.02),
+            xy=(action["step"], 0.5),  # mid-height: findings are labelled at the top, legends sit low
             xycoords=("data", "axes fraction"),
             xytext=(3, 0),
             textcoords="offset points",
@@ -300,7 +303,7 @@ def _draw_actions(ax, actions) -> None:
             fontsize=7,
             color=colour,
             ha="left",
-            va="bottom",
+            va="center",
         )
 
 
