@@ -35,7 +35,8 @@ class ScalarExporter(Exporter):
     that format would flush; :mod:`gradscope.stats.formats`); with update tracking
     ``update_ratio/<row>``; with forward statistics, per module that ran, ``act_rms/<module>``,
     ``act_max_abs/<module>`` and ``act_nonfinite/<module>`` when non-zero; per step ``loss``
-    and every metric by name.
+    and every metric by name; at each change of the learning-rate controller
+    (:mod:`gradscope.actions`) ``lr_scale`` (the rate's scale) or ``lr_scale/<row>`` (a layer's).
     """
 
     def start(self, header: records.Header) -> None:
@@ -54,6 +55,10 @@ class ScalarExporter(Exporter):
                     {k: record.values[k] for k in ("step_time", "peak_memory", "energy") if k in record.values}
                 )
             self.write_scalars(record.step, {k: v for k, v in values.items() if np.isfinite(v)})
+        elif isinstance(record, records.Action) and record.action == "lr":
+            detail = record.detail
+            names = [f"lr_scale/{row}" for row in detail.get("layers", ())] or ["lr_scale"]
+            self.write_scalars(record.step, dict.fromkeys(names, float(detail["scale"])))
         elif isinstance(record, records.Updates):
             ratio = update_norms(record.weight_sq, record.update_sq)["update_ratio"]
             self.write_scalars(

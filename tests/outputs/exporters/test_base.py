@@ -257,3 +257,16 @@ def test_metrics_pass_finite_values_and_drop_nan(capture):
 def test_other_records_write_nothing(capture, record):
     capture.write(record)
     assert capture.scalars == [] and capture.histograms == []
+
+
+def test_a_learning_rate_change_gives_its_scale(capture):
+    capture.write(records.Action(12, "lr", "lr 0.1 -> 0.05 at step 12 because ...", {"scale": 0.5, "old_scale": 1.0}))
+    layer = {"scale": 0.25, "old_scale": 0.5, "layers": ["blocks.3"]}
+    capture.write(records.Action(40, "lr", "updates of 'blocks.3' x0.5 -> x0.25 ...", layer))
+    assert capture.scalars == [(12, {"lr_scale": 0.5}), (40, {"lr_scale/blocks.3": 0.25})]
+
+
+@pytest.mark.parametrize("action", ["halt", "stop"])
+def test_halts_and_stops_write_no_scalar(capture, action):
+    capture.write(records.Action(5, action, "...", {}))
+    assert capture.scalars == []

@@ -154,3 +154,23 @@ def test_a_users_writer_is_flushed_not_closed(tmp_path):
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TensorBoardExporter(**kwargs)
+
+
+def test_the_controllers_changes_reach_tensorboard(tmp_path):
+    """A loss spike makes the learning-rate controller halve the rate: TensorBoard gets the scale."""
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    exporter = TensorBoardExporter(tmp_path, histogram_every=0)
+    adapt = gradscope.AdaptiveLR(on=("loss_spike",))
+    with gradscope.watch(model, optimizer=opt, adapt_lr=adapt, exporters=[exporter]) as mon:
+        g = torch.Generator().manual_seed(3)
+        for step in range(30):
+            x, y = torch.randn(8, 5, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            mon.step(loss=50.0 if step == 20 else 1.0 + 0.01 * (step % 3))  # the reported loss spikes once
+            opt.step()
+            opt.zero_grad()
+    (change,) = mon.report().actions
+    assert [(e.step, e.value) for e in read_events(tmp_path).Scalars("lr_scale")] == [(change["step"], 0.5)]
+    assert change["step"] == 20
