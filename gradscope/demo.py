@@ -35,7 +35,9 @@ optionally with one of the faults gradscope is built to find:
     of the run) to a peak of 5e-2, fifty times the demo's 1e-3: the loss falls, then climbs
     back as the rate grows, spikes, and the ReLU network collapses to a constant output
     (the loss of guessing, ~2.08). With ``act=True`` (``gradscope demo --act``) the
-    learning-rate controller cuts the rate when the loss climbs back, and the run recovers.
+    learning-rate controller cuts the rate when the loss climbs back or the gradient spikes,
+    and the network survives (it does not get back to where a good rate would have taken it:
+    ``benchmarks/bench_actions.py``); early stopping names the best step to restore.
 ``forward-overflow``
     ``blocks.6`` computes its activation, softplus, by hand in float16 (``log1p(exp(x))``
     on ``x.half()``, as a low-precision kernel would): ``exp`` overflows to Inf once the
