@@ -28,10 +28,7 @@ def halting_job(rank: int, world: int, root, nan_rank: int, nan_step: int) -> di
         warnings.simplefilter("ignore")
         mon = gradscope.watch(ddp, optimizer=opt, halt_on="nonfinite")
         for step in range(20):
-            x, y = batch(step, world, rank)
-            if rank == nan_rank and step == nan_step:
-                x = x.clone()
-                x[0, 0] = float("nan")
+            x, y = batch(step, world, rank, nan=rank == nan_rank and step == nan_step)
             loss = nn.functional.mse_loss(ddp(x), y)
             loss.backward()
             try:

@@ -56,15 +56,20 @@ class Net(nn.Module):
         return self.out(self.norm(h))
 
 
-def batch(step: int, world: int, rank: int | None = None):
-    """The step's global batch (``ROWS_PER_RANK`` rows per rank), or one rank's slice."""
+def batch(step: int, world: int, rank: int | None = None, nan: bool = False):
+    """The step's global batch (``ROWS_PER_RANK`` rows per rank), or one rank's slice; ``nan``:
+    that slice's first input is NaN (a bad example in one rank's data)."""
     generator = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(world * ROWS_PER_RANK, 6, generator=generator)
     y = torch.randn(world * ROWS_PER_RANK, 3, generator=generator)
     if rank is None:
         return x, y
     part = slice(rank * ROWS_PER_RANK, (rank + 1) * ROWS_PER_RANK)
-    return x[part], y[part]
+    x, y = x[part], y[part]
+    if nan:
+        x = x.clone()
+        x[0, 0] = float("nan")
+    return x, y
 
 
 def _row_of(model: nn.Module) -> dict[str, str]:
@@ -179,10 +184,7 @@ def ddp_job(rank: int, world: int, root, mode: str, nan_rank: int, nan_step: int
         mon = gradscope.watch(ddp, mode=mode, check_consistency=True, batch_size=ROWS_PER_RANK, log_dir=log_dir)
         steps, grads = 6, []
         for step in range(steps):
-            x, y = batch(step, world, rank)
-            if rank == nan_rank and step == nan_step:
-                x = x.clone()
-                x[0, 0] = float("nan")
+            x, y = batch(step, world, rank, nan=rank == nan_rank and step == nan_step)
             loss = nn.functional.mse_loss(ddp(x), y)
             loss.backward()
             grads.append({name: p.grad.clone() for name, p in model.named_parameters()})

@@ -5,11 +5,13 @@ from __future__ import annotations
 import gradscope
 
 
-def train(model, opt, steps, loss_at, **watch_options):
+def train_monitored(model, opt, steps, loss_at, **watch_options):
     """Train ``model`` for ``steps`` steps under ``gradscope.watch``; ``loss_at(step)`` computes a
-    step's loss. Returns the report and the losses the loop saw (floats)."""
+    step's loss. Returns the monitor (open: its statistics are all on the host, CPU) and the
+    losses the loop saw (floats); the caller closes it."""
     losses = []
-    with gradscope.watch(model, **watch_options) as mon:
+    mon = gradscope.watch(model, **watch_options)
+    try:
         for step in range(steps):
             loss = loss_at(step)
             loss.backward()
@@ -17,4 +19,14 @@ def train(model, opt, steps, loss_at, **watch_options):
             opt.step()
             opt.zero_grad()
             losses.append(loss.item())
+    except BaseException:
+        mon.close()
+        raise
+    return mon, losses
+
+
+def train(model, opt, steps, loss_at, **watch_options):
+    """:func:`train_monitored`, closed; returns the report (read before closing) and the losses."""
+    mon, losses = train_monitored(model, opt, steps, loss_at, **watch_options)
+    with mon:
         return mon.report(), losses

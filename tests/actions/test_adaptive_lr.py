@@ -21,20 +21,12 @@ import torch
 from models import loss_of, make
 from torch import nn
 from torch.nn import functional as F
+from training_runs import train_monitored
 
 import gradscope
 from gradscope import demo
 from gradscope.actions.adaptive_lr import TRIGGERS, AdaptiveLR, LrController, check_optimizer
 from gradscope.health.thresholds import Thresholds
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0) -> nn.Module:
@@ -654,13 +646,9 @@ def test_per_layer_scales_stop_at_min_scale():
 
 
 def train_watched(model, opt, steps, loss_at, **watch_options):
-    with gradscope.watch(model, optimizer=opt, **watch_options) as mon:
-        for step in range(steps):
-            loss = loss_at(step)
-            loss.backward()
-            mon.step(loss=loss)
-            opt.step()
-            opt.zero_grad()
+    """The run under ``watch(..., optimizer=opt)``, closed; returns the monitor."""
+    mon, _ = train_monitored(model, opt, steps, loss_at, optimizer=opt, **watch_options)
+    mon.close()
     return mon
 
 

@@ -28,16 +28,6 @@ import gradscope
 from gradscope.actions.early_stopping import EarlyStopper
 from gradscope.run import records
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------
 # The reference: a plain loop of the Keras/Lightning rule
 # --------------------------------------------------------------------------------------

@@ -24,15 +24,6 @@ from gradscope.actions.halting import HaltRule
 from gradscope.health.findings import KINDS, Finding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def finding(kind="dead", severity="warning", layer="fc") -> Finding:
     return Finding(kind, severity, layer, 5, 3, f"{kind} in {layer}", "fix it", {})
 

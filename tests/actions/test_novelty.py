@@ -25,15 +25,6 @@ from gradscope.actions.novelty import NewFindings, identity
 from gradscope.health.findings import Finding
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def finding(kind="dead", layer="fc", step=10, since=0, severity="warning", **evidence) -> Finding:
     return Finding(kind, severity, layer, step, since, f"{kind} in {layer}", "fix it", evidence)
 

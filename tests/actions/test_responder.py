@@ -17,15 +17,6 @@ from torch import nn
 import gradscope
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def train(steps, nan_at=(), report_nan_at=(), tight_budget=False, **watch_options):
     """A small regression under ``watch``. ``nan_at``: steps whose loss (and so gradients) is
     NaN; ``report_nan_at``: steps whose *reported* loss is NaN (the gradients are fine). A
