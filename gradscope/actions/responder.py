@@ -79,7 +79,7 @@ class Responder:
         self.novelty = NewFindings()
         self.halted: TrainingHalted | None = None
         self.judgements = 0
-        self.shared_stop: tuple[bool, int | None, float | None] | None = None  # distributed: the decider's
+        self.shared_stop: tuple[int | None, float | None] | None = None  # distributed, once stopped: best step, value
         self._proposed_halt: TrainingHalted | None = None  # distributed: decided, applied at the next step
         self._report_error = report_error
 
@@ -173,7 +173,7 @@ class Responder:
         if decided[STOP]:
             best_step = None if np.isnan(decided[BEST_STEP]) else int(decided[BEST_STEP])
             best_value = None if np.isnan(decided[BEST_VALUE]) else float(decided[BEST_VALUE])
-            self.shared_stop = (True, best_step, best_value)
+            self.shared_stop = (best_step, best_value)
         if not decided[HALT] or self.halted is not None:
             return None
         finding = self.consensus.share_halt(self._proposed_halt.finding if self.decides else None)

@@ -240,14 +240,6 @@ def judge(view: RunView, thresholds: Thresholds) -> tuple[list[Finding], list[st
     return findings, notes
 
 
-def findings_of(state: RunState, thresholds: Thresholds) -> list[Finding]:
-    """The findings :func:`assess` would report on ``state`` (no layer table, no notes)."""
-    view = view_of(state, thresholds)
-    if view is None or (len(view.steps) == 0 and len(view.sampled_steps) == 0):
-        return []
-    return judge(view, thresholds)[0]
-
-
 def _in_flight_note(steps: tuple[int, ...]) -> str | None:
     """What the report does not include yet: "statistics of sampled step 41 are still in flight ..."."""
     steps = sorted({int(s) for s in steps})

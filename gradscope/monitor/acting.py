@@ -81,10 +81,10 @@ class Acting:
             return stopper.should_stop, stopper.best_step, stopper.best_value, stopper.reason
         if responder.shared_stop is None:
             return False, None, None, None
-        stop, best_step, best_value = responder.shared_stop
+        best_step, best_value = responder.shared_stop
         decider = responder.consensus.decider
         reason = stopper.reason if responder.decides else f"early stopping decided by rank {decider}"
-        return stop, best_step, best_value, reason
+        return True, best_step, best_value, reason
 
     @property
     def should_stop(self) -> bool:
