@@ -12,7 +12,11 @@ so that drifts of the machine (clock, other load) hit every method alike. Method
 * ``torch._foreach_norm + one sync``: the norm alone, as ``clip_grad_norm_`` computes it;
 * ``set_detect_anomaly(True)``: torch's anomaly mode;
 * ``tensorboard add_histogram``: a histogram per parameter per step (if installed);
-* ``wandb.watch(log="gradients", log_freq=1)``: offline (if installed).
+* ``wandb.watch(log="gradients", log_freq=1)`` offline, against gradscope with its
+  ``WandbExporter`` into an offline run (if wandb is installed; ``integration_methods.py``);
+* with ``--integrations``, also per model: Lightning's ``Trainer.fit`` with no callback,
+  with ``GradscopeCallback(every=1/10)`` and with the per-parameter ``grad_norm`` callback
+  users write today (``integration_methods.py``), in a table of its own.
 
 Models: on CPU the 25.7M-parameter MLP (8 x Linear 1792, batch 512) and a 6-layer
 TransformerEncoder (d=512), and on request (``--models demo``) the demo's 12-layer MLP, whose
@@ -36,6 +40,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import integration_methods
 import torch
 from bench_stats import RESULTS, environment
 from torch import nn
@@ -188,24 +193,6 @@ def method_tensorboard(work: Workload):
     return after, contextlib.nullcontext, writer.close
 
 
-def method_wandb(work: Workload):
-    import wandb
-
-    run = wandb.init(
-        mode="offline", dir=tempfile.mkdtemp(prefix="gradscope-overhead-wandb-"), project="gradscope-bench"
-    )
-    wandb.watch(work.model, log="gradients", log_freq=1)
-
-    def after(step, loss):
-        wandb.log({"loss": float(loss)})
-
-    def teardown():
-        wandb.unwatch(work.model)
-        run.finish()
-
-    return after, contextlib.nullcontext, teardown
-
-
 def available_methods() -> list[tuple[str, Callable]]:
     methods = [
         ("no monitoring", method_none),
@@ -228,7 +215,11 @@ def available_methods() -> list[tuple[str, Callable]]:
     try:
         import wandb  # noqa: F401
 
-        methods.append(("wandb.watch(log='gradients')", method_wandb))
+        methods += [
+            ("wandb.watch(log='gradients')", integration_methods.method_wandb),
+            ("gradscope watch(every=1) + WandbExporter", integration_methods.method_wandb_exporter(1)),
+            ("gradscope watch(every=10) + WandbExporter", integration_methods.method_wandb_exporter(10)),
+        ]
     except ImportError:
         print("  (wandb not installed: wandb.watch is not measured)")
     return methods
@@ -306,7 +297,9 @@ def profile_model(name: str, device: str, steps: int, only: list[str] | None, to
             teardown()
 
 
-def run_model(name: str, device: str, rounds: int, steps: int, only: list[str] | None = None) -> dict:
+def run_model(
+    name: str, device: str, rounds: int, steps: int, only: list[str] | None = None, integrations: bool = False
+) -> dict:
     work = Workload(name, device)
     methods = chosen_methods(only)
     print(f"\n{name}: {work.description}, {work.parameters / 1e6:.1f}M parameters, on {device}")
@@ -337,7 +330,15 @@ def run_model(name: str, device: str, rounds: int, steps: int, only: list[str] |
             }
         )
         print(f"  {label:<38} {median_ms:>15.1f} {ratio:>13.3f} {min(ratios):>8.3f}..{max(ratios):.3f}")
-    return {"model": name, "description": work.description, "parameters": work.parameters, "results": results}
+    entry = {"model": name, "description": work.description, "parameters": work.parameters, "results": results}
+    if integrations:
+        entry["lightning"] = rows = integration_methods.run(work, rounds, steps)
+        print(f"  {'inside Lightning Trainer.fit':<38} {'median step ms':>15} {'x plain fit':>13}")
+        for row in rows:
+            ratios = row["x_plain_rounds"]
+            line = f"{row['median_ms']:>15.1f} {row['x_plain']:>13.3f} {min(ratios):>8.3f}..{max(ratios):.3f}"
+            print(f"  {row['method']:<38} {line}")
+    return entry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument(
         "--methods", default=None, help="comma-separated substrings of method labels to keep (plain step always kept)"
+    )
+    parser.add_argument(
+        "--integrations", action="store_true", help="also time Lightning fits with and without gradscope's callback"
     )
     parser.add_argument(
         "--profile", action="store_true", help="host enqueue time and a cProfile per method, instead of the table"
@@ -366,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     print(f"gradscope {env['gradscope']} overhead benchmark on {env['device']} ({env['torch_threads']} torch threads)")
     only = [m for m in args.methods.split(",") if m] if args.methods else None
-    entries = [run_model(name, args.device, args.rounds, args.steps, only) for name in models]
+    entries = [run_model(name, args.device, args.rounds, args.steps, only, args.integrations) for name in models]
     out = Path(args.out) if args.out else RESULTS / f"overhead-{args.device}-{env['date'][:10]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "bench_overhead", "environment": env, "models": entries}, indent=2) + "\n")

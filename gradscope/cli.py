@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gradscope.outputs import report_files
+
 USER_ERRORS = (
     FileNotFoundError,
     FileExistsError,
@@ -69,28 +71,6 @@ def _progress(total: int, description: str):
     return report_line, lambda: None
 
 
-def _render(source, report, html: Path | None, png: Path | None, title: str) -> list[Path]:
-    """Write the visual report as HTML and/or PNG; returns the files written."""
-    from gradscope.outputs import html_page, visual
-
-    written = []
-    if html is not None:
-        html_page.write_html(source, html, report=report, title=title)
-        written.append(html)
-    if png is not None:
-        visual.write_png(source, png, report=report)
-        written.append(png)
-    return written
-
-
-def _visual_available() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def cmd_demo(args) -> int:
     import torch
 
@@ -124,8 +104,10 @@ def cmd_demo(args) -> int:
         print(("  as expected: " if ok else "  NOT as expected: ") + expected.explanation)
         if args.act:
             ok = _acted(mon, report, expected) and ok
-    if _visual_available():
-        files = _render(mon, report, out / "report.html", out / "report.png", f"gradscope demo: {args.fault}")
+    if report_files.visual_available():
+        files = report_files.write_visual(
+            mon, report, out / "report.html", out / "report.png", f"gradscope demo: {args.fault}"
+        )
         print("  visual report: " + ", ".join(str(f) for f in files))
     else:
         print("  visual report skipped: it needs matplotlib (pip install 'gradscope-diagnostics[viz]')")
@@ -172,12 +154,12 @@ def cmd_report(args) -> int:
         print(f"gradscope run {args.run}: {len(run.rows)} layers, {len(run.files)} log file(s){state}")
         print(report)
     if args.html or args.png:
-        if not _visual_available():
+        if not report_files.visual_available():
             return _fail("--html/--png need matplotlib: pip install 'gradscope-diagnostics[viz]'")
         title = f"gradscope run: {Path(args.run).resolve().name}"
         html = Path(args.html) if args.html else None
         png = Path(args.png) if args.png else None
-        files = _render(run, report, html, png, title)
+        files = report_files.write_visual(run, report, html, png, title)
         print("visual report: " + ", ".join(str(f) for f in files), file=sys.stderr if args.json else sys.stdout)
     return 0
 

@@ -2,12 +2,12 @@
 
 from gradscope.outputs.exporters import Exporter, ScalarExporter
 
-__all__ = ["Exporter", "ScalarExporter"]  # and, on first use, TensorBoardExporter and MLflowExporter
+__all__ = ["Exporter", "ScalarExporter"]  # and, on first use, TensorBoardExporter, MLflowExporter and WandbExporter
 
 
 def __getattr__(name: str):
     # The optional extras are imported only when their exporter is asked for.
-    if name in ("TensorBoardExporter", "MLflowExporter"):
+    if name in ("TensorBoardExporter", "MLflowExporter", "WandbExporter"):
         from gradscope.outputs import exporters
 
         return getattr(exporters, name)

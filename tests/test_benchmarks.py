@@ -28,7 +28,7 @@ def bench_stats(monkeypatch):
 @pytest.fixture
 def bench_overhead(monkeypatch):
     yield load("bench_overhead", monkeypatch)
-    for name in ("model_shapes", "bench_stats"):
+    for name in ("model_shapes", "bench_stats", "integration_methods"):
         sys.modules.pop(name, None)
 
 
@@ -68,6 +68,32 @@ def test_overhead_benchmark_runs_every_method(bench_overhead, tmp_path):
     assert methods[:3] == ["no monitoring", "gradscope watch(every=1)", "gradscope watch(every=10)"]
     assert {"per-parameter .norm().item()", "set_detect_anomaly(True)"} <= set(methods)
     assert entry["results"][0]["x_plain"] == 1.0
+    assert "lightning" not in entry  # only with --integrations
+
+
+def test_overhead_benchmark_measures_the_integrations(bench_overhead, tmp_path):
+    pytest.importorskip("wandb", reason="needs the wandb extra")
+    pytest.importorskip("lightning", reason="needs the lightning extra")
+    out = tmp_path / "overhead.json"
+    argv = ["--models", "tiny", "--device", "cpu", "--rounds", "1", "--steps", "2", "--out", str(out)]
+    assert bench_overhead.main([*argv, "--methods", "wandb,Wandb", "--integrations"]) == 0
+    (entry,) = json.loads(out.read_text())["models"]
+    methods = [r["method"] for r in entry["results"]]
+    assert methods == [
+        "no monitoring",
+        "wandb.watch(log='gradients')",
+        "gradscope watch(every=1) + WandbExporter",
+        "gradscope watch(every=10) + WandbExporter",
+    ]
+    fits = {row["method"]: row for row in entry["lightning"]}
+    assert list(fits) == [
+        "Lightning fit, no callback",
+        "GradscopeCallback(every=1)",
+        "GradscopeCallback(every=10)",
+        "grad_norm callback (what users write)",
+    ]
+    assert fits["Lightning fit, no callback"]["x_plain"] == 1.0
+    assert all(row["steps"] == 2 and row["median_ms"] > 0 for row in fits.values())
 
 
 @pytest.fixture

@@ -36,3 +36,50 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
     single: dict = {}
     exec(compile(blocks[1], "README quickstart (grad_stats)", "exec"), single)
     assert single["stats"].names == ("0.weight", "0.bias", "2.weight", "2.bias")
+
+
+INTEGRATIONS = "## Where you train: Lightning, the Hugging Face Trainer, W&B, Accelerate"
+SNIPPETS = {
+    "### With Lightning": "lightning",
+    "### With the Hugging Face Trainer": "transformers",
+    "### With Weights & Biases": "wandb",
+    "### With Accelerate": "accelerate",
+}
+
+
+def integration_snippet(heading: str) -> str:
+    section = README.read_text().split(INTEGRATIONS, 1)[1].split("\n## ", 1)[0]
+    part = section.split(heading + "\n", 1)[1].split("\n### ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", part, flags=re.S)
+    return block
+
+
+@pytest.mark.parametrize("heading", list(SNIPPETS))
+def test_readme_integration_snippets_run(heading, tmp_path, monkeypatch, capsys):
+    pytest.importorskip(SNIPPETS[heading], reason=f"needs the {SNIPPETS[heading]} extra")
+    torch = pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)  # they write lightning_logs/, out/, wandb/
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        names: dict = {}
+        exec(compile(integration_snippet(heading), f"README {heading}", "exec"), names)
+    finally:
+        torch.set_num_threads(threads)
+    if heading == "### With Lightning":
+        mon = names["callback"].monitor
+        assert mon.step_index == names["trainer"].global_step > 0
+        assert "val_loss" in mon.fields()
+        assert "gradscope health" in capsys.readouterr().out
+        assert (names["callback"].session.run_dir / "report.txt").is_file()
+    elif heading == "### With the Hugging Face Trainer":
+        mon = names["trainer"].callback_handler.callbacks[0].monitor  # it moves itself first
+        assert mon.step_index == names["trainer"].state.global_step == 4
+    elif heading == "### With Weights & Biases":
+        assert list(names["mon"].history("norm").steps) == list(range(20))
+        assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    else:
+        mon = names["mon"]
+        assert mon.step_index == 5  # 13 batches, windows of 3, 3, 3, 3 and 1
+        assert bool(mon.history("present").values.all())  # the short window measured too

@@ -310,6 +310,22 @@ class LrController:
         if scale is not None:  # another rank decided: what it decided is this rank's target too
             self.target_scale, self.target_layer_scale = self.scale, dict(self.layer_scale)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: the applied scales (layers by name) and when they changed."""
+        return {
+            "scale": self.scale,
+            "layer_scale": {self._rows[row]: scale for row, scale in self.layer_scale.items()},
+            "changed_at": self._changed_at,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict`: the rate stays scaled as it was (layers by name)."""
+        index = {name: row for row, name in enumerate(self._rows)}
+        layers = {index[name]: float(scale) for name, scale in state["layer_scale"].items() if name in index}
+        self.scale = self.target_scale = float(state["scale"])
+        self.layer_scale, self.target_layer_scale = layers, dict(layers)
+        self._changed_at = state["changed_at"]
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -13,6 +13,7 @@ seen, at the step ``mon.log`` attached it to).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -82,6 +83,18 @@ class EarlyStopper:
     @property
     def best_value(self) -> float | None:
         return self.progress.best
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (plain Python values): the metric's progress and the stop."""
+        progress = dataclasses.asdict(self.progress)
+        return {"progress": progress, "should_stop": self.should_stop, "reason": self.reason}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` (the watched metric's direction and margin stay this run's)."""
+        kept = {k: v for k, v in state["progress"].items() if k not in ("sign", "min_delta", "tolerance")}
+        self.progress = dataclasses.replace(self.progress, **kept)
+        self.should_stop, self.reason = bool(state["should_stop"]), state["reason"]
+        self._evaluated = self.progress.count > 0
 
     def observe(self, record: records.Record) -> tuple[records.Action | None, str | None]:
         """Take a record; returns the stop action (the first time the run should stop) and a

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import numpy as np
+
 from gradscope.health.report import HealthReport, assess
 from gradscope.health.thresholds import Thresholds
 from gradscope.run.history import Series
@@ -81,6 +83,19 @@ class RunReadout(abc.ABC):
         """Statistics of the rows present at a sampled ``step`` (default: the latest)."""
         with self._reading(wait=True) as state:
             return state.stats(step)
+
+    def latest(self, wait: bool = False) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The newest sampled step whose statistics have reached the host, as
+        ``(step, rows, present)``: float64 ``(R, ROW_WIDTH)`` statistics rows
+        (:mod:`gradscope.stats.layout`) and bool ``(R,)``; None before the first.
+
+        Unlike :meth:`stats` it does not wait for steps in flight (unless ``wait``): cheap and
+        free of host synchronisation, for a trainer's logging hook at every logging step.
+        """
+        with self._reading(wait=wait) as state:
+            step = state.history.latest_sampled()
+            found = state.history.sampled_rows(step) if step >= 0 else None
+            return None if found is None else (step, *found)
 
     def report(self, thresholds: Thresholds | None = None, wait: bool = False) -> HealthReport:
         """The run's health: status, findings, per-layer rows and resources.

@@ -40,6 +40,7 @@ class RunView:
     steps: np.ndarray
     loss: np.ndarray
     skipped: np.ndarray
+    grad_scale: np.ndarray  # a GradScaler's scale per step (NaN without one)
     step_time: np.ndarray
     peak_memory: np.ndarray
     energy: np.ndarray
@@ -165,6 +166,7 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         steps=loss.steps,
         loss=loss.values,
         skipped=steps("skipped"),
+        grad_scale=steps("grad_scale"),
         step_time=steps("step_time"),
         peak_memory=steps("peak_memory"),
         energy=steps("energy"),

@@ -68,6 +68,31 @@ class Acting:
         if halt is not None:
             raise halt
 
+    # ---- checkpoints --------------------------------------------------------------------
+
+    def _actions_state(self) -> dict:
+        responder = self._responder
+        if responder is None:
+            return {}
+        state = {}
+        if responder.stopper is not None:
+            state["early_stopping"] = responder.stopper.state_dict()
+            state["shared_stop"] = responder.shared_stop
+        if responder.lr is not None:
+            state["lr"] = responder.lr.state_dict()
+        return state
+
+    def _load_actions_state(self, state: dict) -> None:
+        responder = self._responder
+        if responder is None:
+            return
+        if responder.stopper is not None and "early_stopping" in state:
+            responder.stopper.load_state_dict(state["early_stopping"])
+            shared = state.get("shared_stop")
+            responder.shared_stop = tuple(shared) if shared is not None else None
+        if responder.lr is not None and "lr" in state:
+            responder.lr.load_state_dict(state["lr"])
+
     # ---- read by the training loop ------------------------------------------------------
 
     def _early_stop(self) -> tuple[bool, int | None, float | None, str | None]:

@@ -4,9 +4,10 @@ In ``mode="backward"`` a ``register_post_accumulate_grad_hook`` on every watched
 hands the monitor each gradient as soon as autograd has finished accumulating it. The first
 hook of a backward pass queues a callback on the autograd engine that runs when the pass
 ends (as DDP does), which is when the monitor may stop waiting for gradients. With gradient
-accumulation only the last of ``accumulation_steps`` backward passes of an optimisation
-step is measured, when the gradients are complete: :class:`BackwardPasses` counts the passes
-and the order in which the measured pass's gradients became final.
+accumulation only the last backward pass of an optimisation step is measured, when the
+gradients are complete: :class:`BackwardPasses` knows which pass that is (the
+``accumulation_steps``-th, or the one a trainer says is last) and the order in which the
+measured pass's gradients became final.
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ class BackwardPasses:
     """The backward passes of the open optimisation step.
 
     Args:
-        accumulation_steps: backward passes per optimisation step; the last is measured.
+        accumulation_steps: backward passes per optimisation step, the last of which is
+            measured; or a function of no arguments, asked as each pass begins, that says
+            whether it is the step's last pass (for trainers whose last window may be
+            shorter, e.g. ``lambda: accelerator.sync_gradients``). Only the first pass it
+            calls last is measured.
         params: watched parameters (the length of :attr:`order`).
 
     Attributes:
@@ -83,6 +88,7 @@ class BackwardPasses:
         self.finished = 0
         self.order = np.full(params, -1, dtype=np.int64)
         self._next = 0
+        self._measured = False  # a pass of this step was measured
 
     def begin(self) -> bool:
         """A gradient arrived. True when it opens a new pass (the caller then arranges to
@@ -90,7 +96,11 @@ class BackwardPasses:
         if self.open:
             return False
         self.open = True
-        self.measuring = self.finished == self.accumulation_steps - 1
+        if callable(self.accumulation_steps):
+            self.measuring = not self._measured and bool(self.accumulation_steps())
+        else:
+            self.measuring = self.finished == self.accumulation_steps - 1
+        self._measured |= self.measuring
         return True
 
     def arrived(self, index: int) -> None:
@@ -112,6 +122,7 @@ class BackwardPasses:
         self.finished = 0
         self.order[:] = -1
         self._next = 0
+        self._measured = False
 
 
 def failure_reporter(monitor) -> Callable[[BaseException], None]:

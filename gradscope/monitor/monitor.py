@@ -34,6 +34,7 @@ from gradscope.health.readout import RunReadout
 from gradscope.monitor import hooks, scaler
 from gradscope.monitor.acting import Acting
 from gradscope.monitor.aggregate import LayerRows, RowGroups, blame_replicas
+from gradscope.monitor.checkpoint import Checkpointing
 from gradscope.monitor.engines import Engines
 from gradscope.monitor.failures import FailureReporting
 from gradscope.monitor.forward import ForwardCapture
@@ -52,7 +53,7 @@ _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> we
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
 
 
-class Monitor(RunReadout, Acting, FailureReporting):
+class Monitor(RunReadout, Acting, Checkpointing, FailureReporting):
     """Per-layer gradient statistics of a model, step by step. Create with :func:`gradscope.watch`.
 
     Attributes:

@@ -42,7 +42,7 @@ class WatchOptions:
 
     every: int = 1
     mode: str = "backward"
-    accumulation_steps: int = 1
+    accumulation_steps: int | Callable[[], bool] = 1
     optimizer: torch.optim.Optimizer | None = None
     scaler: object = None
     track_updates: bool = False
@@ -67,8 +67,10 @@ class WatchOptions:
     adapt_lr: AdaptiveLR | bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("every", "accumulation_steps", "history", "hist_history"):
+        for name in ("every", "history", "hist_history"):
             _positive_int(getattr(self, name), name)
+        if not callable(self.accumulation_steps):
+            _positive_int(self.accumulation_steps, "accumulation_steps")
         if self.mode not in MODES:
             raise ValueError(f"watch: mode must be one of {MODES}, got {self.mode!r}")
         if self.granularity not in GRANULARITIES:

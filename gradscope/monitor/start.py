@@ -33,7 +33,10 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         mode: ``"backward"`` (measure each gradient as soon as it is final, overlapping
             backward) or ``"step"`` (measure all gradients at ``mon.step()``).
         accumulation_steps: backward passes per optimisation step; gradients are measured
-            after the last one, when they are complete (backward mode).
+            in the last one, when they are complete (backward mode). Or a function of no
+            arguments that says, as a pass begins, whether it is the step's last: with
+            Accelerate, ``lambda: accelerator.sync_gradients`` is right also when the last
+            window of an epoch is shorter.
         optimizer: needed for ``track_updates``; also tells a ``scaler`` which optimizer's
             gradients may already be unscaled.
         scaler: a ``torch.amp.GradScaler``; statistics are then of the unscaled gradients

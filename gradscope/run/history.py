@@ -278,15 +278,24 @@ class History:
         if name == "failed":
             return Series(name, self._failed[order].copy(), steps, None)
         if name == "skipped":
-            # A GradScaler lowers its scale after a step whose gradients overflowed, and that
-            # step is skipped: compare each step's scale with the next step's.
-            scale = self._step_values[order, STEP_FIELDS.index("grad_scale")]
-            skipped = np.zeros(len(order), dtype=bool)
-            skipped[:-1] = (scale[1:] < scale[:-1]) & (steps[1:] == steps[:-1] + 1)
-            return Series(name, skipped, steps, None)
+            return Series(name, self._skipped(order, steps), steps, None)
         if name in self._metrics:
             return Series(name, self._metrics[name][order].copy(), steps, None)
         return Series(name, self._step_values[order, STEP_FIELDS.index(name)].copy(), steps, None)
+
+    def _skipped(self, order: np.ndarray, steps: np.ndarray) -> np.ndarray:
+        """Steps a GradScaler skipped. It skips every step whose gradients hold NaN/Inf and
+        then lowers its scale: a sampled step under a scaler with non-finite gradients is
+        skipped (known at once, the run's last step included), and so is any step followed
+        by a lower scale (unsampled steps too)."""
+        scale = self._step_values[order, STEP_FIELDS.index("grad_scale")]
+        skipped = np.zeros(len(order), dtype=bool)
+        skipped[:-1] = (scale[1:] < scale[:-1]) & (steps[1:] == steps[:-1] + 1)
+        slots = (steps // self.every) % self._sampled_step.shape[0]
+        sampled = self._sampled_step[slots] == steps
+        counts = self._scalars[slots][:, :, [layout.NANS, layout.INFS]]
+        nonfinite = sampled & (np.nan_to_num(counts) > 0).any(axis=(1, 2))
+        return skipped | (nonfinite & np.isfinite(scale))
 
 
 def _ring_order(steps: np.ndarray, last: int | None = None) -> np.ndarray:

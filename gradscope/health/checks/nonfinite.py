@@ -294,9 +294,13 @@ def _origin(view: RunView, events: list, affected: int) -> list[Finding]:
 
 
 def detect(view: RunView, t: Thresholds) -> list[Finding]:
-    skipped = set(view.steps[view.skipped].tolist())
     # Steps a GradScaler skipped had overflowing *scaled* gradients: that is its normal
-    # operation (reported as overflow below), not a non-finite gradient.
+    # operation (reported as overflow below), not a non-finite gradient. Not at a scale of 1
+    # or less, though: the scaled gradients are then no larger than the true ones, and a
+    # scaler that keeps skipping all the way down there is skipping genuine NaN/Inf.
+    with np.errstate(invalid="ignore"):
+        overflowed = view.skipped & ~(view.grad_scale <= 1.0)
+    skipped = set(view.steps[overflowed].tolist())
     events = [e for e in view.nonfinite_events if e.step not in skipped]
     findings = _origin(view, events, view.nonfinite_steps - len(view.nonfinite_events) + len(events))
     if skipped:

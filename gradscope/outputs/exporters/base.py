@@ -10,6 +10,82 @@ from gradscope.run.info import RunInfo
 from gradscope.stats import formats, layout
 
 
+def layer_scalars(rows: np.ndarray, present: np.ndarray, names: tuple[str, ...]) -> dict[str, float]:
+    """Per-row scalars of one sampled step, named ``<statistic>/<row>`` (present rows only).
+
+    ``grad_norm``, ``grad_rms``, ``grad_max_abs``, ``grad_zero_frac``, ``grad_nonfinite``
+    (when non-zero) and ``fp8_e4m3_zero``/``fp8_e5m2_zero`` (where defined).
+
+    Args:
+        rows: float64 ``(R, ROW_WIDTH)`` statistics rows (:mod:`gradscope.stats.layout`).
+        present: bool ``(R,)``, rows that had a gradient.
+        names: ``R`` row names.
+    """
+    present = np.flatnonzero(present)
+    rows = np.asarray(rows, dtype=np.float64)[present]
+    columns = {name: rows[:, i] for i, name in enumerate(layout.SCALAR_FIELDS)}
+    values = {name: layout.derive(name, columns) for name in ("norm", "rms", "zero_frac", "nonfinite")}
+    out = {}
+    for i, r in enumerate(present):
+        name = names[r]
+        out[f"grad_norm/{name}"] = float(values["norm"][i])
+        out[f"grad_rms/{name}"] = float(values["rms"][i])
+        out[f"grad_max_abs/{name}"] = float(columns["max_abs"][i])
+        out[f"grad_zero_frac/{name}"] = float(values["zero_frac"][i])
+        if values["nonfinite"][i]:
+            out[f"grad_nonfinite/{name}"] = float(values["nonfinite"][i])
+    fp8 = formats.fp8_fields(rows[:, layout.HIST :], columns["max_abs"])
+    for short in formats.FP8_FORMATS:
+        lost = fp8[f"fp8_{short}_zero"]
+        out.update(
+            {f"fp8_{short}_zero/{names[r]}": float(lost[i]) for i, r in enumerate(present) if np.isfinite(lost[i])}
+        )
+    return out
+
+
+SUMMARY_SCALARS = (
+    "grad_norm",
+    "grad_max_abs",
+    "grad_zero_frac",
+    "grad_nonfinite",
+    "layer_grad_norm_min",
+    "layer_grad_norm_max",
+)
+"""The whole-model scalars of :func:`summary_scalars`."""
+
+
+def summary_scalars(rows: np.ndarray, present: np.ndarray) -> dict[str, float]:
+    """Whole-model scalars of one sampled step: a handful of charts instead of several per layer.
+
+    ``grad_norm`` (L2 norm of every finite gradient element of the model, as
+    ``clip_grad_norm_`` would compute it before clipping), ``grad_max_abs``,
+    ``grad_zero_frac`` (exact zeros over all elements), ``grad_nonfinite`` (NaN + Inf count,
+    0 included, so a chart shows when it stops being 0), and ``layer_grad_norm_min`` /
+    ``layer_grad_norm_max`` (the smallest and largest layer norm: vanishing and exploding
+    layers show there first). Rows are combined by :func:`gradscope.stats.layout.combine_rows`.
+
+    Args:
+        rows: float64 ``(R, ROW_WIDTH)`` statistics rows; present: bool ``(R,)``.
+
+    Returns:
+        The scalars by name (empty when no row is present).
+    """
+    rows = np.asarray(rows, dtype=np.float64)[np.asarray(present, dtype=bool)]
+    if len(rows) == 0:
+        return {}
+    total = layout.combine_rows(rows)
+    columns = {name: total[i] for i, name in enumerate(layout.SCALAR_FIELDS)}
+    norms = layout.derive("norm", {"sumsq": rows[:, layout.SUMSQ]})
+    return {
+        "grad_norm": float(layout.derive("norm", columns)),
+        "grad_max_abs": float(columns["max_abs"]),
+        "grad_zero_frac": float(layout.derive("zero_frac", columns)),
+        "grad_nonfinite": float(layout.derive("nonfinite", columns)),
+        "layer_grad_norm_min": float(norms.min()),
+        "layer_grad_norm_max": float(norms.max()),
+    }
+
+
 class Exporter:
     """Base class: override what you need. Methods run on the monitor's background thread."""
 
@@ -72,30 +148,7 @@ class ScalarExporter(Exporter):
 
     def layer_scalars(self, record: records.Sampled) -> dict[str, float]:
         """The per-layer scalars of a sampled step, by name (present rows only)."""
-        present = np.flatnonzero(record.present)
-        rows = record.rows[present]
-        columns = {name: rows[:, i] for i, name in enumerate(layout.SCALAR_FIELDS)}
-        values = {name: layout.derive(name, columns) for name in ("norm", "rms", "zero_frac", "nonfinite")}
-        out = {}
-        for i, r in enumerate(present):
-            name = self.info.rows[r]
-            out[f"grad_norm/{name}"] = float(values["norm"][i])
-            out[f"grad_rms/{name}"] = float(values["rms"][i])
-            out[f"grad_max_abs/{name}"] = float(columns["max_abs"][i])
-            out[f"grad_zero_frac/{name}"] = float(values["zero_frac"][i])
-            if values["nonfinite"][i]:
-                out[f"grad_nonfinite/{name}"] = float(values["nonfinite"][i])
-        fp8 = formats.fp8_fields(rows[:, layout.HIST :], columns["max_abs"])
-        for short in formats.FP8_FORMATS:
-            lost = fp8[f"fp8_{short}_zero"]
-            out.update(
-                {
-                    f"fp8_{short}_zero/{self.info.rows[r]}": float(lost[i])
-                    for i, r in enumerate(present)
-                    if np.isfinite(lost[i])
-                }
-            )
-        return out
+        return layer_scalars(record.rows, record.present, self.info.rows)
 
     def module_scalars(self, record: records.Forward) -> dict[str, float]:
         """The per-module scalars of a sampled step's forward statistics (modules that ran)."""

@@ -206,16 +206,32 @@ def test_steps_the_scaler_skipped_are_overflow_not_nonfinite():
     assert report.status == "healthy" and report.first_nonfinite is None
 
 
-def test_nonfinite_after_a_skip_is_still_reported_and_counted_without_it():
+def test_nonfinite_gradients_under_a_scaler_are_its_skips_at_once():
+    """A GradScaler skips every step whose gradients hold NaN/Inf: such a step is a skip (an
+    overflow) as soon as it is recorded, before a next step shows the lower scale, and the
+    run's last step too."""
     state = run_state()
-    scales = scales_with_skips(10, skipped={2})
+    scales = scales_with_skips(10, skipped={2, 6})
     for step in range(10):
         state.apply(records.StepValues(step, {"grad_scale": scales[step]}))
-        state.apply(sampled(step, nans=(0, 4, 4) if step in (2, 6, 8) else (0, 0, 0)))
+        state.apply(sampled(step, nans=(0, 4, 4) if step in (2, 6, 9) else (0, 0, 0)))
+    assert state.series("skipped").values.nonzero()[0].tolist() == [2, 6, 9]
+    (overflow,) = detect(state)
+    assert overflow.kind == "overflow" and overflow.evidence["skipped_steps"] == [2, 6, 9]
+
+
+def test_nonfinite_after_the_scale_collapsed_is_reported_and_counted_without_the_overflows():
+    """Genuine NaN: the scaler skips every step and halves its scale; once the scale is 1 or
+    less, scaling cannot be what overflows, and the steps are non-finite gradients again."""
+    state = run_state()
+    scales = [4.0, 4.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.125]  # halved after each skip from step 2 on
+    for step in range(8):
+        state.apply(records.StepValues(step, {"grad_scale": scales[step]}))
+        state.apply(sampled(step, nans=(0, 4, 4) if step >= 2 else (0, 0, 0)))
     grads, overflow = detect(state)
-    assert grads.kind == "nonfinite" and grads.since_step == 6 and grads.layer == "c"
-    assert grads.evidence["sampled_steps_affected"] == 2  # steps 6 and 8, not the skipped step 2
-    assert overflow.kind == "overflow" and overflow.evidence["skipped_steps"] == [2]
+    assert grads.kind == "nonfinite" and grads.since_step == 4 and grads.layer == "c"
+    assert grads.evidence["sampled_steps_affected"] == 4  # steps 4..7, not the overflows 2 and 3
+    assert overflow.kind == "overflow" and overflow.evidence["skipped_steps"] == [2, 3]
 
 
 def test_a_rising_scale_is_not_a_skip():

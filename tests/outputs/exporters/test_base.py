@@ -12,7 +12,7 @@ import pytest
 import run_builders
 import torch
 
-from gradscope.outputs.exporters.base import Exporter, ScalarExporter
+from gradscope.outputs.exporters.base import SUMMARY_SCALARS, Exporter, ScalarExporter, layer_scalars, summary_scalars
 from gradscope.run import records
 from gradscope.run.info import RunInfo
 from gradscope.stats import layout
@@ -270,3 +270,34 @@ def test_a_learning_rate_change_gives_its_scale(capture):
 def test_halts_and_stops_write_no_scalar(capture, action):
     capture.write(records.Action(5, action, "...", {}))
     assert capture.scalars == []
+
+
+# ---- the module-level scalar functions (what the trainer callbacks log) -------------------
+
+
+def test_layer_scalars_are_the_exporters_scalars():
+    rows, present = make_rows(), np.array([True, False, True, True, True])
+    assert layer_scalars(rows, present, NAMES) == expected_layer_scalars(COLUMNS, present)
+
+
+@pytest.mark.parametrize("present", [[True] * 5, [True, False, True, False, False], [False, True, False, False, True]])
+def test_summary_scalars_treat_the_present_layers_as_one_tensor(present):
+    rows, present = make_rows(), np.array(present)
+    kept = COLUMNS[present]
+    numel, _sum, sumsq, _max, zeros, nans, infs = kept.sum(axis=0)
+    assert summary_scalars(rows, present) == pytest.approx(
+        {
+            "grad_norm": np.sqrt(sumsq),
+            "grad_max_abs": kept[:, 3].max(),
+            "grad_zero_frac": zeros / numel,
+            "grad_nonfinite": nans + infs,
+            "layer_grad_norm_min": np.sqrt(kept[:, 2]).min(),
+            "layer_grad_norm_max": np.sqrt(kept[:, 2]).max(),
+        },
+        rel=1e-12,
+    )
+    assert tuple(summary_scalars(rows, present)) == SUMMARY_SCALARS
+
+
+def test_summary_scalars_of_a_step_without_gradients_are_empty():
+    assert summary_scalars(make_rows(), np.zeros(5, bool)) == {}

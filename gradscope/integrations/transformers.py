@@ -1,0 +1,174 @@
+"""``GradscopeCallback`` for the Hugging Face ``Trainer``: ``Trainer(..., callbacks=[GradscopeCallback()])``.
+
+Where the gradients are measured, and why there: during the backward pass of each optimizer
+step's last micro-batch, in gradscope's ``mode="backward"``. The Trainer clips gradients
+*before* its first callback event after backward (``on_pre_optimizer_step``), so measuring
+at an event would see clipped gradients; the backward hooks see each gradient as soon as it
+is final, before clipping. Which micro-batch is last is what Accelerate says
+(``GradientState.sync_gradients``, set by the Trainer before each micro-batch; right also
+for an epoch's shorter last window). Under ``fp16`` the gradients are scaled during backward:
+gradscope reads Accelerate's GradScaler and measures the unscaled gradient in the same pass.
+
+The training loss is the ``loss`` the model returns (a forward hook reads it on the device,
+averaged over the step's micro-batches, no sync); a Trainer that computes its loss outside
+the model gives the logged ``loss`` as the metric ``train_loss`` instead. ``on_evaluate``
+metrics (``eval_loss``...) go to ``mon.log``. Whole-model scalars (and with
+``log_layers=True`` every layer's) join the Trainer's log dictionary at each logging step,
+so every ``report_to`` tracker receives them. A halt (``halt_on``) or early stop sets
+``control.should_training_stop``. The run log and reports go under
+``<output_dir>/gradscope/``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+try:
+    from accelerate.state import GradientState
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import CallbackHandler
+except ImportError:
+    raise ImportError(
+        "gradscope.integrations.transformers needs transformers and accelerate: "
+        "pip install 'gradscope-diagnostics[transformers]'"
+    ) from None
+
+from gradscope.actions.early_stopping import EarlyStopping
+from gradscope.integrations.session import TrainerSession
+
+__all__ = ["GradscopeCallback"]
+
+NAME = "GradscopeCallback"
+
+
+def _output_loss(output) -> torch.Tensor | None:
+    """The ``loss`` of a model's output (``ModelOutput``, dict or tuple-with-attribute), if any."""
+    loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
+    return loss if isinstance(loss, torch.Tensor) and loss.numel() == 1 else None
+
+
+def _calling_handler() -> CallbackHandler | None:
+    """The Trainer's ``CallbackHandler`` that is calling the current event, found on the stack
+    (the Trainer hands callbacks neither itself nor its handler)."""
+    frame = sys._getframe(1)
+    for _ in range(6):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, CallbackHandler):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+class GradscopeCallback(TrainerCallback):
+    """gradscope in a Hugging Face ``Trainer`` (see the module docstring).
+
+    Args:
+        log_layers: also put every layer's scalars (``grad_norm/<layer>``...) in the logs;
+            by default only the whole-model summary (``gradscope/grad_norm``...).
+        report: at the end of training, print the health report and write it beside the run log.
+        out_dir: where run logs and reports go (default ``<output_dir>/gradscope``).
+        watch_options: options of :func:`gradscope.watch` (``every=``, ``halt_on=``,
+            ``early_stopping=``, ``track_updates=``...) except ``mode``, ``scaler`` and
+            ``accumulation_steps``, which come from the Trainer. ``early_stopping=True``
+            watches ``eval_loss``.
+
+    Attributes:
+        monitor: the :class:`gradscope.Monitor` of the current (or last) training run.
+        stop_reason: why gradscope stopped training, or None.
+    """
+
+    def __init__(self, *, log_layers: bool = False, report: bool = True, out_dir=None, **watch_options) -> None:
+        if watch_options.get("early_stopping") is True:
+            watch_options["early_stopping"] = EarlyStopping(metric="eval_loss")
+        self.session = TrainerSession(NAME, watch_options, log_layers, report, out_dir)
+        self._started = False
+        self._loss_sum: torch.Tensor | None = None
+        self._losses = 0
+        self._loss_hook = None
+        self._first = False
+        self._model_loss = False
+
+    @property
+    def monitor(self):
+        return self.session.monitor
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self.session.stop_reason
+
+    def _go_first(self) -> None:
+        """Run first at every event, so that the scalars this callback adds to a log
+        dictionary reach the ``report_to`` callbacks, which the Trainer puts before the user's."""
+        handler = _calling_handler()
+        if handler is not None and self in handler.callbacks and handler.callbacks[0] is not self:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(0, self)
+        self._first = handler is not None
+
+    def on_init_end(self, args, state, control, **kwargs):
+        self._go_first()
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if not self._first:
+            self._go_first()  # added with trainer.add_callback after the Trainer was built
+        scaler = getattr(optimizer, "scaler", None)  # Accelerate's optimizer wrapper holds it
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        sync = GradientState()
+        self.session.start(
+            model,
+            Path(args.output_dir or ".") / "gradscope",
+            optimizer=optimizer,
+            scaler=scaler,
+            mode="backward",
+            accumulation_steps=lambda: sync.sync_gradients,
+        )
+        self._started = False
+        self._loss_sum, self._losses = None, 0
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+        self._loss_hook = model.register_forward_hook(self._take_loss)
+
+    def _take_loss(self, module, args, output) -> None:
+        if not (module.training and torch.is_grad_enabled()):
+            return
+        loss = _output_loss(output)
+        if loss is not None:
+            self._model_loss = True
+            value = loss.detach().reshape(()).float()
+            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+            self._losses += 1
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.monitor is None:
+            return
+        if not self._started:
+            self._started = True
+            self.session.begin_at(state.global_step)
+        loss = self._loss_sum / self._losses if self._loss_sum is not None else None
+        self._loss_sum, self._losses = None, 0
+        if self.session.step(loss) is not None:
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.monitor is None or logs is None or "loss" not in logs:
+            return  # only the training logs carry gradient statistics
+        if not self._model_loss:  # the loss is computed outside the model: take the logged one
+            self.session.evaluated({"train_loss": logs["loss"]})
+        got = self.session.scalars()
+        if got is not None:
+            logs.update(got[1])
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if self.monitor is not None and metrics and self.session.evaluated(metrics) is not None:
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._loss_hook is not None:
+            self._loss_hook.remove()
+            self._loss_hook = None
+        self.session.finish(f"gradscope: {type(model).__name__ if model is not None else 'model'}")

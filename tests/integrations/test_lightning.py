@@ -1,0 +1,435 @@
+"""GradscopeCallback inside real ``Trainer.fit`` runs (lightning.pytorch and pytorch_lightning).
+
+Every number is compared with a float64 reference the LightningModule records itself
+(:mod:`lightning_models`): the unscaled gradient before clipping, at each optimizer step.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("lightning", reason="needs the lightning extra")
+
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning_models import loader, make_trainer, module_class, reference, scaler_plugin, step_losses
+
+import gradscope
+from gradscope.integrations.lightning import GradscopeCallback
+
+torch.set_num_threads(1)
+
+TRAIN, BATCH, VAL = 28, 4, 16  # 7 training batches per epoch: accumulating 3 leaves a last window of 1
+CLIP = 0.05
+
+
+def _fit(pl, callback_class, root, *, accumulate=1, clip=None, **module_options):
+    """Two epochs under a CPU GradScaler (scale 1024), ``accumulate`` batches per optimizer step."""
+    module = module_class(pl)(**module_options)
+    callback = callback_class()
+    trainer = make_trainer(
+        pl,
+        root,
+        [callback],
+        max_epochs=2,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip,
+        plugins=[scaler_plugin(pl)],
+    )
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    return SimpleNamespace(module=module, callback=callback, trainer=trainer, monitor=callback.monitor)
+
+
+def _namespace(name: str):
+    if name == "lightning":
+        return L, GradscopeCallback
+    pl = pytest.importorskip("pytorch_lightning")
+    from gradscope.integrations.pytorch_lightning import GradscopeCallback as PlCallback
+
+    return pl, PlCallback
+
+
+def _csv_rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _logged(rows: list[dict[str, str]], column: str) -> dict[int, float]:
+    return {int(row["step"]): float(row[column]) for row in rows if row.get(column)}
+
+
+# ---- 1, 4, 7, 9: one run per (namespace, accumulation), shared by the tests below ----------
+
+
+@pytest.fixture(scope="module")
+def clipped_runs(tmp_path_factory):
+    """Fits on demand, once each: ``clipped_runs(namespace, accumulate)``."""
+    cache = {}
+
+    def get(name: str, accumulate: int) -> SimpleNamespace:
+        if (name, accumulate) not in cache:
+            pl, callback_class = _namespace(name)
+            root = tmp_path_factory.mktemp(f"{name}-acc{accumulate}")
+            run = _fit(pl, callback_class, root, accumulate=accumulate, clip=CLIP)
+            run.name, run.accumulate = name, accumulate
+            cache[name, accumulate] = run
+        return cache[name, accumulate]
+
+    return get
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("lightning", 1), ("lightning", 3), ("pytorch_lightning", 3)],
+    ids=["lightning-acc1", "lightning-acc3", "pytorch_lightning-acc3"],
+)
+def clipped_run(request, clipped_runs):
+    return clipped_runs(*request.param)
+
+
+def test_one_sampled_step_per_optimizer_step(clipped_run):
+    trainer, mon, module = clipped_run.trainer, clipped_run.monitor, clipped_run.module
+    windows = math.ceil(TRAIN / BATCH / clipped_run.accumulate)
+    assert trainer.global_step == 2 * windows  # 2 epochs, each with a shorter last window when accumulating
+    assert mon.step_index == trainer.global_step
+    assert len(module.grads) == trainer.global_step
+    assert module.hook_steps == list(range(trainer.global_step))
+    np.testing.assert_array_equal(mon.history("norm").steps, np.arange(trainer.global_step))
+
+
+def test_numbers_are_the_unscaled_gradient_before_clipping(clipped_run):
+    mon, module = clipped_run.monitor, clipped_run.module
+    assert mon.rows == ("net.0", "net.2")
+    for stat in ("norm", "max_abs", "zeros"):
+        np.testing.assert_allclose(
+            mon.history(stat).values, reference(module.grads, mon.rows, stat), rtol=1e-6, err_msg=stat
+        )
+    assert reference(module.grads, mon.rows, "zeros")[:, 0].min() >= 16  # the dead input's column, at least
+    # Clipping really happened: the optimizer saw gradients of norm CLIP, gradscope the larger ones.
+    total = np.sqrt((mon.history("sumsq").values).sum(axis=1))
+    assert len(module.clipped_norms) == len(total)
+    assert total.min() > 3 * CLIP
+    np.testing.assert_allclose(module.clipped_norms, CLIP, rtol=1e-4)
+    # The scaler was live (the hook already saw unscaled gradients: Lightning unscales first).
+    np.testing.assert_array_equal(mon.history("grad_scale").values, 1024.0)
+
+
+def test_loss_is_the_mean_of_the_steps_micro_batch_losses(clipped_run):
+    mon, module, trainer = clipped_run.monitor, clipped_run.module, clipped_run.trainer
+    loss = mon.history("loss")
+    np.testing.assert_array_equal(loss.steps, np.arange(trainer.global_step))
+    np.testing.assert_allclose(loss.values, step_losses(module.losses, trainer.global_step), rtol=1e-6)
+
+
+def test_val_loss_reaches_the_monitor_but_train_loss_does_not(clipped_run):
+    mon, module = clipped_run.monitor, clipped_run.module
+    val = mon.history("val_loss")
+    logged = ~np.isnan(val.values)
+    expected = [np.mean(v) for v in module.val_losses]
+    assert len(expected) == 2  # one validation per epoch
+    np.testing.assert_allclose(val.values[logged], expected, rtol=1e-6)
+    windows = mon.step_index // 2
+    np.testing.assert_array_equal(val.steps[logged], [windows - 1, 2 * windows - 1])  # each epoch's last step
+    assert not [f for f in mon.fields() if f.startswith("train_loss")]
+
+
+def test_reports_are_written_at_fit_end(clipped_run):
+    callback, mon = clipped_run.callback, clipped_run.monitor
+    run_dir = callback.session.run_dir
+    assert run_dir is not None and run_dir.is_dir()
+    assert (run_dir / "report.txt").read_text(encoding="utf-8") == str(mon.report()) + "\n"
+    assert (run_dir / "report.html").stat().st_size > 0
+    run = gradscope.load_run(run_dir)
+    assert run.closed
+    np.testing.assert_array_equal(run.history("norm").values, mon.history("norm").values)
+    assert str(run.report()) == str(mon.report())
+
+
+def test_pytorch_lightning_gives_the_same_numbers(clipped_runs):
+    import pytorch_lightning
+
+    run, same = clipped_runs("pytorch_lightning", 3), clipped_runs("lightning", 3)
+    assert isinstance(run.callback, pytorch_lightning.Callback)
+    assert isinstance(run.trainer, pytorch_lightning.Trainer)
+    for stat in ("norm", "max_abs", "zeros", "loss"):
+        np.testing.assert_array_equal(run.monitor.history(stat).values, same.monitor.history(stat).values)
+
+
+# ---- 2: a fused optimizer under the scaler -------------------------------------------------
+
+
+def test_fused_optimizer_gradients_are_unscaled(tmp_path):
+    run = _fit(L, GradscopeCallback, tmp_path, accumulate=2, fused=True, scaled_in_hook=True)
+    mon, module, trainer = run.monitor, run.module, run.trainer
+    optimizer = trainer.optimizers[0]
+    assert optimizer.defaults["fused"] and optimizer._step_supports_amp_scaling
+    assert mon.step_index == trainer.global_step == 2 * math.ceil(TRAIN / BATCH / 2)
+    # Lightning left the gradients scaled in on_before_optimizer_step: the module saw them x1024.
+    assert set(module.hook_scales) == {1024.0}
+    np.testing.assert_allclose(module.raw_norms, 1024.0 * np.sqrt(mon.history("sumsq").values.sum(axis=1)), rtol=1e-6)
+    for stat in ("norm", "max_abs", "zeros"):
+        np.testing.assert_allclose(
+            mon.history(stat).values, reference(module.grads, mon.rows, stat), rtol=1e-6, err_msg=stat
+        )
+    np.testing.assert_allclose(mon.history("loss").values, step_losses(module.losses, trainer.global_step), rtol=1e-6)
+
+
+# ---- 3: NaN under AMP ----------------------------------------------------------------------
+
+NAN_AT = 3
+
+
+def _skipped(module, steps: int) -> np.ndarray:
+    """Reference: the steps whose optimizer.step the GradScaler skipped (no step pre-hook call)."""
+    return ~np.isin(np.arange(steps), module.stepped)
+
+
+@pytest.mark.parametrize("forward", [False, True], ids=["gradients", "forward-stats"])
+def test_nan_under_amp_is_recorded_not_dropped(tmp_path, forward):
+    module = module_class(L)(nan_at=NAN_AT)
+    callback = GradscopeCallback(forward=forward)
+    trainer = make_trainer(L, tmp_path, [callback], max_epochs=1, plugins=[scaler_plugin(L)])
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    mon = callback.monitor
+    assert trainer.global_step == mon.step_index == TRAIN // BATCH
+    expected = reference(module.grads, mon.rows, "nans")
+    np.testing.assert_array_equal(expected[NAN_AT], [0, 1])  # only net.2.weight's gradient got the NaN
+    assert expected.sum() == 1
+    np.testing.assert_array_equal(mon.history("nans").values, expected)
+    np.testing.assert_array_equal(mon.history("nonfinite").values, expected)
+    # The scaler skipped that step, and only that one; gradscope says so.
+    skipped = _skipped(module, trainer.global_step)
+    np.testing.assert_array_equal(np.flatnonzero(skipped), [NAN_AT])
+    np.testing.assert_array_equal(mon.history("skipped").values.astype(bool), skipped)
+    report = mon.report()
+    (overflow,) = [f for f in report.findings if f.kind == "overflow"]
+    assert overflow.evidence["skipped_steps"] == [NAN_AT]
+    nonfinite = [f for f in report.findings if f.kind == "nonfinite"]
+    if not forward:
+        # README (findings table): steps a GradScaler skipped are `overflow`, not `nonfinite`.
+        assert nonfinite == []
+    else:
+        # Forward statistics see where the NaN was born: in the code that feeds net.2.
+        root = nonfinite[0]
+        assert root.since_step == NAN_AT and root.evidence["pass"] == "forward"
+        assert root.evidence["module"] == "net.2" and root.evidence["where"] == "inputs"
+        assert root.evidence["nans"] == 1
+
+
+def test_halt_on_nonfinite_stops_training_gracefully(tmp_path):
+    module = module_class(L)(nan_at=NAN_AT)
+    callback = GradscopeCallback(halt_on="nonfinite", forward=True)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(
+        L, tmp_path, [callback], max_epochs=10, plugins=[scaler_plugin(L)], logger=logger, log_every_n_steps=50
+    )
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))  # no exception escapes
+    assert trainer.global_step == NAN_AT + 1  # the halting step completes, then Lightning stops
+    assert callback.stop_reason is not None
+    assert "halted" in callback.stop_reason and "nonfinite" in callback.stop_reason
+    assert callback.monitor.halted is not None and callback.monitor.halted.finding.kind == "nonfinite"
+    assert callback.monitor.history("nans").values[NAN_AT].sum() == 1
+    assert (callback.session.run_dir / "report.txt").is_file()  # fit ended normally: reports written
+    # Lightning logs the stopping step whatever log_every_n_steps says; so does gradscope.
+    rows = _csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert sorted(_logged(rows, "train_loss")) == sorted(_logged(rows, "gradscope/grad_norm")) == [NAN_AT]
+
+
+def test_halt_on_nonfinite_ignores_gradscaler_overflow(tmp_path):
+    module = module_class(L)()
+    callback = GradscopeCallback(halt_on="nonfinite", report=False)
+    trainer = make_trainer(L, tmp_path, [callback], max_epochs=1, plugins=[scaler_plugin(L, init_scale=2.0**16)])
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    mon = callback.monitor
+    assert _skipped(module, trainer.global_step)[0]  # the scaler's first step overflowed (2 Inf)
+    assert mon.history("infs").values[0].sum() > 0
+    assert trainer.global_step == TRAIN // BATCH, callback.stop_reason
+
+
+def test_gradscaler_skip_of_the_last_step_is_marked(tmp_path):
+    module = module_class(L)()
+    callback = GradscopeCallback(report=False)
+    trainer = make_trainer(L, tmp_path, [callback], max_steps=1, plugins=[scaler_plugin(L, init_scale=2.0**16)])
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    mon = callback.monitor
+    assert module.stepped == [] and mon.history("infs").values[0].sum() > 0  # skipped by the scaler
+    assert [f.kind for f in mon.report().findings if f.kind == "nonfinite"] == []
+    np.testing.assert_array_equal(mon.history("skipped").values, [True])
+
+
+# ---- 5: early stopping ---------------------------------------------------------------------
+
+
+def test_early_stopping_ends_fit_at_patience(tmp_path):
+    values = [3.0, 2.0, 1.0, 1.5, 1.25, 1.125, 0.5]  # best at the 3rd validation, then 2 without improving
+    module = module_class(L)(val_values=values)
+    callback = GradscopeCallback(early_stopping=gradscope.EarlyStopping(metric="val_loss", patience=2))
+    trainer = make_trainer(L, tmp_path, [callback], max_epochs=20)
+    trainer.fit(module, loader(8, BATCH), loader(VAL, 8, seed=1))
+    per_epoch = 2
+    assert trainer.current_epoch == 5 and trainer.global_step == 5 * per_epoch
+    mon = callback.monitor
+    assert mon.should_stop and mon.best_value == 1.0
+    assert mon.best_step == 3 * per_epoch - 1  # the last step of the 3rd epoch
+    np.testing.assert_array_equal(mon.history("val_loss").values[~np.isnan(mon.history("val_loss").values)], values[:5])
+    assert callback.stop_reason is not None and "early stopping" in callback.stop_reason
+
+
+# ---- 6: loggers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """Two epochs of 7 steps in full precision, logged to CSV and TensorBoard every 2 steps."""
+    root = tmp_path_factory.mktemp("loggers")
+    module = module_class(L)()
+    callback = GradscopeCallback()
+    loggers = [CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tb")]
+    trainer = make_trainer(L, root, [callback], max_epochs=2, logger=loggers, log_every_n_steps=2)
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    rows = _csv_rows(root / "csv" / "version_0" / "metrics.csv")
+    return SimpleNamespace(root=root, module=module, callback=callback, trainer=trainer, rows=rows)
+
+
+def test_csv_rows_follow_lightnings_logging_cadence(logged_run):
+    grad_norm = _logged(logged_run.rows, "gradscope/grad_norm")
+    train_loss = _logged(logged_run.rows, "train_loss")
+    assert logged_run.trainer.global_step == 14
+    assert sorted(train_loss) == [1, 3, 5, 7, 9, 11, 13]
+    assert sorted(grad_norm) == sorted(train_loss)
+
+
+def test_csv_values_equal_the_monitors_history(logged_run):
+    mon, module, rows = logged_run.callback.monitor, logged_run.module, logged_run.rows
+    steps = sorted(_logged(rows, "gradscope/grad_norm"))
+    norms = reference(module.grads, mon.rows, "norm")[steps]
+    total = np.sqrt((norms**2).sum(axis=1))
+    sumsq = mon.history("sumsq").values[steps]
+    np.testing.assert_allclose(np.sqrt(sumsq.sum(axis=1)), total, rtol=1e-6)
+
+    def column(name):
+        logged = _logged(rows, name)
+        return np.array([logged[s] for s in steps])
+
+    np.testing.assert_allclose(column("gradscope/grad_norm"), total, rtol=1e-6)
+    np.testing.assert_allclose(column("gradscope/grad_max_abs"), mon.history("max_abs").values[steps].max(axis=1))
+    np.testing.assert_allclose(column("gradscope/layer_grad_norm_min"), norms.min(axis=1), rtol=1e-6)
+    np.testing.assert_allclose(column("gradscope/layer_grad_norm_max"), norms.max(axis=1), rtol=1e-6)
+    zeros = reference(module.grads, mon.rows, "zeros")[steps].sum(axis=1)
+    np.testing.assert_allclose(column("gradscope/grad_zero_frac"), zeros / sum(p.numel() for p in module.parameters()))
+    np.testing.assert_array_equal(column("gradscope/grad_nonfinite"), 0.0)
+    assert not [name for name in rows[0] if name.startswith("grad_norm/")]  # no per-layer columns by default
+
+
+def test_tensorboard_has_the_summary_scalars(logged_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (directory,) = (logged_run.root / "tb").glob("version_*")
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    assert "gradscope/grad_norm" in events.Tags()["scalars"]
+    logged = {e.step: e.value for e in events.Scalars("gradscope/grad_norm")}
+    csv_logged = _logged(logged_run.rows, "gradscope/grad_norm")
+    assert sorted(logged) == sorted(csv_logged)
+    np.testing.assert_allclose([logged[s] for s in sorted(logged)], [csv_logged[s] for s in sorted(logged)], rtol=1e-6)
+
+
+def test_wandb_and_mlflow_loggers_receive_the_same_scalars(tmp_path, monkeypatch):
+    """Lightning's W&B (offline) and MLflow (file store) loggers get the summary at the steps
+    and with the values the CSV logger gets: the callback goes through ``trainer.loggers``."""
+    pytest.importorskip("wandb", reason="needs the wandb extra")
+    pytest.importorskip("mlflow", reason="needs the mlflow extra")
+    import wandb_records
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+    from mlflow.tracking import MlflowClient
+
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in to a file store
+    module = module_class(L)()
+    callback = GradscopeCallback(report=False, log_dir=None)
+    uri = (tmp_path / "mlruns").as_uri()
+    loggers = [
+        CSVLogger(tmp_path, name="csv"),
+        WandbLogger(save_dir=str(tmp_path), offline=True, project="t"),
+        MLFlowLogger(experiment_name="t", tracking_uri=uri),
+    ]
+    trainer = make_trainer(L, tmp_path, [callback], max_epochs=1, logger=loggers, log_every_n_steps=2)
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    loggers[1].experiment.finish()
+    csv_rows = _csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
+    expected = _logged(csv_rows, "gradscope/grad_norm")
+    assert sorted(expected) == sorted(_logged(csv_rows, "train_loss")) == [1, 3, 5]  # Lightning's cadence
+
+    history = MlflowClient(uri).get_metric_history(loggers[2].run_id, "gradscope/grad_norm")
+    assert {m.step: m.value for m in history} == pytest.approx(expected, rel=1e-6)
+
+    rows = wandb_records.read(tmp_path).rows
+    logged = {row["trainer/global_step"]: row["gradscope/grad_norm"] for row in rows if "gradscope/grad_norm" in row}
+    assert logged == pytest.approx(expected, rel=1e-6)
+
+
+def test_log_layers_adds_per_layer_columns(tmp_path):
+    module = module_class(L)()
+    callback = GradscopeCallback(log_layers=True, report=False)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = make_trainer(L, tmp_path, [callback], max_epochs=1, logger=logger, log_every_n_steps=2)
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    rows = _csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
+    mon = callback.monitor
+    norms = reference(module.grads, mon.rows, "norm")
+    for j, layer in enumerate(mon.rows):
+        logged = _logged(rows, f"grad_norm/{layer}")
+        assert sorted(logged) == [1, 3, 5]
+        np.testing.assert_allclose([logged[s] for s in (1, 3, 5)], norms[[1, 3, 5], j], rtol=1e-6)
+        assert _logged(rows, f"grad_max_abs/{layer}")
+
+
+# ---- 8: checkpoint resume ------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")  # the resumed run saves none
+def test_resume_continues_step_numbers_and_early_stopping(tmp_path):
+    per_epoch = 2
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = GradscopeCallback(report=False, early_stopping=gradscope.EarlyStopping(patience=2))
+    trainer = make_trainer(L, tmp_path, [first, ckpt], max_epochs=3, enable_checkpointing=True)
+    trainer.fit(module_class(L)(val_values=[3.0, 2.0, 2.5]), loader(8, BATCH), loader(VAL, 8, seed=1))
+    assert trainer.global_step == 3 * per_epoch
+    assert first.monitor.best_value == 2.0 and first.monitor.best_step == 2 * per_epoch - 1
+    assert not first.monitor.should_stop  # one evaluation without improving, of 2
+
+    second = GradscopeCallback(report=False, early_stopping=gradscope.EarlyStopping(patience=2))
+    resumed = make_trainer(L, tmp_path, [second], max_epochs=8)
+    module = module_class(L)(val_values=[5.0])  # never improves on the first run's 2.0
+    resumed.fit(module, loader(8, BATCH), loader(VAL, 8, seed=1), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    mon = second.monitor
+    assert mon.history("norm").steps[0] == 3 * per_epoch  # numbered on from the resumed global_step
+    assert module.hook_steps[0] == 3 * per_epoch
+    assert mon.best_value == 2.0 and mon.best_step == 2 * per_epoch - 1
+    # The patience already used carried over too: one more evaluation without improving stops it.
+    assert mon.should_stop and second.stop_reason is not None
+    assert resumed.global_step == 4 * per_epoch
+    val = mon.history("val_loss")
+    np.testing.assert_array_equal(val.steps[~np.isnan(val.values)], [4 * per_epoch - 1])
+
+
+# ---- 10: bad input -------------------------------------------------------------------------
+
+
+def test_mode_is_the_trainers():
+    with pytest.raises(ValueError, match="mode"):
+        GradscopeCallback(mode="backward")
+
+
+def test_unknown_option_is_named():
+    with pytest.raises(TypeError, match="'evry'"):
+        GradscopeCallback(evry=2)
