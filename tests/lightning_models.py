@@ -18,6 +18,8 @@ independent of gradscope and is what the callback tests compare gradscope's numb
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import torch
 from torch import nn
@@ -178,3 +180,12 @@ def reference(grads: list[dict[str, torch.Tensor]], rows: tuple[str, ...], stat:
 def step_losses(losses: list[tuple[int, float]], steps: int) -> np.ndarray:
     """The mean micro-batch loss of each optimizer step, ``(steps,)``."""
     return np.array([np.mean([loss for step, loss in losses if step == s]) for s in range(steps)])
+
+
+def read_csv_rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def logged_at(rows: list[dict[str, str]], column: str) -> dict[int, float]:
+    return {int(row["step"]): float(row[column]) for row in rows if row.get(column)}

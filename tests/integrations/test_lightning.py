@@ -6,7 +6,6 @@ Every number is compared with a float64 reference the LightningModule records it
 
 from __future__ import annotations
 
-import csv
 import math
 from types import SimpleNamespace
 
@@ -18,8 +17,17 @@ pytest.importorskip("lightning", reason="needs the lightning extra")
 
 import lightning.pytorch as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning_models import loader, make_trainer, module_class, reference, scaler_plugin, step_losses
+from lightning.pytorch.loggers import CSVLogger
+from lightning_models import (
+    loader,
+    logged_at,
+    make_trainer,
+    module_class,
+    read_csv_rows,
+    reference,
+    scaler_plugin,
+    step_losses,
+)
 
 import gradscope
 from gradscope.integrations.lightning import GradscopeCallback
@@ -54,15 +62,6 @@ def _namespace(name: str):
     from gradscope.integrations.pytorch_lightning import GradscopeCallback as PlCallback
 
     return pl, PlCallback
-
-
-def _csv_rows(path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _logged(rows: list[dict[str, str]], column: str) -> dict[int, float]:
-    return {int(row["step"]): float(row[column]) for row in rows if row.get(column)}
 
 
 # ---- 1, 4, 7, 9: one run per (namespace, accumulation), shared by the tests below ----------
@@ -238,8 +237,8 @@ def test_halt_on_nonfinite_stops_training_gracefully(tmp_path):
     assert callback.monitor.history("nans").values[NAN_AT].sum() == 1
     assert (callback.session.run_dir / "report.txt").is_file()  # fit ended normally: reports written
     # Lightning logs the stopping step whatever log_every_n_steps says; so does gradscope.
-    rows = _csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
-    assert sorted(_logged(rows, "train_loss")) == sorted(_logged(rows, "gradscope/grad_norm")) == [NAN_AT]
+    rows = read_csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
+    assert sorted(logged_at(rows, "train_loss")) == sorted(logged_at(rows, "gradscope/grad_norm")) == [NAN_AT]
 
 
 def test_halt_on_nonfinite_ignores_gradscaler_overflow(tmp_path):
@@ -280,117 +279,6 @@ def test_early_stopping_ends_fit_at_patience(tmp_path):
     assert mon.best_step == 3 * per_epoch - 1  # the last step of the 3rd epoch
     np.testing.assert_array_equal(mon.history("val_loss").values[~np.isnan(mon.history("val_loss").values)], values[:5])
     assert callback.stop_reason is not None and "early stopping" in callback.stop_reason
-
-
-# ---- 6: loggers ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def logged_run(tmp_path_factory):
-    """Two epochs of 7 steps in full precision, logged to CSV and TensorBoard every 2 steps."""
-    root = tmp_path_factory.mktemp("loggers")
-    module = module_class(L)()
-    callback = GradscopeCallback()
-    loggers = [CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tb")]
-    trainer = make_trainer(L, root, [callback], max_epochs=2, logger=loggers, log_every_n_steps=2)
-    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
-    rows = _csv_rows(root / "csv" / "version_0" / "metrics.csv")
-    return SimpleNamespace(root=root, module=module, callback=callback, trainer=trainer, rows=rows)
-
-
-def test_csv_rows_follow_lightnings_logging_cadence(logged_run):
-    grad_norm = _logged(logged_run.rows, "gradscope/grad_norm")
-    train_loss = _logged(logged_run.rows, "train_loss")
-    assert logged_run.trainer.global_step == 14
-    assert sorted(train_loss) == [1, 3, 5, 7, 9, 11, 13]
-    assert sorted(grad_norm) == sorted(train_loss)
-
-
-def test_csv_values_equal_the_monitors_history(logged_run):
-    mon, module, rows = logged_run.callback.monitor, logged_run.module, logged_run.rows
-    steps = sorted(_logged(rows, "gradscope/grad_norm"))
-    norms = reference(module.grads, mon.rows, "norm")[steps]
-    total = np.sqrt((norms**2).sum(axis=1))
-    sumsq = mon.history("sumsq").values[steps]
-    np.testing.assert_allclose(np.sqrt(sumsq.sum(axis=1)), total, rtol=1e-6)
-
-    def column(name):
-        logged = _logged(rows, name)
-        return np.array([logged[s] for s in steps])
-
-    np.testing.assert_allclose(column("gradscope/grad_norm"), total, rtol=1e-6)
-    np.testing.assert_allclose(column("gradscope/grad_max_abs"), mon.history("max_abs").values[steps].max(axis=1))
-    np.testing.assert_allclose(column("gradscope/layer_grad_norm_min"), norms.min(axis=1), rtol=1e-6)
-    np.testing.assert_allclose(column("gradscope/layer_grad_norm_max"), norms.max(axis=1), rtol=1e-6)
-    zeros = reference(module.grads, mon.rows, "zeros")[steps].sum(axis=1)
-    np.testing.assert_allclose(column("gradscope/grad_zero_frac"), zeros / sum(p.numel() for p in module.parameters()))
-    np.testing.assert_array_equal(column("gradscope/grad_nonfinite"), 0.0)
-    assert not [name for name in rows[0] if name.startswith("grad_norm/")]  # no per-layer columns by default
-
-
-def test_tensorboard_has_the_summary_scalars(logged_run):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    (directory,) = (logged_run.root / "tb").glob("version_*")
-    events = EventAccumulator(str(directory))
-    events.Reload()
-    assert "gradscope/grad_norm" in events.Tags()["scalars"]
-    logged = {e.step: e.value for e in events.Scalars("gradscope/grad_norm")}
-    csv_logged = _logged(logged_run.rows, "gradscope/grad_norm")
-    assert sorted(logged) == sorted(csv_logged)
-    np.testing.assert_allclose([logged[s] for s in sorted(logged)], [csv_logged[s] for s in sorted(logged)], rtol=1e-6)
-
-
-def test_wandb_and_mlflow_loggers_receive_the_same_scalars(tmp_path, monkeypatch):
-    """Lightning's W&B (offline) and MLflow (file store) loggers get the summary at the steps
-    and with the values the CSV logger gets: the callback goes through ``trainer.loggers``."""
-    pytest.importorskip("wandb", reason="needs the wandb extra")
-    pytest.importorskip("mlflow", reason="needs the mlflow extra")
-    import wandb_records
-    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
-    from mlflow.tracking import MlflowClient
-
-    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb-home"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks to opt in to a file store
-    module = module_class(L)()
-    callback = GradscopeCallback(report=False, log_dir=None)
-    uri = (tmp_path / "mlruns").as_uri()
-    loggers = [
-        CSVLogger(tmp_path, name="csv"),
-        WandbLogger(save_dir=str(tmp_path), offline=True, project="t"),
-        MLFlowLogger(experiment_name="t", tracking_uri=uri),
-    ]
-    trainer = make_trainer(L, tmp_path, [callback], max_epochs=1, logger=loggers, log_every_n_steps=2)
-    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
-    loggers[1].experiment.finish()
-    csv_rows = _csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
-    expected = _logged(csv_rows, "gradscope/grad_norm")
-    assert sorted(expected) == sorted(_logged(csv_rows, "train_loss")) == [1, 3, 5]  # Lightning's cadence
-
-    history = MlflowClient(uri).get_metric_history(loggers[2].run_id, "gradscope/grad_norm")
-    assert {m.step: m.value for m in history} == pytest.approx(expected, rel=1e-6)
-
-    rows = wandb_records.read(tmp_path).rows
-    logged = {row["trainer/global_step"]: row["gradscope/grad_norm"] for row in rows if "gradscope/grad_norm" in row}
-    assert logged == pytest.approx(expected, rel=1e-6)
-
-
-def test_log_layers_adds_per_layer_columns(tmp_path):
-    module = module_class(L)()
-    callback = GradscopeCallback(log_layers=True, report=False)
-    logger = CSVLogger(tmp_path, name="csv")
-    trainer = make_trainer(L, tmp_path, [callback], max_epochs=1, logger=logger, log_every_n_steps=2)
-    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
-    rows = _csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
-    mon = callback.monitor
-    norms = reference(module.grads, mon.rows, "norm")
-    for j, layer in enumerate(mon.rows):
-        logged = _logged(rows, f"grad_norm/{layer}")
-        assert sorted(logged) == [1, 3, 5]
-        np.testing.assert_allclose([logged[s] for s in (1, 3, 5)], norms[[1, 3, 5], j], rtol=1e-6)
-        assert _logged(rows, f"grad_max_abs/{layer}")
 
 
 # ---- 8: checkpoint resume ------------------------------------------------------------------
