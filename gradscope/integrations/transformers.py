@@ -22,6 +22,7 @@ so every ``report_to`` tracker receives them. A halt (``halt_on``) or early stop
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -116,6 +117,12 @@ class GradscopeCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if not self._first:
             self._go_first()  # added with trainer.add_callback after the Trainer was built
+        if getattr(args, "world_size", 1) > 1:
+            warnings.warn(
+                f"{NAME}: the Trainer hands callbacks the unwrapped model, so in this multi-process run "
+                "gradscope measures each rank's own gradient, before the ranks average it",
+                stacklevel=2,
+            )
         scaler = getattr(optimizer, "scaler", None)  # Accelerate's optimizer wrapper holds it
         optimizer = getattr(optimizer, "optimizer", optimizer)
         sync = GradientState()
