@@ -106,6 +106,9 @@ def test_wandb_and_mlflow_loggers_receive_the_same_scalars(tmp_path, monkeypatch
     trainer = make_trainer(L, tmp_path, [callback], max_epochs=1, logger=loggers, log_every_n_steps=2)
     trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
     loggers[1].experiment.finish()
+    import wandb
+
+    wandb.teardown()  # W&B keeps the settings of its first run for the process: not for later tests
     csv_rows = read_csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
     expected = logged_at(csv_rows, "gradscope/grad_norm")
     assert sorted(expected) == sorted(logged_at(csv_rows, "train_loss")) == [1, 3, 5]  # Lightning's cadence
