@@ -36,3 +36,12 @@ def kernel_device() -> str:
     if not triton_backend.triton_importable():
         pytest.skip("Triton is not installed")
     return "cpu" if triton_backend.kernels().is_interpreted() else "cuda"
+
+
+@pytest.fixture
+def one_thread():
+    """The small models many tests train run fastest on one thread, above all on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,6 +15,7 @@ import os
 
 import lightning.pytorch as pl
 import torch
+from distributed_jobs import Net
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -28,20 +29,14 @@ DEAD_UNIT = 0
 gradients of ``inp.weight[0]``, ``inp.bias[0]`` and ``hidden.weight[:, 0]`` at every step."""
 
 
-class Body(nn.Module):
-    """Layers of uneven sizes (5 output rows of 'hidden' shard unevenly over 2 ranks)."""
+class Body(Net):
+    """:class:`distributed_jobs.Net` (uneven layers: 5 output rows of 'hidden' shard unevenly
+    over 2 ranks) with one dead unit (:data:`DEAD_UNIT`)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.inp = nn.Linear(6, 9)
-        self.hidden = nn.Linear(9, 5)
-        self.norm = nn.LayerNorm(5)
-        self.out = nn.Linear(5, 3)
         with torch.no_grad():
             self.inp.bias[DEAD_UNIT] = -100.0
-
-    def forward(self, x):
-        return self.out(self.norm(self.hidden(torch.relu(self.inp(x)))))
 
 
 class LitNet(pl.LightningModule):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from gradscope.integrations.session import TrainerSession
+from gradscope.integrations.session import SessionCallback, TrainerSession
 from gradscope.monitor.scaler import scale_tensor
 
 NAME = "GradscopeCallback"
@@ -40,7 +40,7 @@ def _validation_metrics(trainer) -> dict:
     return {k: v for k, v in metrics.items() if k in names or k.removesuffix("_epoch") in names}
 
 
-class LightningHooks:
+class LightningHooks(SessionCallback):
     """gradscope in a Lightning ``Trainer``: ``Trainer(callbacks=[GradscopeCallback()])``.
 
     Args:
@@ -70,14 +70,6 @@ class LightningHooks:
         self._stepped = False
         self._loss_sum: torch.Tensor | None = None
         self._losses = 0
-
-    @property
-    def monitor(self):
-        return self.session.monitor
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self.session.stop_reason
 
     @property
     def state_key(self) -> str:

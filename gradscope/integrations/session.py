@@ -249,3 +249,19 @@ class TrainerSession:
         except Exception as error:
             warnings.warn(f"{self.owner}: could not write the health report ({error})", stacklevel=2)
         return self.files
+
+
+class SessionCallback:
+    """What every gradscope trainer callback exposes of its :class:`TrainerSession`."""
+
+    session: TrainerSession
+
+    @property
+    def monitor(self) -> Monitor | None:
+        """The :class:`gradscope.Monitor` of the current (or last) run; None before the first."""
+        return self.session.monitor
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why gradscope stopped training (``halt_on`` or early stopping), or None."""
+        return self.session.stop_reason

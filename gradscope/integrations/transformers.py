@@ -38,7 +38,7 @@ except ImportError:
     ) from None
 
 from gradscope.actions.early_stopping import EarlyStopping
-from gradscope.integrations.session import TrainerSession
+from gradscope.integrations.session import SessionCallback, TrainerSession
 
 __all__ = ["GradscopeCallback"]
 
@@ -65,7 +65,7 @@ def _calling_handler() -> CallbackHandler | None:
     return None
 
 
-class GradscopeCallback(TrainerCallback):
+class GradscopeCallback(SessionCallback, TrainerCallback):
     """gradscope in a Hugging Face ``Trainer`` (see the module docstring).
 
     Args:
@@ -93,14 +93,6 @@ class GradscopeCallback(TrainerCallback):
         self._loss_hook = None
         self._first = False
         self._model_loss = False
-
-    @property
-    def monitor(self):
-        return self.session.monitor
-
-    @property
-    def stop_reason(self) -> str | None:
-        return self.session.stop_reason
 
     def _go_first(self) -> None:
         """Run first at every event, so that the scalars this callback adds to a log

@@ -17,13 +17,7 @@ from torch import nn
 import gradscope
 from gradscope.integrations.session import TrainerSession, check_watch_options, finite_scalars, new_run_dir
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_and_opt():
