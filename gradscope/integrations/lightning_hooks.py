@@ -66,10 +66,7 @@ class LightningHooks(SessionCallback):
         self.session = TrainerSession(NAME, watch_options, log_layers, report, out_dir)
         self._optimizer = None
         self._scaler = None
-        self._started = False
         self._stepped = False
-        self._loss_sum: torch.Tensor | None = None
-        self._losses = 0
 
     @property
     def state_key(self) -> str:
@@ -80,8 +77,6 @@ class LightningHooks(SessionCallback):
     def on_fit_start(self, trainer, pl_module) -> None:
         self._optimizer = trainer.optimizers[0] if trainer.optimizers else None
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._started = False
-        self._loss_sum, self._losses = None, 0
         out = Path(trainer.log_dir or trainer.default_root_dir) / "gradscope"
         # strategy.model: DDP's wrapper when there is one (gradscope then reads the averaged
         # gradients and its topology), else the LightningModule (FSDP2 shards it in place).
@@ -89,29 +84,18 @@ class LightningHooks(SessionCallback):
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         # Under a GradScaler the loss arrives scaled; in automatic optimization, divided by
-        # accumulate_grad_batches. Kept on its device (no sync) and summed over the step.
-        if self.monitor is None or not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            return
-        value = loss.detach().reshape(()).float()
+        # accumulate_grad_batches (undone at the step).
         scale = scale_tensor(self._scaler)
-        if scale is not None:
-            value = value / scale.to(value.device)
-        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-        self._losses += 1
+        if scale is not None and isinstance(loss, torch.Tensor):
+            loss = loss.detach().float() / scale.to(loss.device)
+        self.session.add_loss(loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.monitor is None or (self._optimizer is not None and optimizer is not self._optimizer):
             return  # several optimizers (manual optimization): one gradscope step per step of the first
-        if not self._started:
-            self._started = True
-            self.session.begin_at(trainer.global_step)
-        loss = None
-        if self._loss_sum is not None:
-            per_pass = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-            loss = self._loss_sum * (per_pass / self._losses)  # the mean loss of the step's passes
-        self._loss_sum, self._losses = None, 0
+        per_pass = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         self._stepped = True
-        if self.session.step(loss) is not None:
+        if self.session.step(steps_done=trainer.global_step, loss_scale=per_pass) is not None:
             trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

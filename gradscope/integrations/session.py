@@ -116,6 +116,9 @@ class TrainerSession:
         self._resume: dict | None = None
         self._logged_step = -1
         self._finished = False
+        self._begun = False  # the first step is numbered (begin_at)
+        self._loss_sum: torch.Tensor | None = None  # this step's losses so far (add_loss)
+        self._losses = 0
 
     # ---- start ----------------------------------------------------------------------------
 
@@ -141,12 +144,14 @@ class TrainerSession:
         else:
             self.run_dir = Path(options["log_dir"]) if options["log_dir"] is not None else None
         self.stop_reason, self.files, self._logged_step, self._finished = None, [], -1, False
+        self._begun, self._loss_sum, self._losses = False, None, 0
         self.monitor = watch(model, mode=mode, scaler=scaler, accumulation_steps=accumulation_steps, **options)
         return self.monitor
 
     def begin_at(self, step: int) -> None:
         """Number the first step ``step`` (the trainer's count of optimizer steps so far, as
         after a resume), with the actions' state of the checkpoint the run resumed from."""
+        self._begun = True
         state = dict(self._resume) if self._resume else {"version": 1, "actions": {}}
         self._resume = None
         if step or state.get("actions"):
@@ -154,10 +159,32 @@ class TrainerSession:
 
     # ---- during the run -------------------------------------------------------------------
 
-    def step(self, loss=None) -> str | None:
-        """Close one optimizer step; returns why training should stop now (None: go on)."""
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """One backward pass's loss (a one-element tensor, kept on its device: no sync); the
+        step's loss is their mean (see :meth:`step`)."""
+        if self.monitor is None or not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            return
+        value = loss.detach().reshape(()).float()
+        self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
+        self._losses += 1
+
+    def step(self, loss=None, *, steps_done: int | None = None, loss_scale: float = 1.0) -> str | None:
+        """Close one optimizer step; returns why training should stop now (None: go on).
+
+        Args:
+            loss: the step's loss; default: the mean of the losses given to :meth:`add_loss`
+                since the last step, times ``loss_scale`` (a trainer that divided each pass's
+                loss by the number of passes undoes it so).
+            steps_done: the trainer's count of optimizer steps before this one; the first
+                step of the run is numbered so (:meth:`begin_at`).
+        """
         if self.monitor is None:
             return None
+        if not self._begun and steps_done is not None:
+            self.begin_at(steps_done)
+        if loss is None and self._loss_sum is not None:
+            loss = self._loss_sum * (loss_scale / self._losses)
+        self._loss_sum, self._losses = None, 0
         try:
             self.monitor.step(loss=loss)
         except TrainingHalted as halted:

@@ -87,9 +87,6 @@ class GradscopeCallback(SessionCallback, TrainerCallback):
         if watch_options.get("early_stopping") is True:
             watch_options["early_stopping"] = EarlyStopping(metric="eval_loss")
         self.session = TrainerSession(NAME, watch_options, log_layers, report, out_dir)
-        self._started = False
-        self._loss_sum: torch.Tensor | None = None
-        self._losses = 0
         self._loss_hook = None
         self._first = False
         self._model_loss = False
@@ -126,8 +123,6 @@ class GradscopeCallback(SessionCallback, TrainerCallback):
             mode="backward",
             accumulation_steps=lambda: sync.sync_gradients,
         )
-        self._started = False
-        self._loss_sum, self._losses = None, 0
         if self._loss_hook is not None:
             self._loss_hook.remove()
         self._loss_hook = model.register_forward_hook(self._take_loss)
@@ -138,19 +133,10 @@ class GradscopeCallback(SessionCallback, TrainerCallback):
         loss = _output_loss(output)
         if loss is not None:
             self._model_loss = True
-            value = loss.detach().reshape(()).float()
-            self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
-            self._losses += 1
+            self.session.add_loss(loss)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.monitor is None:
-            return
-        if not self._started:
-            self._started = True
-            self.session.begin_at(state.global_step)
-        loss = self._loss_sum / self._losses if self._loss_sum is not None else None
-        self._loss_sum, self._losses = None, 0
-        if self.session.step(loss) is not None:
+        if self.session.step(steps_done=state.global_step) is not None:
             control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):

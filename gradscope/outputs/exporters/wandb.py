@@ -101,12 +101,15 @@ class WandbExporter(ScalarExporter):
     def write_scalars(self, step: int, values: dict[str, float]) -> None:
         self._put(step, values)
 
+    def layer_scalars(self, record: records.Sampled) -> dict[str, float]:
+        """The exporters' per-layer scalars plus the exact :data:`COUNTS`, 0 included."""
+        values = super().layer_scalars(record)
+        for r in np.flatnonzero(record.present):
+            values.update({f"{name}/{self.info.rows[r]}": float(record.rows[r, column]) for name, column in COUNTS})
+        return values
+
     def write_histograms(self, record: records.Sampled) -> None:
         present = np.flatnonzero(record.present)
-        self._put(
-            record.step,
-            {f"{name}/{self.info.rows[r]}": float(record.rows[r, column]) for r in present for name, column in COUNTS},
-        )
         self._sampled += 1
         if not self.histogram_every or (self._sampled - 1) % self.histogram_every:
             return
