@@ -95,6 +95,15 @@ class Workload:
             self.targets = torch.randint(0, demo.CLASSES, (demo.BATCH,), device=device)
             self.criterion = nn.functional.cross_entropy
             self.description = "the demo's 12-layer MLP (44k parameters), batch 128, SGD: a ~10 ms step"
+        elif name == "small":  # many small tensors: the fixed cost per parameter tensor shows
+            blocks: list[nn.Module] = []
+            for _ in range(200):
+                blocks += [nn.Linear(64, 64), nn.LayerNorm(64)]
+            self.model = nn.Sequential(*blocks).to(device)
+            self.inputs = torch.randn(32, 64, device=device)
+            self.targets = torch.randn(32, 64, device=device)
+            self.criterion = nn.functional.mse_loss
+            self.description = "200 x (Linear(64, 64) + LayerNorm(64)): 800 parameter tensors, batch 32, SGD"
         elif name == "mlp":
             layers: list[nn.Module] = []
             for _ in range(8):
@@ -344,7 +353,7 @@ def run_model(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--models", default=None, help="comma-separated: mlp, transformer, demo, gpt2")
+    parser.add_argument("--models", default=None, help="comma-separated: mlp, transformer, small, demo, gpt2")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per method per round")
     parser.add_argument("--out", default=None)

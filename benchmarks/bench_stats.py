@@ -10,11 +10,15 @@ For each gradient set (real model shapes) it times, in the same run:
 * ``torch per-tensor, 4 stats`` / ``numpy per-tensor, 4 stats``: norm, max |g|, zeros,
   non-finite count (what hand-written monitoring usually computes);
 * ``tensorboard add_histogram``: TensorBoard's per-tensor histogram (if installed);
-* ``gradscope``: :func:`gradscope.grad_stats` (NumPy backend on CPU, Triton on GPU), plus
-  on CPU the single-threaded NumPy backend, and on GPU the no-sync launch the monitor uses.
+* ``gradscope``: :func:`gradscope.grad_stats` (``backend="auto"``: the fastest CPU kernel on
+  CPU, Triton on GPU), plus on CPU each CPU kernel (numba, NumPy) on all threads and on one,
+  and on GPU the no-sync launch the monitor uses.
 
-It prints a table of times, bandwidth and ratios, and writes JSON (device, versions, date,
-commit) under ``benchmarks/results/``.
+Methods run in interleaved rounds (each round runs every method once, in a rotated order);
+it prints per method the median time, bandwidth, the median over rounds of its time over
+the same round's read floor (with min..max), and writes JSON (device, versions, date,
+commit) under ``benchmarks/results/``. Sets on CPU: the 25.7M MLP's real gradients, GPT-2
+small shapes and ``small-800`` (800 small tensors: the fixed cost per tensor).
 
 Usage: python benchmarks/bench_stats.py [--sets mlp-25.7m,gpt2-124m] [--device cpu|cuda]
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -37,10 +42,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from model_shapes import gpt2_shapes, llama_1b_shapes, mlp_gradients, synthetic_gradients
+from model_shapes import gpt2_shapes, llama_1b_shapes, mlp_gradients, small_model_shapes, synthetic_gradients
 
 import gradscope
-from gradscope.stats import layout, numpy_backend, triton_backend
+from gradscope.stats import host_backend, layout, triton_backend
 from gradscope.stats.inputs import flat_elements
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -184,6 +189,9 @@ def gradient_set(name: str, device: str) -> tuple[list[torch.Tensor], list[str],
     if name == "tiny":
         grads, names = synthetic_gradients([("w", (64, 32)), ("b", (32,))], torch.float32, device)
         return grads, names, "two small tensors (a smoke test of this script)"
+    if name == "small-800":
+        grads, names = synthetic_gradients(small_model_shapes(), torch.float32, device)
+        return grads, names, "200 x (Linear(64, 64) + LayerNorm(64)): 800 small tensors, float32"
     if name == "mlp-25.7m":
         grads, names = mlp_gradients(device)
         return grads, names, "real gradients of the built-in MLP (one backward on synthetic data)"
@@ -200,23 +208,34 @@ def gradient_set(name: str, device: str) -> tuple[list[torch.Tensor], list[str],
 
 
 def run_set(name: str, device: str, repeats: int, with_slow: bool) -> dict:
+    """Time every method on one gradient set in interleaved rounds: each round runs every
+    method once, in an order rotated round by round, so that the machine's drift over the
+    run hits every method alike; ratios to the read floor are taken within a round."""
     grads, names, description = gradient_set(name, device)
     numel = sum(g.numel() for g in grads)
     nbytes = sum(g.numel() * g.element_size() for g in grads)
     buffer = torch.cat([g.reshape(-1) for g in grads])
     timer = time_cuda if device == "cuda" else time_cpu
+    slow_rounds = max(3, repeats // 2)
+    # (label, function, rounds it runs in)
     methods: list[tuple[str, Callable[[], object], int]] = [
-        ("read floor (torch.sum, one buffer)", lambda: buffer.sum(), repeats * 4),
-        ("torch._foreach_norm (norm only)", lambda: torch._foreach_norm(grads), repeats * 2),
+        ("read floor (torch.sum, one buffer)", lambda: buffer.sum(), repeats),
+        ("torch._foreach_norm (norm only)", lambda: torch._foreach_norm(grads), repeats),
     ]
     if with_slow:
-        methods.append(("torch per-tensor, full set", lambda: torch_full_set(grads), max(3, repeats // 2)))
-        methods.append(("torch per-tensor, 4 stats", lambda: torch_four_stats(grads), max(3, repeats // 2)))
+        methods.append(("torch per-tensor, full set", lambda: torch_full_set(grads), slow_rounds))
+        methods.append(("torch per-tensor, 4 stats", lambda: torch_four_stats(grads), slow_rounds))
     if device == "cpu":
         if with_slow:
-            methods.append(("numpy per-tensor, 4 stats", lambda: numpy_four_stats(grads), max(3, repeats // 2)))
-        flats = [flat_elements(g) for g in grads]
-        methods.append(("gradscope numpy, 1 thread", lambda: numpy_backend.numpy_rows(flats, num_threads=1), repeats))
+            methods.append(("numpy per-tensor, 4 stats", lambda: numpy_four_stats(grads), slow_rounds))
+        for kernel in reversed(host_backend.KERNELS):
+            if not host_backend.kernel_available(kernel):
+                print(f"  (the {kernel} kernel cannot run here: {host_backend.why_unavailable(kernel)})")
+                continue
+            methods.append(
+                (f"gradscope {kernel}, 1 thread", functools.partial(host_backend.host_rows, grads, kernel, 1), repeats)
+            )
+            methods.append((f"gradscope {kernel}", functools.partial(host_backend.host_rows, grads, kernel), repeats))
         methods.append(("gradscope (grad_stats)", lambda: gradscope.grad_stats(grads), repeats))
     else:
         flats = [flat_elements(g) for g in grads]
@@ -226,7 +245,7 @@ def run_set(name: str, device: str, repeats: int, with_slow: bool) -> dict:
             (
                 "gradscope launch (no sync, monitor path)",
                 lambda: triton_backend.launch_rows(flats, out, range(len(flats))),
-                repeats * 2,
+                repeats,
             )
         )
     tensorboard_dir = None
@@ -239,15 +258,36 @@ def run_set(name: str, device: str, repeats: int, with_slow: bool) -> dict:
         except ImportError:
             print("  (tensorboard not installed: its add_histogram is not measured)")
 
+    for _, fn, _ in methods:  # warm up (and compile) every method once
+        timer(fn, 1)
+    times: dict[str, list[float]] = {label: [] for label, _, _ in methods}
+    floor_of_round: list[float] = []
+    for round_ in range(repeats):
+        shift = round_ % len(methods)
+        for label, fn, rounds in methods[shift:] + methods[:shift]:
+            if round_ < rounds:
+                times[label].append(timer(fn, 1, warmup=0)[0])
+        floor_of_round.append(times[methods[0][0]][-1])
     results = []
-    for label, fn, count in methods:
-        times = timer(fn, count)
-        results.append({"method": label, "median_ms": statistics.median(times), "min_ms": min(times), "repeats": count})
-    floor = results[0]["median_ms"]
+    for label, _, _ in methods:
+        ratios = [t / f for t, f in zip(times[label], floor_of_round, strict=False)]
+        median = statistics.median(times[label])
+        results.append(
+            {
+                "method": label,
+                "median_ms": median,
+                "min_ms": min(times[label]),
+                "max_ms": max(times[label]),
+                "rounds": len(times[label]),
+                "x_floor": statistics.median(ratios),
+                "x_floor_min": min(ratios),
+                "x_floor_max": max(ratios),
+                "us_per_tensor": median * 1e3 / len(grads),
+            }
+        )
     ours = next(r["median_ms"] for r in results if r["method"].startswith("gradscope (grad_stats"))
     for r in results:
         r["gb_per_s"] = nbytes / (r["median_ms"] * 1e-3) / 1e9
-        r["x_floor"] = r["median_ms"] / floor
         r["x_gradscope"] = r["median_ms"] / ours
     entry = {
         "set": name,
@@ -268,10 +308,11 @@ def print_set(entry: dict) -> None:
         f"\n{entry['set']}: {entry['tensors']} tensors, {entry['numel'] / 1e6:.1f}M elements, "
         f"{entry['bytes'] / 1e6:.1f} MB ({entry['description']})"
     )
-    print(f"  {'method':<42} {'median ms':>10} {'GB/s':>8} {'x floor':>8} {'x gradscope':>12}")
+    print(f"  {'method':<42} {'median ms':>10} {'GB/s':>8} {'x floor':>8} {'rounds min..max':>16} {'x gradscope':>12}")
     for r in entry["results"]:
+        spread = f"{r['x_floor_min']:.1f}..{r['x_floor_max']:.1f}"
         print(
-            f"  {r['method']:<42} {r['median_ms']:>10.2f} {r['gb_per_s']:>8.1f} {r['x_floor']:>8.1f} "
+            f"  {r['method']:<42} {r['median_ms']:>10.2f} {r['gb_per_s']:>8.1f} {r['x_floor']:>8.1f} {spread:>16} "
             f"{r['x_gradscope']:>12.2f}"
         )
     if "python_thread_speed_during_gradscope" in entry:
@@ -307,7 +348,7 @@ def environment(device: str) -> dict:
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU: {cpu}",
         "cpu": cpu,
-        "cpu_threads": numpy_backend.default_num_threads(),
+        "cpu_threads": host_backend.default_num_threads(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -322,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sets", default=None, help="comma-separated gradient sets")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved rounds")
     parser.add_argument(
         "--out", default=None, help="JSON path (default: benchmarks/results/stats-<device>-<date>.json)"
     )
@@ -334,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.sets:
         sets = args.sets.split(",")
     else:
-        sets = ["mlp-25.7m", "gpt2-124m"] + (["gpt2-124m-bf16", "llama-1b-bf16"] if args.device == "cuda" else [])
+        sets = ["mlp-25.7m", "gpt2-124m"] + (
+            ["gpt2-124m-bf16", "llama-1b-bf16"] if args.device == "cuda" else ["small-800"]
+        )
 
     env = environment(args.device)
     print(f"gradscope {env['gradscope']} stats benchmark on {env['device']} ({env['cpu_threads']} CPU threads)")

@@ -76,6 +76,17 @@ def llama_1b_shapes() -> list[tuple[str, tuple[int, ...]]]:
     return [*shapes, ("norm.weight", (d,))]
 
 
+def small_model_shapes(blocks: int = 200, width: int = 64) -> list[tuple[str, tuple[int, ...]]]:
+    """Parameter shapes of ``blocks`` x (Linear(width, width) + LayerNorm(width)): many small
+    tensors, as biases and norms are in real models (``bench_overhead.py``'s "small" model)."""
+    shapes = []
+    for i in range(blocks):
+        linear, norm = 2 * i, 2 * i + 1
+        shapes += [(f"{linear}.weight", (width, width)), (f"{linear}.bias", (width,))]
+        shapes += [(f"{norm}.weight", (width,)), (f"{norm}.bias", (width,))]
+    return shapes
+
+
 def synthetic_gradients(
     shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, device: str, seed: int = 0
 ) -> tuple[list[torch.Tensor], list[str]]:

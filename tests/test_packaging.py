@@ -49,7 +49,7 @@ def test_wheel_contents(wheel):
     assert "gradscope/kernels/grad_stats.py" in names
     assert "gradscope/kernels/launch.py" in names
     assert "gradscope/kernels/__init__.py" in names
-    assert "gradscope/stats/numpy_backend.py" in names
+    assert "gradscope/stats/numba_kernels.py" in names
     assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels package would shadow PyPI's"
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))]
     sources = [p.relative_to(REPO).as_posix() for p in (REPO / "gradscope").rglob("*.py")]

@@ -10,10 +10,12 @@ sampled steps:
   waits for the device; the host collects a step once its event has completed (or when it
   is asked to, and then it waits). A small pool of buffers lets the host fall a few steps
   behind.
-* :class:`NumpyCapture` runs the NumPy backend. In backward mode, when the machine has cores
-  that autograd does not use, it runs on a worker thread as gradients arrive, overlapping
-  autograd; when autograd already uses every core (torch's default), a worker would only
-  compete with it, so gradients are gathered and measured on all cores when backward ends.
+* :class:`HostCapture` runs a CPU kernel (:mod:`gradscope.stats.host_backend`). In backward
+  mode, when the machine has cores that autograd does not use, it runs on a worker thread as
+  gradients arrive, overlapping autograd; when autograd already uses every core (torch's
+  default), a worker would only compete with it, so the hooks only note which gradients
+  arrived and they are measured together, small ones packed into one buffer, on all cores
+  when backward ends.
   Either way the end of backward waits for the measurements, so that no gradient is still
   being read when user code may modify it (clipping, unscaling).
 
@@ -34,7 +36,7 @@ import torch
 
 from gradscope.distributed.collectives import wait_all, works_done
 from gradscope.distributed.sharded import CombinedRows, ShardedRows
-from gradscope.stats import layout, numpy_backend, triton_backend
+from gradscope.stats import host_backend, layout, triton_backend
 from gradscope.stats.inputs import FlatElements, flat_elements
 
 BUCKET_TENSORS = 64
@@ -216,24 +218,27 @@ class KernelCapture:
         self._slot = None
 
 
-class NumpyCapture:
-    """Statistics of gradients by the NumPy backend (see module docstring).
+class HostCapture:
+    """Statistics of gradients by a CPU kernel (see module docstring).
 
     Args:
         count: rows (watched parameters read by this capture).
+        kernel: ``"numba"`` or ``"numpy"``.
         overlap: in backward mode, compute each gradient on a worker thread as soon as it
             arrives, overlapping autograd; otherwise gradients are gathered and measured
             together, on every core, when backward ends (or at ``mon.step()``).
         combiner: combines the rows across ranks (sharded gradients on CPU, gloo).
     """
 
-    def __init__(self, count: int, overlap: bool, combiner: ShardedRows | None = None) -> None:
+    def __init__(self, count: int, kernel: str, overlap: bool, combiner: ShardedRows | None = None) -> None:
         self.count = count
-        self._overlap = overlap
+        self.kernel = kernel
+        self.overlap = overlap
         self.combiner = combiner
         self._rows: np.ndarray | None = None
         self._inv_scale: float | None = None
-        self._gathered: list[tuple[int, FlatElements]] = []
+        self._indices: list[int] = []  # gathered gradients, measured when backward ends
+        self._grads: list[torch.Tensor] = []
         self._done: list[tuple[int, np.ndarray]] = []
         self._combining: deque[tuple[int, torch.Tensor, list]] = deque()
         self._tasks: queue.Queue | None = None
@@ -243,14 +248,13 @@ class NumpyCapture:
     def start(self, inv_scale: float | None) -> None:
         self._rows = np.zeros((self.count, layout.ROW_WIDTH))
         self._inv_scale = inv_scale
-        self._gathered.clear()
+        self._indices.clear()
+        self._grads.clear()
 
-    def _compute(self, entries: Sequence[tuple[int, FlatElements]], num_threads: int | None) -> None:
+    def _compute(self, indices: Sequence[int], grads: Sequence[torch.Tensor], num_threads: int | None) -> None:
         try:
-            flats = [flat for _, flat in entries]
-            rows = numpy_backend.numpy_rows(flats, num_threads=num_threads, inv_scale=self._inv_scale)
-            implicit = np.array([flat.implicit_zeros for flat in flats], dtype=np.float64)
-            self._rows[[index for index, _ in entries]] = _with_implicit_zeros(rows, implicit)
+            rows = host_backend.host_rows(grads, self.kernel, num_threads=num_threads, inv_scale=self._inv_scale)
+            self._rows[indices] = rows
         except BaseException as error:  # reported by the monitor; training goes on
             self.error = error
 
@@ -260,30 +264,33 @@ class NumpyCapture:
             try:
                 if task is None:
                     return
-                self._compute([task], num_threads=1)
+                index, grad = task
+                self._compute([index], [grad], num_threads=1)
             finally:
                 self._tasks.task_done()
 
     def add(self, index: int, grad: torch.Tensor) -> None:
-        flat = flat_elements(grad)
-        if not self._overlap:
-            self._gathered.append((index, flat))
+        if not self.overlap:
+            self._indices.append(index)
+            self._grads.append(grad)
             return
         if self._worker is None:
             self._tasks = queue.Queue()
             self._worker = threading.Thread(target=self._work, name="gradscope-capture", daemon=True)
             self._worker.start()
-        self._tasks.put((index, flat))
+        self._tasks.put((index, grad))
 
     def add_all(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
-        self._gathered.extend((i, flat_elements(g)) for i, g in zip(indices, grads, strict=True))
+        self._indices.extend(indices)
+        self._grads.extend(grads)
         self.end_backward()
 
     def end_backward(self) -> None:
         """Measure what was gathered, and wait until every gradient handed over has been read."""
-        if self._gathered:
-            self._compute(self._gathered, num_threads=None)
-            self._gathered.clear()
+        if self._indices:
+            self._compute(self._indices, self._grads, num_threads=None)
+            self._indices.clear()
+            self._grads.clear()
         if self._tasks is not None:
             self._tasks.join()
 
@@ -328,5 +335,6 @@ class NumpyCapture:
             self._worker.join()
             self._worker = None
         self._done.clear()
-        self._gathered.clear()
+        self._indices.clear()
+        self._grads.clear()
         self._combining.clear()

@@ -17,17 +17,17 @@ import torch
 
 from gradscope.distributed.sharded import CombinedRows, ShardedRows
 from gradscope.distributed.topology import Topology, local_tensor
-from gradscope.monitor.capture import KernelCapture, NumpyCapture
-from gradscope.stats import layout, numpy_backend
-from gradscope.stats.dispatch import NUMPY, Engine, engine_for
+from gradscope.monitor.capture import HostCapture, KernelCapture
+from gradscope.stats import host_backend, layout
+from gradscope.stats.dispatch import Engine, engine_for, is_host
 
 InvScale = Callable[[Engine], "torch.Tensor | float | None"]
 """Returns what an engine multiplies gradients by to unscale them (None: nothing)."""
 
 
 def spare_cores() -> bool:
-    """True when autograd (torch's intra-op threads) leaves CPU cores idle for a NumPy worker."""
-    return numpy_backend.default_num_threads() > torch.get_num_threads()
+    """True when autograd (torch's intra-op threads) leaves CPU cores idle for a capture worker."""
+    return host_backend.default_num_threads() > torch.get_num_threads()
 
 
 class Engines:
@@ -35,8 +35,8 @@ class Engines:
 
     Args:
         params: the watched parameters.
-        backend: ``"auto"``, ``"triton"`` or ``"numpy"``.
-        mode: the monitor's mode (NumPy overlaps autograd on a worker in backward mode,
+        backend: one of :data:`gradscope.stats.dispatch.BACKENDS`.
+        mode: the monitor's mode (a CPU kernel overlaps autograd on a worker in backward mode,
             when cores are spare).
         topology: the model's layout over ranks; sharded gradients are combined across ranks.
         inv_scale: see :data:`InvScale`.
@@ -70,14 +70,14 @@ class Engines:
             )
         self._inv_scale = inv_scale
         self._sharded = topology.kind == "sharded"
-        self.captures: dict[Engine, KernelCapture | NumpyCapture] = {}
+        self.captures: dict[Engine, KernelCapture | HostCapture] = {}
         self._route: list[tuple[Engine, int]] = [None] * len(params)  # parameter -> (engine, its row there)
         for key, members in groups.items():
-            device = torch.device("cpu") if key == NUMPY else key
+            device = torch.device("cpu") if is_host(key) else key
             combiner = ShardedRows(topology, np.array(members), device) if self._sharded else None
-            if key == NUMPY:
+            if is_host(key):
                 overlap = mode == "backward" and spare_cores()
-                self.captures[key] = NumpyCapture(len(members), overlap=overlap, combiner=combiner)
+                self.captures[key] = HostCapture(len(members), key, overlap=overlap, combiner=combiner)
             else:
                 self.captures[key] = KernelCapture(key, len(members), combiner=combiner)
             for local, index in enumerate(members):
@@ -85,6 +85,16 @@ class Engines:
         self._members = {key: np.array(members) for key, members in groups.items()}
         self.present = np.zeros(len(params), dtype=bool)
         self.started: set[Engine] = set()
+
+    @property
+    def gathers_at_end(self) -> bool:
+        """True when one capture, a CPU kernel that does not overlap autograd, measures every
+        parameter: it reads a backward pass's gradients all at once when the pass ends, so
+        the hooks need only note which arrived (:class:`gradscope.monitor.hooks.Arrivals`)."""
+        if len(self.captures) != 1 or self._sharded:
+            return False
+        capture = self.captures[self.first]
+        return isinstance(capture, HostCapture) and not capture.overlap
 
     @property
     def first(self) -> Engine:
@@ -102,6 +112,15 @@ class Engines:
             self._start(key)
         self.captures[key].add(local, local_tensor(grad))
         self.present[index] = True
+
+    def add_many(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
+        """These parameters' final gradients, together (when :attr:`gathers_at_end`: one
+        capture, whose rows are the parameters' own indices)."""
+        key = self.first
+        if key not in self.started:
+            self._start(key)
+        self.captures[key].add_all(indices, grads)
+        self.present[indices] = True
 
     def add_all(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Measure every parameter's gradient now (step mode; DDP once averaging is done)."""

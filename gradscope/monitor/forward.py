@@ -46,8 +46,8 @@ from gradscope.distributed.topology import local_tensor
 from gradscope.monitor.forward_rows import DeviceRows, ForwardStep, HostRows
 from gradscope.monitor.watched import ROOT_LAYER
 from gradscope.run import records
-from gradscope.stats.dispatch import NUMPY, engine_for
-from gradscope.stats.inputs import SUPPORTED_DTYPES, flat_elements, is_dense
+from gradscope.stats.dispatch import engine_for, is_host
+from gradscope.stats.inputs import SUPPORTED_DTYPES, is_dense
 
 MAX_TENSORS = 64
 """Tensors measured per module call (the first found); larger structures are cut there."""
@@ -272,9 +272,9 @@ class ForwardCapture:
             engine = self._engines.get(key)
             if engine is None:
                 count = 2 * len(self)
-                engine = HostRows(count) if key == NUMPY else DeviceRows(group[0].device, count)
+                engine = HostRows(count, key) if is_host(key) else DeviceRows(group[0].device, count)
                 self._engines[key] = engine
-            engine.add(row, seq, [flat_elements(t) for t in group])
+            engine.add(row, seq, group)
         if len(by_engine) == 1:
             (key,) = by_engine
             for tensor in tensors:

@@ -29,8 +29,8 @@ import torch
 from gradscope.distributed.collectives import wait_all, works_done
 from gradscope.distributed.rank_rows import RankRows
 from gradscope.run import records
-from gradscope.stats import layout, numpy_backend, triton_backend
-from gradscope.stats.inputs import FlatElements
+from gradscope.stats import host_backend, layout, triton_backend
+from gradscope.stats.inputs import flat_elements
 
 SEQ = layout.ROW_WIDTH
 """Extra column of a device row: sequence position of the first non-finite call (-1: none)."""
@@ -50,20 +50,22 @@ def _columns(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class HostRows:
-    """Rows of one step, computed with NumPy when the hook runs (large activations on every
-    core: autograd is not running while a forward hook is).
+    """Rows of one step, computed by a CPU kernel when the hook runs (large activations on
+    every core: autograd is not running while a forward hook is).
 
     Args:
         count: rows (``2 * M``).
+        kernel: the CPU kernel (``"numba"`` or ``"numpy"``).
     """
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, kernel: str) -> None:
+        self.kernel = kernel
         self.rows = np.zeros((count, layout.ROW_WIDTH))
         self.first_bad = np.full(count, -1, dtype=np.int64)
 
-    def add(self, index: int, seq: int, flats: Sequence[FlatElements]) -> None:
-        """Measure ``flats`` (one call's tensors) into row ``index``."""
-        measured = numpy_backend.numpy_rows(flats)
+    def add(self, index: int, seq: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Measure ``tensors`` (one call's) into row ``index``."""
+        measured = host_backend.host_rows(tensors, self.kernel)
         self.combine(index, seq, layout.combine_rows(measured))
 
     def combine(self, index: int, seq: int, row: np.ndarray) -> None:
@@ -106,8 +108,9 @@ class DeviceRows:
         self._host: torch.Tensor | None = None
         self._event: torch.cuda.Event | None = None
 
-    def add(self, index: int, seq: int, flats: Sequence[FlatElements]) -> None:
-        """Launch the kernel for ``flats`` and combine the result into row ``index``."""
+    def add(self, index: int, seq: int, tensors: Sequence[torch.Tensor]) -> None:
+        """Launch the kernel for ``tensors`` and combine the result into row ``index``."""
+        flats = [flat_elements(t) for t in tensors]
         if len(flats) > self._scratch.shape[0]:
             self._scratch = torch.empty((2 * len(flats), layout.ROW_WIDTH), dtype=torch.float64, device=self.device)
         part = self._scratch[: len(flats)]

@@ -47,6 +47,52 @@ def register_grad_hooks(monitor, params: Sequence[torch.nn.Parameter]) -> list:
     ]
 
 
+class Arrivals:
+    """The cheapest backward hooks, for engines that measure everything when backward ends.
+
+    Each parameter's hook only appends the parameter to a list (the order in which the
+    gradients became final); the first hook of a backward pass also calls ``on_first``
+    (which arranges to hear of the pass's end). When the pass ends the monitor takes the
+    list, and the gradients are measured together: no per-gradient work in autograd's
+    path but one list append.
+
+    Args:
+        monitor: held weakly; its ``_on_first_arrival()`` is called on a pass's first gradient.
+        params: the watched parameters (indices are positions in this sequence).
+
+    Attributes:
+        handles: the hook handles (see :func:`remove_handles`).
+    """
+
+    def __init__(self, monitor, params: Sequence[torch.nn.Parameter]) -> None:
+        self._index_of = {id(p): index for index, p in enumerate(params)}
+        self._log: list[torch.Tensor] = []
+        ref = weakref.ref(monitor)
+        log, append = self._log, self._log.append
+
+        def hook(param: torch.Tensor) -> None:
+            if not log:
+                alive = ref()
+                if alive is not None:
+                    alive._on_first_arrival()
+            append(param)
+
+        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+
+    def __len__(self) -> int:
+        return len(self._log)
+
+    def take(self) -> tuple[list[int], list[torch.Tensor]]:
+        """The parameters that arrived since the last take, in arrival order: ``(indices,
+        gradients)``; empties the list."""
+        arrived, self._log[:] = list(self._log), []
+        index_of = self._index_of
+        return [index_of[id(p)] for p in arrived], [p.grad for p in arrived]
+
+    def clear(self) -> None:
+        self._log.clear()
+
+
 def remove_handles(handles: list) -> None:
     """Remove hooks (idempotent: the list is emptied)."""
     for handle in handles:
@@ -107,6 +153,11 @@ class BackwardPasses:
         """Parameter ``index``'s gradient became final in the measured pass."""
         self.order[index] = self._next
         self._next += 1
+
+    def arrived_all(self, indices: Sequence[int]) -> None:
+        """These parameters' gradients became final in the measured pass, in this order."""
+        self.order[indices] = np.arange(self._next, self._next + len(indices))
+        self._next += len(indices)
 
     def end(self) -> bool:
         """The running pass ended; returns whether it was the measured one."""

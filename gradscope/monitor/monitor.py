@@ -34,6 +34,7 @@ from gradscope.health.readout import RunReadout
 from gradscope.monitor import hooks, scaler
 from gradscope.monitor.acting import Acting
 from gradscope.monitor.aggregate import LayerRows, RowGroups, blame_replicas
+from gradscope.monitor.backward import BackwardReceiver
 from gradscope.monitor.checkpoint import Checkpointing
 from gradscope.monitor.engines import Engines
 from gradscope.monitor.failures import FailureReporting
@@ -47,13 +48,13 @@ from gradscope.outputs.pump import RecordPump
 from gradscope.run import records
 from gradscope.run.state import RunState
 from gradscope.stats import layout
-from gradscope.stats.dispatch import NUMPY
+from gradscope.stats.dispatch import is_host
 
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
 
 
-class Monitor(RunReadout, Acting, Checkpointing, FailureReporting):
+class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReporting):
     """Per-layer gradient statistics of a model, step by step. Create with :func:`gradscope.watch`.
 
     Attributes:
@@ -104,10 +105,10 @@ class Monitor(RunReadout, Acting, Checkpointing, FailureReporting):
         self._ddp: DdpExtras | None = None
         if topo.kind == "replicated" and topo.world > 1:
             key = self._engines.first  # the only one when rows are hashed
-            device = torch.device("cpu") if key == NUMPY else key
+            device = torch.device("cpu") if is_host(key) else key
             ddp = DdpExtras(model, topo, options, len(self._watched), device, self._warn_once)
             self._ddp = ddp if ddp.active else None
-            if options.check_consistency and key != NUMPY:
+            if options.check_consistency and not is_host(key):
                 self._engines.captures[key].zero_rows = True  # hashed rows of absent parameters must be zeros
         device = next((p.device for p in self._watched.params if p.device.type == "cuda"), torch.device("cpu"))
         self._clock = StepClock(device)
@@ -128,49 +129,13 @@ class Monitor(RunReadout, Acting, Checkpointing, FailureReporting):
         self._pending: dict[int, tuple[np.ndarray, np.ndarray, set, dict]] = {}
         self._failed_steps: set[int] = set()  # their measurements are not trusted: recorded as absent
 
-        self._handles = hooks.register_grad_hooks(self, self._watched.params) if self.mode == "backward" else []
+        self._install_grad_hooks()
         self._start_acting()  # before the update tracker (see Acting._start_acting)
         self._updates = None
         if options.track_updates:
             self._updates = UpdateTracker(options.optimizer, self._watched.params, self._update_step)
         _WATCHED[target] = weakref.ref(self)
         self._finalizer = weakref.finalize(self, hooks.release, self._handles, self._forward)
-
-    # ---- set-up -------------------------------------------------------------------------
-
-    # ---- hooks --------------------------------------------------------------------------
-
-    def _on_grad(self, index: int, param: torch.Tensor) -> None:
-        if self._closed or self._step % self.every:  # unsampled step: nothing to do
-            return
-        try:
-            with self._lock:
-                if self._passes.begin() and not hooks.queue_end_of_backward(self._on_backward_end):
-                    self._warn_once("callback", "gradscope: cannot detect the end of backward; measuring at mon.step()")
-                if not self._passes.measuring or self._step in self._failed_steps:
-                    return  # not measured, or void already: one failure per step is enough
-                self._passes.arrived(index)
-                if self._replicated:
-                    return  # DDP has not averaged this gradient yet: measured when backward ends
-                self._engines.add(index, param.grad)
-        except Exception as error:
-            self._fail(error)
-
-    def _on_backward_end(self, deferred: bool = False) -> None:
-        try:
-            with self._lock:
-                if self._replicated and self._passes.measuring and not deferred:
-                    # DDP queues its own end-of-backward callback (which finishes averaging)
-                    # after ours: measure from a callback queued behind it.
-                    if hooks.queue_end_of_backward(lambda: self._on_backward_end(deferred=True)):
-                        return
-                if self._passes.end():
-                    if self._replicated:
-                        self._engines.add_all(self._watched.params)
-                    else:
-                        self._engines.end_backward()
-        except Exception as error:
-            self._fail(error)
 
     # ---- measuring ----------------------------------------------------------------------
 
@@ -195,6 +160,7 @@ class Monitor(RunReadout, Acting, Checkpointing, FailureReporting):
         step = self._step
         try:
             with self._lock:
+                self._close_open_pass()
                 if step % self.every == 0:
                     if self.mode == "step":
                         try:

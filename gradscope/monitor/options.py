@@ -76,7 +76,7 @@ class WatchOptions:
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"watch: granularity must be 'layer' or 'parameter', got {self.granularity!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"watch: backend must be 'auto', 'triton' or 'numpy', got {self.backend!r}")
+            raise ValueError(f"watch: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
         if self.track_updates and self.optimizer is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from gradscope.stats.dispatch import NUMPY, Engine
+from gradscope.stats.dispatch import Engine, is_host
 
 
 def scale_tensor(scaler) -> torch.Tensor | None:
@@ -43,7 +43,7 @@ def inv_scale_for(scaler, optimizer, mode: str, engine: Engine) -> torch.Tensor 
         mode: the monitor's mode; in ``"step"`` mode the user may have called
             ``scaler.unscale_(optimizer)`` before ``mon.step()``, and then nothing is scaled.
         engine: a device (the kernels read a float32 one-element tensor there) or
-            ``"numpy"`` (a Python float).
+            a CPU kernel's name (a Python float).
     """
     scale = scale_tensor(scaler)
     if scale is None:
@@ -51,4 +51,4 @@ def inv_scale_for(scaler, optimizer, mode: str, engine: Engine) -> torch.Tensor 
     if mode == "step" and optimizer is not None and already_unscaled(scaler, optimizer):
         return None
     inverse = scale.double().reciprocal().float()  # as GradScaler.unscale_ computes it
-    return float(inverse) if engine == NUMPY else inverse.reshape(1).to(engine)
+    return float(inverse) if is_host(engine) else inverse.reshape(1).to(engine)

@@ -7,7 +7,8 @@ computed in one read of the tensor's bytes:
 
 * ``inputs``: collecting, checking and flattening what the user passes;
 * ``dispatch``: which backend reads which tensor (one rule, for ``grad_stats`` and the monitor);
-* ``numpy_backend`` (any device, on the CPU) and ``triton_backend`` (glue to the kernels in
+* ``host_backend`` (any device, on the CPU, with the compiled ``numba_kernels`` when numba
+  is installed, else ``numpy_kernels``) and ``triton_backend`` (glue to the kernels in
   ``gradscope.kernels``, CUDA or Triton's interpreter);
 * ``compute``: :func:`grad_stats`, the public entry point; ``tensor_stats``: :class:`TensorStats`;
 * ``formats``: number formats (float16, bfloat16, FP8) and what a row's histogram says about

@@ -6,8 +6,8 @@ import warnings
 
 import numpy as np
 
-from gradscope.stats import layout, numpy_backend, triton_backend
-from gradscope.stats.dispatch import NUMPY, check_backend, engine_for
+from gradscope.stats import host_backend, layout, triton_backend
+from gradscope.stats.dispatch import check_backend, engine_for, is_host
 from gradscope.stats.inputs import check_tensor, collect_tensors, describe, flat_elements
 from gradscope.stats.tensor_stats import TensorStats
 
@@ -24,10 +24,11 @@ def grad_stats(tensors, backend: str = "auto") -> TensorStats:
             parameter names. Tensors may be float16, bfloat16, float32 or float64, of any
             shape or strides, dense or sparse, on CPU or CUDA.
         backend: ``"auto"`` (default): the Triton kernels for CUDA tensors when Triton
-            works, NumPy otherwise. ``"triton"``: the kernels for every tensor; CUDA tensors,
-            or CPU tensors when ``TRITON_INTERPRET=1`` was set before first use (raises if
-            that cannot run). ``"numpy"``: NumPy on the CPU for every tensor (others are
-            copied to the host chunk by chunk).
+            works, the fastest CPU kernel installed otherwise (numba, else NumPy).
+            ``"triton"``: the kernels for every tensor; CUDA tensors, or CPU tensors when
+            ``TRITON_INTERPRET=1`` was set before first use (raises if that cannot run).
+            ``"numba"`` / ``"numpy"``: that CPU kernel for every tensor (tensors on other
+            devices are copied to the host chunk by chunk).
 
     Returns:
         :class:`TensorStats` with one row per tensor, in input order. This call waits for
@@ -53,26 +54,29 @@ def grad_stats(tensors, backend: str = "auto") -> TensorStats:
     items, names = collect_tensors(tensors)
     for index, tensor in enumerate(items):
         check_tensor(tensor, index, names)
-    flats = [flat_elements(tensor) for tensor in items]
-
-    on_kernels, on_numpy = [], []
-    for index, flat in enumerate(flats):
-        engine = engine_for(flat.values.device, backend, describe(index, names))
-        (on_numpy if engine == NUMPY else on_kernels).append(index)
-    rows = np.zeros((len(flats), layout.ROW_WIDTH))
+    rows = np.zeros((len(items), layout.ROW_WIDTH))
+    on_kernels: list[int] = []
+    on_host: dict[str, list[int]] = {}  # CPU kernel -> tensors
+    for index, tensor in enumerate(items):
+        engine = engine_for(tensor.device, backend, describe(index, names))
+        if is_host(engine):
+            on_host.setdefault(engine, []).append(index)
+        else:
+            on_kernels.append(index)
     if on_kernels:
+        flats = [flat_elements(items[i]) for i in on_kernels]
         try:
-            rows[on_kernels] = triton_backend.triton_rows([flats[i] for i in on_kernels])
+            rows[on_kernels] = triton_backend.triton_rows(flats)
+            implicit = np.array([flat.implicit_zeros for flat in flats], dtype=np.float64)
+            rows[on_kernels, layout.NUMEL] += implicit
+            rows[on_kernels, layout.ZEROS] += implicit
         except Exception as error:
             if backend == "triton":
                 raise
             _warn_fallback(error)
-            on_numpy += on_kernels
-    if on_numpy:
-        rows[on_numpy] = numpy_backend.numpy_rows([flats[i] for i in on_numpy])
-    implicit = np.fromiter((flat.implicit_zeros for flat in flats), dtype=np.float64, count=len(flats))
-    rows[:, layout.NUMEL] += implicit
-    rows[:, layout.ZEROS] += implicit
+            on_host.setdefault(host_backend.fastest_kernel(), []).extend(on_kernels)
+    for kernel, indices in on_host.items():
+        rows[indices] = host_backend.host_rows([items[i] for i in indices], kernel)
     return TensorStats.from_rows(rows, names)
 
 
@@ -81,8 +85,7 @@ def _warn_fallback(error: Exception) -> None:
     if not _warned_fallback:
         _warned_fallback = True
         warnings.warn(
-            f"gradscope: the Triton kernels failed ({type(error).__name__}: {error}); "
-            "falling back to the NumPy backend",
+            f"gradscope: the Triton kernels failed ({type(error).__name__}: {error}); falling back to a CPU kernel",
             RuntimeWarning,
             stacklevel=3,
         )

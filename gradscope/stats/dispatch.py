@@ -1,30 +1,35 @@
 """Which backend reads a tensor: one rule for :func:`gradscope.grad_stats` and the monitor.
 
 Tensors are grouped by the *engine* that reads them: a ``torch.device`` for the Triton
-kernels (CUDA tensors, or CPU tensors in Triton's interpreter), or ``"numpy"`` for the NumPy
-backend, which reads any device. The choice follows ``backend``, a tri-state option:
+kernels (CUDA tensors, or CPU tensors in Triton's interpreter), or the name of a CPU kernel
+(:mod:`gradscope.stats.host_backend`: ``"numba"``, compiled, or ``"numpy"``), which reads
+any device. The choice follows ``backend``:
 
-* ``"auto"`` (None-like default): the kernels for CUDA tensors when Triton serves the
-  device, NumPy for everything else;
+* ``"auto"`` (default): the Triton kernels for CUDA tensors when Triton serves the device;
+  for everything else the fastest CPU kernel installed (numba if it is, else NumPy);
 * ``"triton"``: the kernels for every tensor, and an error naming the tensor when they
   cannot read it (the user asked for a path that cannot run);
-* ``"numpy"``: NumPy for every tensor.
+* ``"numba"``: the compiled CPU kernel for every tensor (an error if numba is missing);
+* ``"numpy"``: the NumPy CPU kernel for every tensor.
 """
 
 from __future__ import annotations
 
 import torch
 
-from gradscope.stats import triton_backend
+from gradscope.stats import host_backend, triton_backend
 
-BACKENDS = ("auto", "triton", "numpy")
+BACKENDS = ("auto", "triton", "numba", "numpy")
 """The values ``backend=`` accepts."""
 
-NUMPY = "numpy"
-"""The engine key of the NumPy backend (Triton engines are keyed by their device)."""
-
 Engine = torch.device | str
-"""A ``torch.device`` (the Triton kernels on that device) or :data:`NUMPY`."""
+"""A ``torch.device`` (the Triton kernels on that device) or a CPU kernel's name
+(``"numba"``, ``"numpy"``)."""
+
+
+def is_host(engine: Engine) -> bool:
+    """True for a CPU kernel (rows computed on the host), False for Triton on a device."""
+    return isinstance(engine, str)
 
 
 def check_backend(backend: str, caller: str) -> None:
@@ -38,18 +43,26 @@ def engine_for(device: torch.device, backend: str, what: str = "a tensor", calle
 
     Args:
         device: where the tensor lives.
-        backend: ``"auto"``, ``"triton"`` or ``"numpy"``.
+        backend: one of :data:`BACKENDS`.
         what: how an error names the tensor (``"tensor 3 ('fc.weight')"``).
         caller: the public function an error names (``"grad_stats"``, ``"watch"``).
 
     Raises:
-        ValueError: ``backend="triton"`` for a tensor the kernels cannot read (with why).
+        ValueError: ``backend="triton"`` for a tensor the kernels cannot read, or
+            ``backend="numba"`` without numba (with why).
     """
-    if backend == NUMPY:
-        return NUMPY
+    if backend == "numpy":
+        return backend
+    if backend == "numba":
+        if not host_backend.kernel_available("numba"):
+            raise ValueError(
+                f"{caller}: backend='numba' needs the numba package (pip install 'gradscope[numba]'): "
+                f"{host_backend.why_unavailable('numba')}"
+            )
+        return backend
     serves = triton_backend.serves(device)
     if backend == "auto":
-        return device if serves and device.type == "cuda" else NUMPY
+        return device if serves and device.type == "cuda" else host_backend.fastest_kernel()
     if not serves:
         raise ValueError(f"{caller}: backend='triton' cannot read {what} on {device}: {_why_not(device)}")
     return device

@@ -12,8 +12,7 @@ from multiprocess import run_ranks
 from stats_reference import reference_row
 
 from gradscope.stats import layout
-from gradscope.stats.inputs import flat_elements
-from gradscope.stats.numpy_backend import numpy_rows
+from gradscope.stats.host_backend import host_rows
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
@@ -37,7 +36,7 @@ def tensors_of(seed: int, nonfinite: dict[int, float]) -> list[torch.Tensor]:
 def scenario(nonfinite=({}, {}), positions=({}, {}), failed=(), seed=0):
     """One step: per rank its tensors (with ``nonfinite[rank]``) and first-bad positions."""
     tensors = [tensors_of(seed + rank, nonfinite[rank]) for rank in range(WORLD)]
-    rows = np.stack([numpy_rows([flat_elements(t) for t in ts]) for ts in tensors])
+    rows = np.stack([host_rows(ts) for ts in tensors])
     first_bad = np.full((WORLD, ROWS), -1.0)
     for rank in range(WORLD):
         for r, position in positions[rank].items():

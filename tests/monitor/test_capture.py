@@ -6,16 +6,16 @@ import torch
 from stats_reference import reference_row
 
 from gradscope.monitor import capture
-from gradscope.stats import layout, numpy_backend
+from gradscope.stats import host_backend, layout
 
 
-def test_numpy_worker_failure_is_reported_not_raised(monkeypatch):
-    cap = capture.NumpyCapture(2, overlap=True)
+def test_host_worker_failure_is_reported_not_raised(monkeypatch):
+    cap = capture.HostCapture(2, "numpy", overlap=True)
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(numpy_backend, "numpy_rows", broken)
+    monkeypatch.setattr(host_backend, "host_rows", broken)
     cap.start(None)
     cap.add(0, torch.ones(3))
     cap.end_backward()  # returns: the worker does not die or hang
@@ -24,9 +24,9 @@ def test_numpy_worker_failure_is_reported_not_raised(monkeypatch):
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_numpy_capture_counts_unstored_zeros_of_sparse_gradients(overlap):
+def test_host_capture_counts_unstored_zeros_of_sparse_gradients(overlap):
     grad = torch.sparse_coo_tensor([[0, 4, 4]], [1.0, 2.0, -5.0], (10,), check_invariants=True)
-    cap = capture.NumpyCapture(1, overlap=overlap)
+    cap = capture.HostCapture(1, "numpy", overlap=overlap)
     cap.start(None)
     cap.add(0, grad)
     cap.finish(step=0)

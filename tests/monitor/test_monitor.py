@@ -49,15 +49,20 @@ def check_against_grads(mon, grads, sampled_steps):
         assert_rows_match(series, position, reference_layers(grads[step], rows))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize(("mode", "worker"), [("backward", True), ("backward", False), ("step", False)])
-def test_numbers_equal_reference_numpy(monkeypatch, name, mode, worker):
+def test_numbers_equal_reference_cpu(monkeypatch, name, mode, worker, backend):
     """worker: gradients measured on a worker thread during backward (machines with spare
-    cores), or gathered and measured on all cores when backward ends."""
+    cores), or noted by the cheapest hooks and measured together, on all cores, when backward
+    ends; by each CPU kernel."""
+    if backend == "numba":
+        pytest.importorskip("numba", reason="numba is not installed")
     monkeypatch.setattr(engines, "spare_cores", lambda: worker)
     model = make(name)
-    with gradscope.watch(model, mode=mode, backend="numpy") as mon:
-        assert next(iter(mon._engines.captures.values()))._overlap is worker
+    with gradscope.watch(model, mode=mode, backend=backend) as mon:
+        assert next(iter(mon._engines.captures.values())).overlap is worker
+        assert (mon._arrivals is not None) is (mode == "backward" and not worker)
         grads = train(name, model, mon, steps=3)
         check_against_grads(mon, grads, [0, 1, 2])
 
@@ -106,14 +111,19 @@ def test_every_samples_steps_and_records_loss_every_step():
         assert (mon.history("peak_memory").values > 0).all()
 
 
-def test_unsampled_steps_do_no_work(monkeypatch):
+@pytest.mark.parametrize("worker", [True, False])
+def test_unsampled_steps_do_no_work(monkeypatch, worker):
+    monkeypatch.setattr(engines, "spare_cores", lambda: worker)
     model = make("mlp")
     with gradscope.watch(model, every=5) as mon:
-        calls = []
+        handed = []  # (step, parameter row) of every gradient handed to a capture
         for capture in mon._engines.captures.values():
-            monkeypatch.setattr(capture, "add", lambda *args, _calls=calls: _calls.append(args))
+            monkeypatch.setattr(capture, "add", lambda index, grad: handed.append((mon.step_index, index)))
+            monkeypatch.setattr(
+                capture, "add_all", lambda indices, grads: handed.extend((mon.step_index, i) for i in indices)
+            )
         train("mlp", model, mon, steps=5)
-        assert len(calls) == 6  # step 0 only: 3 layers x (weight, bias)
+        assert sorted(handed) == [(0, i) for i in range(6)]  # step 0 only: 3 layers x (weight, bias)
 
 
 def test_accumulation_measures_the_complete_gradient():
@@ -385,18 +395,22 @@ def test_a_monitor_dropped_without_close_goes_at_once_and_takes_its_hooks():
     gradscope.watch(model).close()  # the model is free to be watched again
 
 
-def test_exception_in_a_hook_never_stops_training(monkeypatch):
+@pytest.mark.parametrize("worker", [True, False])
+def test_exception_in_a_hook_never_stops_training(monkeypatch, worker):
+    """Whichever way gradients reach the capture: one by one, or together at the pass's end."""
+    monkeypatch.setattr(engines, "spare_cores", lambda: worker)
     model = make("mlp")
     with gradscope.watch(model) as mon:
         capture = next(iter(mon._engines.captures.values()))
-        original = capture.add
+        for name in ("add", "add_all"):
+            original = getattr(capture, name)
 
-        def broken(index, grad):
-            if mon.step_index == 1:
-                raise RuntimeError("simulated capture failure")
-            return original(index, grad)
+            def broken(*args, _original=original):
+                if mon.step_index == 1:
+                    raise RuntimeError("simulated capture failure")
+                return _original(*args)
 
-        monkeypatch.setattr(capture, "add", broken)
+            monkeypatch.setattr(capture, name, broken)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train("mlp", model, mon, steps=4)

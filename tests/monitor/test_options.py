@@ -92,7 +92,11 @@ def test_counts_accept_positive_integers(name):
         ({"mode": "forward"}, ValueError, r"watch: mode must be one of \('backward', 'step'\), got 'forward'"),
         ({"mode": None}, ValueError, "watch: mode must be one of"),
         ({"granularity": "neuron"}, ValueError, "watch: granularity must be 'layer' or 'parameter', got 'neuron'"),
-        ({"backend": "cupy"}, ValueError, "watch: backend must be 'auto', 'triton' or 'numpy', got 'cupy'"),
+        (
+            {"backend": "cupy"},
+            ValueError,
+            r"watch: backend must be one of \('auto', 'triton', 'numba', 'numpy'\), got 'cupy'",
+        ),
         ({"backend": "Triton"}, ValueError, "watch: backend must be"),
         ({"optimizer": "sgd"}, TypeError, "watch: optimizer must be a torch.optim.Optimizer, got str"),
         ({"optimizer": torch.nn.Linear(1, 1)}, TypeError, "watch: optimizer must be .*, got Linear"),

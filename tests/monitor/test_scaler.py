@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from gradscope.monitor.scaler import already_unscaled, inv_scale_for, scale_tensor
-from gradscope.stats.dispatch import NUMPY
 
 CPU = torch.device("cpu")
 
@@ -47,7 +46,7 @@ def test_scale_tensor_is_none_without_an_enabled_scaler():
 def test_inv_scale_for_numpy_is_a_python_float():
     _, optimizer, scaler = scaled_backward()
     for mode in ("backward", "step"):
-        inverse = inv_scale_for(scaler, optimizer, mode, NUMPY)
+        inverse = inv_scale_for(scaler, optimizer, mode, "numpy")
         assert type(inverse) is float
         assert inverse == 2.0**-10
 
@@ -67,7 +66,7 @@ def test_inv_scale_for_a_device_is_a_one_element_float32_tensor_there():
 def test_inv_scale_is_none_without_an_enabled_scaler():
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert inv_scale_for(None, optimizer, "backward", NUMPY) is None
+    assert inv_scale_for(None, optimizer, "backward", "numpy") is None
     assert inv_scale_for(torch.amp.GradScaler("cpu", enabled=False), optimizer, "step", CPU) is None
 
 
@@ -76,7 +75,7 @@ def test_inv_scale_is_what_unscale_multiplies_by():
     model, optimizer, scaler = scaled_backward(init_scale=3.0)
     inverse = inv_scale_for(scaler, optimizer, "backward", CPU)
     assert inverse.item() == float(np.float32(1 / 3))
-    assert inv_scale_for(scaler, optimizer, "backward", NUMPY) == inverse.item()
+    assert inv_scale_for(scaler, optimizer, "backward", "numpy") == inverse.item()
     scaled = [p.grad.clone() for p in model.parameters()]
     scaler.unscale_(optimizer)
     for before, param in zip(scaled, model.parameters(), strict=True):
@@ -86,15 +85,15 @@ def test_inv_scale_is_what_unscale_multiplies_by():
 def test_step_mode_after_unscale_measures_gradients_as_they_are():
     _, optimizer, scaler = scaled_backward()
     assert already_unscaled(scaler, optimizer) is False
-    assert inv_scale_for(scaler, optimizer, "step", NUMPY) == 2.0**-10
+    assert inv_scale_for(scaler, optimizer, "step", "numpy") == 2.0**-10
     scaler.unscale_(optimizer)
     assert already_unscaled(scaler, optimizer) is True
-    assert inv_scale_for(scaler, optimizer, "step", NUMPY) is None
+    assert inv_scale_for(scaler, optimizer, "step", "numpy") is None
     assert inv_scale_for(scaler, optimizer, "step", CPU) is None
     # backward mode measured the gradients during backward, before unscale_ could run
-    assert inv_scale_for(scaler, optimizer, "backward", NUMPY) == 2.0**-10
+    assert inv_scale_for(scaler, optimizer, "backward", "numpy") == 2.0**-10
     # without the optimizer, whether it was unscaled cannot be known: the scale applies
-    assert inv_scale_for(scaler, None, "step", NUMPY) == 2.0**-10
+    assert inv_scale_for(scaler, None, "step", "numpy") == 2.0**-10
 
 
 def test_unscaled_only_for_the_optimizer_that_was_unscaled():
@@ -102,7 +101,7 @@ def test_unscaled_only_for_the_optimizer_that_was_unscaled():
     other = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler.unscale_(optimizer)
     assert already_unscaled(scaler, other) is False
-    assert inv_scale_for(scaler, other, "step", NUMPY) == 2.0**-10
+    assert inv_scale_for(scaler, other, "step", "numpy") == 2.0**-10
 
 
 def test_update_starts_a_new_step_that_is_scaled_again():
@@ -112,7 +111,7 @@ def test_update_starts_a_new_step_that_is_scaled_again():
     scaler.update()
     assert already_unscaled(scaler, optimizer) is False
     assert scaler.get_scale() == 1024.0  # no overflow: the scale stays (growth is every 2000 steps)
-    assert inv_scale_for(scaler, optimizer, "step", NUMPY) == 2.0**-10
+    assert inv_scale_for(scaler, optimizer, "step", "numpy") == 2.0**-10
 
 
 def test_an_overflow_step_lowers_the_scale_read_on_the_device():
@@ -122,7 +121,7 @@ def test_an_overflow_step_lowers_the_scale_read_on_the_device():
     scaler.update()
     assert scaler.get_scale() == 512.0
     assert float(scale_tensor(scaler)) == 512.0
-    assert inv_scale_for(scaler, optimizer, "backward", NUMPY) == 2.0**-9
+    assert inv_scale_for(scaler, optimizer, "backward", "numpy") == 2.0**-9
 
 
 def test_already_unscaled_is_false_for_a_scaler_that_never_ran():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import gradscope
-from gradscope.stats import triton_backend
-from gradscope.stats.dispatch import BACKENDS, NUMPY, check_backend, engine_for
+from gradscope.stats import host_backend, triton_backend
+from gradscope.stats.dispatch import BACKENDS, check_backend, engine_for, is_host
 
 CPU = torch.device("cpu")
 CUDA0 = torch.device("cuda", 0)
@@ -28,28 +28,50 @@ def serving(monkeypatch, answer: bool) -> list:
     return asked
 
 
-def test_backends_are_the_three_documented_names():
-    assert BACKENDS == ("auto", "triton", "numpy")
-    assert NUMPY == "numpy"
+def test_backends_are_the_four_documented_names():
+    assert BACKENDS == ("auto", "triton", "numba", "numpy")
+
+
+def needs_numba():
+    if not host_backend.kernel_available("numba"):
+        pytest.skip(f"numba cannot run here: {host_backend.why_unavailable('numba')}")
+
+
+def test_auto_reads_cpu_tensors_with_numba_when_it_is_installed():
+    needs_numba()
+    assert engine_for(CPU, "auto") == "numba"
+    assert is_host("numba") and is_host("numpy") and not is_host(CPU)
+
+
+def test_auto_reads_cpu_tensors_with_numpy_when_numba_cannot_run(monkeypatch):
+    needs_numba()
+    monkeypatch.setitem(host_backend._broken, "numba", "ImportError: pretend numba is missing")
+    assert engine_for(CPU, "auto") == "numpy"
+
+
+def test_numba_without_numba_is_an_error_that_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(host_backend._broken, "numba", "ImportError: No module named 'numba'")
+    with pytest.raises(ValueError, match=r"backend='numba' needs the numba package.*gradscope\[numba\].*No module"):
+        engine_for(CPU, "numba", caller="watch")
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA0, META], ids=str)
 @pytest.mark.parametrize("answer", [True, False])
 def test_numpy_is_always_numpy_without_asking_triton(monkeypatch, device, answer):
     asked = serving(monkeypatch, answer)
-    assert engine_for(device, "numpy") == NUMPY
-    assert engine_for(device, "numpy", "tensor 2", caller="watch") == NUMPY
+    assert engine_for(device, "numpy") == "numpy"
+    assert engine_for(device, "numpy", "tensor 2", caller="watch") == "numpy"
     assert asked == []  # "numpy" never depends on whether Triton could run
 
 
-def test_auto_reads_cpu_tensors_with_numpy_even_when_triton_serves_the_cpu(monkeypatch):
+def test_auto_reads_cpu_tensors_on_the_cpu_even_when_triton_serves_the_cpu(monkeypatch):
     asked = serving(monkeypatch, True)  # as under TRITON_INTERPRET=1
-    assert engine_for(CPU, "auto") == NUMPY
+    assert engine_for(CPU, "auto") == host_backend.fastest_kernel()
     assert asked == [CPU]
 
 
-def test_auto_reads_cpu_tensors_with_numpy_in_this_session():
-    assert engine_for(CPU, "auto") == NUMPY
+def test_auto_reads_cpu_tensors_on_the_cpu_in_this_session():
+    assert engine_for(CPU, "auto") == host_backend.fastest_kernel()
 
 
 def test_auto_gives_the_cuda_device_when_triton_serves_it(monkeypatch):
@@ -60,14 +82,14 @@ def test_auto_gives_the_cuda_device_when_triton_serves_it(monkeypatch):
     assert engine.index == 0
 
 
-def test_auto_falls_back_to_numpy_for_cuda_when_triton_does_not_serve_it(monkeypatch):
+def test_auto_falls_back_to_the_cpu_for_cuda_when_triton_does_not_serve_it(monkeypatch):
     serving(monkeypatch, False)
-    assert engine_for(CUDA0, "auto") == NUMPY
+    assert engine_for(CUDA0, "auto") == host_backend.fastest_kernel()
 
 
 def test_auto_never_sends_other_device_types_to_triton(monkeypatch):
     serving(monkeypatch, True)
-    assert engine_for(META, "auto") == NUMPY
+    assert engine_for(META, "auto") == host_backend.fastest_kernel()
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA0], ids=str)
@@ -119,7 +141,7 @@ def test_check_backend_accepts_the_known_names(backend):
 
 @pytest.mark.parametrize("backend", ["cupy", "Triton", "NUMPY", "", None])
 def test_check_backend_rejects_unknown_names_naming_the_caller(backend):
-    expected = f"some_caller: backend must be one of ('auto', 'triton', 'numpy'), got {backend!r}"
+    expected = f"some_caller: backend must be one of ('auto', 'triton', 'numba', 'numpy'), got {backend!r}"
     with pytest.raises(ValueError) as raised:
         check_backend(backend, "some_caller")
     assert str(raised.value) == expected
@@ -137,10 +159,10 @@ def test_watch_with_triton_that_cannot_run_raises_like_grad_stats(monkeypatch):
     # The failed watch left no hooks behind and does not count as watching the model.
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     with gradscope.watch(model, backend="numpy") as mon:
-        assert list(mon._engines.captures) == [NUMPY]
+        assert list(mon._engines.captures) == ["numpy"]
 
 
 def test_watch_auto_puts_cpu_parameters_on_numpy_even_when_triton_serves_the_cpu(monkeypatch):
     serving(monkeypatch, True)
     with gradscope.watch(torch.nn.Linear(3, 2), backend="auto") as mon:
-        assert list(mon._engines.captures) == [NUMPY]
+        assert list(mon._engines.captures) == [host_backend.fastest_kernel()]

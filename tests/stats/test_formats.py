@@ -14,8 +14,7 @@ from hypothesis import strategies as st
 from tensor_strategies import flat_values, gradient_tensors, special_values
 
 from gradscope.stats import formats, layout
-from gradscope.stats.inputs import flat_elements
-from gradscope.stats.numpy_backend import numpy_rows
+from gradscope.stats.host_backend import host_rows
 
 FORMAT_DTYPES = [
     (formats.FLOAT16, torch.float16),
@@ -40,7 +39,7 @@ LAST_INNER_EDGE = layout.HIST_MIN_EXPONENT + layout.NUM_BINS - 1
 
 def rows_of(tensors) -> tuple[np.ndarray, np.ndarray]:
     """``(hist (T, 64), max_abs (T,))`` of the tensors, from the NumPy backend."""
-    rows = numpy_rows([flat_elements(t) for t in tensors])
+    rows = host_rows(tensors)
     return rows[:, layout.HIST : layout.HIST + layout.NUM_BINS], rows[:, layout.MAX_ABS]
 
 

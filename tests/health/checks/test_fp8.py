@@ -18,8 +18,7 @@ from gradscope.health.view import view_of
 from gradscope.run import records
 from gradscope.run.state import RunState
 from gradscope.stats import formats, layout
-from gradscope.stats.inputs import flat_elements
-from gradscope.stats.numpy_backend import numpy_rows
+from gradscope.stats.host_backend import host_rows
 
 FP8 = {"e5m2": torch.float8_e5m2, "e4m3": torch.float8_e4m3fn}
 
@@ -83,7 +82,7 @@ def state_of(steps, names=None):
     info = dataclasses.replace(run_builders.run_info(names, numel=numel), row_dtypes=("float32",) * len(names))
     state = RunState(info)
     for step, tensors in enumerate(steps):
-        rows = numpy_rows([flat_elements(t) for t in tensors])
+        rows = host_rows(tensors)
         state.apply(records.Sampled(step, rows, np.ones(len(tensors), bool), np.arange(len(tensors))))
     return state
 
@@ -137,7 +136,7 @@ def test_layers_e5m2_would_flush_most_affected_first():
 
 def test_agrees_with_fp8_fields_on_the_same_rows():
     tensors = list(GRADIENTS.values())
-    rows = numpy_rows([flat_elements(t) for t in tensors])
+    rows = host_rows(tensors)
     fields = formats.fp8_fields(rows[:, layout.HIST :], rows[:, layout.MAX_ABS])
     for r, tensor in enumerate(tensors):
         for name, value in fractions(tensor).items():

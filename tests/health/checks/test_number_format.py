@@ -18,8 +18,7 @@ from gradscope.health.findings import SUGGESTIONS
 from gradscope.health.view import view_of
 from gradscope.run import records
 from gradscope.run.state import RunState
-from gradscope.stats.inputs import flat_elements
-from gradscope.stats.numpy_backend import numpy_rows
+from gradscope.stats.host_backend import host_rows
 
 T = Thresholds(sustain=3)
 F16_MIN_NORMAL = 2.0**-14
@@ -27,7 +26,7 @@ F16_LARGEST_SUBNORMAL = 2.0**-14 - 2.0**-24
 
 
 def rows_of(tensors):
-    return numpy_rows([flat_elements(t) for t in tensors])
+    return host_rows(tensors)
 
 
 def state_of(steps, dtypes, names=None, modules=()):

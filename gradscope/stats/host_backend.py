@@ -1,0 +1,365 @@
+"""The CPU backends: tensors in, statistics rows out, on every core, by one of two kernels.
+
+This module plans the work and moves the bytes; a *kernel* turns runs of float32/float64
+elements into rows (:mod:`gradscope.stats.layout`):
+
+* ``"numba"`` (:mod:`gradscope.stats.numba_kernels`): one fused compiled pass, near the
+  memory floor; needs the optional numba package (``pip install gradscope[numba]``);
+* ``"numpy"`` (:mod:`gradscope.stats.numpy_kernels`): a handful of large NumPy calls per
+  run; always available.
+
+Both give the same counts, ``max_abs`` and histograms, bit for bit; sums agree within the
+NumPy kernel's bound (relative error below 1e-6). If the numba kernel fails (it compiles
+on first use), the NumPy kernel takes over, with one warning, and training goes on.
+
+Work items hold at most ``CHUNK`` elements: a slice of one large tensor, or a pack of whole
+small tensors of one dtype and device, flattened into one buffer by a single call into
+torch (no Python per element, little per tensor) and reduced by segments. CPU
+float32/float64 tensors are read in place; other dtypes and devices are staged chunk by
+chunk into a per-thread float32/float64 buffer by ``torch``'s ``copy_``. Kernels release
+the GIL, so items spread over threads use every core. Results are deterministic: a
+tensor's items are combined in a fixed order, whatever the number of threads.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from gradscope.stats import layout, numpy_kernels
+from gradscope.stats.inputs import flat_elements
+
+KERNELS = ("numba", "numpy")
+"""The CPU kernels, fastest first."""
+
+CHUNK = 1 << 19
+"""Elements per work item (2 MiB of float32). Measured on a 2-core machine, smaller items
+lose more to per-call costs and GIL hand-offs than they gain from cache locality."""
+
+PACK_BELOW = 1 << 15
+"""Tensors with fewer elements are packed, many to a work item, and reduced by segments."""
+
+PARALLEL_ABOVE = 1 << 20
+"""Inputs with fewer elements in total are processed on the calling thread."""
+
+_READ_IN_PLACE = (torch.float32, torch.float64)
+
+_broken: dict[str, str] = {}  # kernel -> why it cannot run here (set once, with a warning)
+
+
+def default_num_threads() -> int:
+    """Threads the backend uses by default: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def kernel_available(kernel: str) -> bool:
+    """True when ``kernel`` can run here (numba installed, and not found broken)."""
+    if kernel in _broken:
+        return False
+    if kernel == "numba":
+        try:
+            from gradscope.stats import numba_kernels  # noqa: F401
+        except Exception as error:  # ImportError, or numba failing to initialise
+            _broken["numba"] = f"{type(error).__name__}: {error}"
+            return False
+    return True
+
+
+def fastest_kernel() -> str:
+    """The fastest kernel that can run here (what ``backend="auto"`` uses on the CPU)."""
+    return next(kernel for kernel in KERNELS if kernel_available(kernel))
+
+
+def why_unavailable(kernel: str) -> str:
+    """Why ``kernel`` cannot run (after :func:`kernel_available` said False)."""
+    return _broken.get(kernel, "unknown")
+
+
+class _NumpyKernel:
+    """The NumPy kernel: reads one float32/float64 NumPy run at a time."""
+
+    in_place = False
+
+    @staticmethod
+    def runs(values: np.ndarray, starts: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        if inv_scale is not None:
+            values = _scaled(values, inv_scale, ws.get("scaled", values.dtype, values.size))
+        return numpy_kernels.rows(values, starts, ws)
+
+
+class _NumbaKernel:
+    """The compiled kernel: also reads whole contiguous CPU tensors where they lie."""
+
+    in_place = True
+
+    @staticmethod
+    def runs(values: np.ndarray, starts: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        from gradscope.stats import numba_kernels
+
+        return numba_kernels.rows(values, starts, inv_scale)
+
+    @staticmethod
+    def tensors(parts: Sequence[torch.Tensor], sizes: np.ndarray, inv_scale: float | None) -> np.ndarray:
+        from gradscope.stats import numba_kernels
+
+        return numba_kernels.tensor_rows(parts, sizes, inv_scale)
+
+
+_KERNEL_OF = {"numpy": _NumpyKernel, "numba": _NumbaKernel}
+
+
+class _Workspace:
+    """Per-thread scratch buffers, grown on demand and reused across calls."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, np.dtype], np.ndarray] = {}
+
+    def get(self, name: str, dtype, n: int) -> np.ndarray:
+        key = (name, np.dtype(dtype))
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.size < n:
+            buffer = np.empty(max(n, CHUNK), dtype=dtype)
+            self._buffers[key] = buffer
+        return buffer[:n]
+
+
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+_pool_lock = threading.Lock()
+
+
+def _workspace() -> _Workspace:
+    ws = getattr(_local, "workspace", None)
+    if ws is None:
+        ws = _local.workspace = _Workspace()
+    return ws
+
+
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A shared pool with at least ``workers`` threads (created once, grown when asked for more)."""
+    global _pool, _pool_workers
+    with _pool_lock:
+        if _pool is None or _pool_workers < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gradscope-cpu")
+            _pool_workers = workers
+        return _pool
+
+
+# --------------------------------------------------------------------------------------
+# Reading elements
+# --------------------------------------------------------------------------------------
+
+
+def _float_kind(dtype: torch.dtype) -> type:
+    """NumPy type the kernels compute in for a torch dtype."""
+    return np.float64 if dtype == torch.float64 else np.float32
+
+
+def _as_numpy(values: torch.Tensor, ws: _Workspace) -> np.ndarray:
+    """A flat tensor's elements as float32/float64 NumPy: in place for CPU float32/float64
+    tensors, else converted into the thread's staging buffer."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+        return values.detach().numpy()
+    staged = ws.get("stage", _float_kind(values.dtype), values.numel())
+    torch.from_numpy(staged).copy_(values.detach())
+    return staged
+
+
+def _scaled(values: np.ndarray, inv_scale: float, out: np.ndarray) -> np.ndarray:
+    """``values * inv_scale`` into ``out``, with inv_scale rounded to float32 and the product in
+    the values' precision, as ``GradScaler.unscale_`` computes it."""
+    return np.multiply(values, out.dtype.type(np.float32(inv_scale)), out=out)
+
+
+class _Slice:
+    """Work item: elements ``start:stop`` of one large flat tensor."""
+
+    __slots__ = ("start", "stop", "tensor", "values")
+
+    def __init__(self, tensor: int, values: torch.Tensor, start: int, stop: int) -> None:
+        self.tensor, self.values, self.start, self.stop = tensor, values, start, stop
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def owners(self) -> list[int]:
+        return [self.tensor]
+
+    def rows(self, kernel, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        values = _as_numpy(self.values[self.start : self.stop], ws)
+        return kernel.runs(values, np.array([0, values.size], dtype=np.int64), ws, inv_scale)
+
+
+class _Pack:
+    """Work item: several whole small tensors of one dtype and device.
+
+    A kernel that reads tensors in place takes the parts as they are when they are all
+    contiguous CPU float32/float64 tensors; otherwise one call into torch flattens the
+    parts (copying, and converting to float32 later) into one buffer.
+    """
+
+    __slots__ = ("numel", "owners", "parts", "sizes")
+
+    def __init__(self, owners: list[int], parts: list[torch.Tensor], sizes: np.ndarray) -> None:
+        self.owners, self.parts, self.sizes = owners, parts, sizes
+        self.numel = int(sizes.sum())
+
+    def rows(self, kernel, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        parts = self.parts
+        first = parts[0]
+        if (
+            kernel.in_place
+            and first.is_cpu
+            and first.dtype in _READ_IN_PLACE
+            and all(part.is_contiguous() for part in parts)
+        ):
+            return kernel.tensors(parts, self.sizes, inv_scale)
+        flat = first.contiguous().view(-1) if len(parts) == 1 else torch._utils._flatten_dense_tensors(parts)
+        starts = np.zeros(len(parts) + 1, dtype=np.int64)
+        np.cumsum(self.sizes, out=starts[1:])
+        return kernel.runs(_as_numpy(flat, ws), starts, ws, inv_scale)
+
+
+def _packs(tensors: Sequence[torch.Tensor], indices: np.ndarray, sizes: np.ndarray) -> list[_Pack]:
+    """Consecutive ``tensors[indices]`` (one dtype and device) cut into packs of about
+    ``CHUNK`` elements."""
+    cuts = np.flatnonzero(np.diff(np.cumsum(sizes) // CHUNK)) + 1
+    bounds = [0, *cuts.tolist(), len(indices)]
+    packs = []
+    for a, b in itertools.pairwise(bounds):
+        owners = indices[a:b].tolist()
+        packs.append(_Pack(owners, [tensors[i] for i in owners], sizes[a:b]))
+    return packs
+
+
+def _plan(tensors: Sequence[torch.Tensor]) -> tuple[list[_Slice | _Pack], np.ndarray]:
+    """Work items of at most about ``CHUNK`` elements, in a fixed order, and each tensor's
+    unstored zeros (sparse tensors).
+
+    Gradients of one model are usually all strided tensors of one dtype on the CPU; then
+    the plan is a few vectorised steps (a handful of attribute reads per tensor in all).
+    """
+    implicit = np.zeros(len(tensors))
+    kinds = {(t.layout, t.dtype, t.is_cpu) for t in tensors}
+    if len(kinds) == 1 and next(iter(kinds))[0] == torch.strided and next(iter(kinds))[2]:
+        flats = tensors
+        groups = [np.arange(len(tensors))]
+    else:  # several dtypes or devices, sparse tensors: by (dtype, device), sparse ones flattened
+        flats = []
+        by_kind: dict[tuple, list[int]] = {}
+        for index, tensor in enumerate(tensors):
+            if tensor.layout != torch.strided:
+                flat = flat_elements(tensor)
+                tensor, implicit[index] = flat.values, flat.implicit_zeros
+            flats.append(tensor)
+            by_kind.setdefault((tensor.dtype, tensor.device), []).append(index)
+        groups = [np.array(members) for members in by_kind.values()]
+    sizes = np.fromiter((t.numel() for t in flats), dtype=np.int64, count=len(flats))
+    items: list[_Slice | _Pack] = []
+    for members in groups:
+        numel = sizes[members]
+        small = members[(numel > 0) & (numel < PACK_BELOW)]
+        if small.size:
+            items += _packs(flats, small, sizes[small])
+        for index in members[numel >= PACK_BELOW].tolist():
+            values, n = flat_elements(flats[index]).values, int(sizes[index])
+            items.extend(_Slice(index, values, start, min(start + CHUNK, n)) for start in range(0, n, CHUNK))
+    return items, implicit
+
+
+def _run_items(items: Sequence[_Slice | _Pack], kernel, inv_scale: float | None) -> list[np.ndarray]:
+    ws = _workspace()
+    # Overflow of float64 squares beyond 1.3e154 is part of the result (sumsq = inf), not an error.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return [item.rows(kernel, ws, inv_scale) for item in items]
+
+
+def _split_evenly(items: Sequence[_Slice | _Pack], parts: int) -> list[Sequence[_Slice | _Pack]]:
+    """Cut ``items`` into ``parts`` consecutive runs of about equal element counts."""
+    sizes = np.fromiter((item.numel for item in items), dtype=np.int64, count=len(items))
+    ends = np.cumsum(sizes)
+    cuts = np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts, side="right")
+    bounds = [0, *cuts.tolist(), len(items)]
+    return [items[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def _compute(items, kernel_name: str, num_threads: int, inv_scale: float | None) -> list[np.ndarray]:
+    kernel = _KERNEL_OF[kernel_name]
+    total = sum(item.numel for item in items)
+    if num_threads > 1 and total >= PARALLEL_ABOVE and len(items) > 1:
+        runs = _split_evenly(items, num_threads)
+        # The calling thread takes the first run itself; the pool takes the others.
+        pool = _thread_pool(num_threads - 1)
+        futures = [pool.submit(_run_items, run, kernel, inv_scale) for run in runs[1:]]
+        results = _run_items(runs[0], kernel, inv_scale)
+        for future in futures:
+            results.extend(future.result())
+        return results
+    return _run_items(items, kernel, inv_scale)
+
+
+def _warn_broken(kernel: str, error: Exception) -> None:
+    _broken[kernel] = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        f"gradscope: the {kernel} kernel failed ({_broken[kernel]}); the NumPy kernel takes over",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def host_rows(
+    tensors: Sequence[torch.Tensor],
+    kernel: str = "numpy",
+    num_threads: int | None = None,
+    inv_scale: float | None = None,
+) -> np.ndarray:
+    """Statistics rows (float64 ``(T, ROW_WIDTH)``) of tensors, computed on the CPU.
+
+    Args:
+        tensors: checked tensors (:func:`gradscope.stats.inputs.check_tensor`), any layout,
+            shape and device (non-CPU tensors are copied to the host chunk by chunk);
+            sparse tensors' unstored zeros are counted.
+        kernel: ``"numba"`` or ``"numpy"`` (:data:`KERNELS`); a numba kernel that cannot
+            run hands over to NumPy (one warning).
+        num_threads: worker threads; default :func:`default_num_threads`. Results do not
+            depend on it.
+        inv_scale: if given, statistics of ``g * inv_scale``, with inv_scale rounded to float32
+            and the product in the tensor's precision (float32 for float16/bfloat16), as
+            ``GradScaler.unscale_`` computes it.
+    """
+    items, implicit = _plan(tensors)
+    out = np.zeros((len(tensors), layout.ROW_WIDTH))
+    if items:
+        threads = default_num_threads() if num_threads is None else num_threads
+        if kernel != "numpy" and not kernel_available(kernel):
+            kernel = "numpy"
+        try:
+            results = _compute(items, kernel, threads, inv_scale)
+        except Exception as error:
+            if kernel == "numpy":
+                raise
+            _warn_broken(kernel, error)
+            results = _compute(items, "numpy", threads, inv_scale)
+        owners = np.fromiter(itertools.chain.from_iterable(item.owners for item in items), dtype=np.intp)
+        rows = np.concatenate(results)
+        # A large tensor's slices are consecutive items: combine each tensor's rows by the rule.
+        starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        out[owners[starts]] = layout.combine_segments(rows, starts) if starts.size < owners.size else rows
+    out[:, layout.NUMEL] += implicit
+    out[:, layout.ZEROS] += implicit
+    return out

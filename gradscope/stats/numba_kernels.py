@@ -1,0 +1,379 @@
+"""The compiled CPU kernel: every statistic of a run of elements in one fused pass (numba).
+
+The same rows as :mod:`gradscope.stats.numpy_kernels` (see :mod:`gradscope.stats.layout`),
+computed the way the Triton kernel computes them on a GPU: each block of 64 Ki elements is
+read once from memory into cache and reduced there by two tight loops,
+
+* the histogram of the raw IEEE-754 exponent field (256 values for float32, 2048 for
+  float64), counted into eight (float32) or four (float64) interleaved tables so that
+  neighbouring elements of the same binade do not wait on each other's increment; the
+  exponent counts then fold onto the 64 binade bins, the zero/subnormal and NaN/Inf counts;
+* the sums, in float64 per element (vectorised: the loop is compiled with reassociation
+  allowed, so its summation order is fixed by the compiled code, not by the threads), and
+  ``max |g|`` as the largest ``bits & 0x7F...F`` (for finite values integer order is
+  magnitude order, and an integer maximum vectorises where a float one does not).
+
+A block that holds NaN/Inf (its exponent count says so) is summed again by a loop that
+skips them and counts NaNs; zeros are counted only when the exponent count says a block may
+hold some. Counts, ``max_abs`` and the histogram are exact, as in every backend; the sums
+add float64 values, so their relative error is below ``n * 2**-53``.
+
+Importing this module needs numba (the ``gradscope[numba]`` extra); functions compile on
+first call (a few seconds, then cached on disk).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from numba import carray, njit, types
+from numba.extending import intrinsic
+
+from gradscope.stats import layout
+
+BLOCK = 1 << 16
+"""Elements reduced per pass over cache (256 KiB of float32)."""
+
+SMALL = 1024
+"""Blocks shorter than this count their exponents into one table (nothing to interleave)."""
+
+_N, _SUM, _SUMSQ, _MAX, _ZEROS, _NANS, _INFS, _HIST = (
+    layout.NUMEL,
+    layout.SUM,
+    layout.SUMSQ,
+    layout.MAX_ABS,
+    layout.ZEROS,
+    layout.NANS,
+    layout.INFS,
+    layout.HIST,
+)
+_LAST_BIN = layout.NUM_BINS - 1
+
+# float32: 8-bit exponent field, bias 127
+_E32 = 256
+_S32 = np.uint32(23)
+_M32 = np.uint32(0xFF)
+_ABS32 = np.uint32(0x7FFFFFFF)
+_INF32 = np.uint32(0x7F800000)
+_BIN0_32 = 127 + layout.HIST_MIN_EXPONENT  # biased exponent of bin 0 (79)
+_LO, _HI, _M = np.uint64(23), np.uint64(55), np.uint64(0xFF)  # the two float32 exponents of a 64-bit word
+_T1, _T2, _T3, _T4, _T5, _T6, _T7 = (np.uint64(_E32 * way) for way in range(1, 8))
+
+# float64: 11-bit exponent field, bias 1023
+_E64 = 2048
+_S64 = np.uint64(52)
+_M64 = np.uint64(0x7FF)
+_ABS64 = np.uint64(0x7FFFFFFFFFFFFFFF)
+_INF64 = np.uint64(0x7FF0000000000000)
+_BIN0_64 = 1023 + layout.HIST_MIN_EXPONENT  # 975
+_W64 = np.uint64(_E64)
+
+_FAST = {"reassoc", "contract", "nsz"}  # reassociation lets the sums vectorise; NaN/Inf never reach them
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _exponents32(bits, tables, counts):  # pragma: no cover - compiled
+    """Add the exponent-field counts of float32 ``bits`` to ``counts`` (int64 ``(256,)``).
+
+    Long runs are read as 64-bit words, two elements each, four words per iteration.
+    """
+    n = bits.size
+    if n < SMALL:
+        for i in range(n):
+            counts[(bits[i] >> _S32) & _M32] += 1
+        return
+    tables[:] = 0
+    pairs = n // 2
+    words = bits[: 2 * pairs].view(np.uint64)
+    whole = pairs - pairs % 4
+    for j in range(0, whole, 4):
+        a = words[j]
+        b = words[j + 1]
+        c = words[j + 2]
+        d = words[j + 3]
+        tables[(a >> _LO) & _M] += 1
+        tables[_T1 + ((a >> _HI) & _M)] += 1
+        tables[_T2 + ((b >> _LO) & _M)] += 1
+        tables[_T3 + ((b >> _HI) & _M)] += 1
+        tables[_T4 + ((c >> _LO) & _M)] += 1
+        tables[_T5 + ((c >> _HI) & _M)] += 1
+        tables[_T6 + ((d >> _LO) & _M)] += 1
+        tables[_T7 + ((d >> _HI) & _M)] += 1
+    for i in range(2 * whole, n):
+        tables[(bits[i] >> _S32) & _M32] += 1
+    for way in range(8):
+        for e in range(_E32):
+            counts[e] += tables[way * _E32 + e]
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _exponents64(bits, tables, counts):  # pragma: no cover - compiled
+    """Add the exponent-field counts of float64 ``bits`` to ``counts`` (int64 ``(2048,)``)."""
+    n = bits.size
+    if n < SMALL:
+        for i in range(n):
+            counts[(bits[i] >> _S64) & _M64] += 1
+        return
+    tables[:] = 0
+    n4 = n - n % 4
+    for i in range(0, n4, 4):
+        tables[(bits[i] >> _S64) & _M64] += 1
+        tables[_W64 + ((bits[i + 1] >> _S64) & _M64)] += 1
+        tables[_W64 * np.uint64(2) + ((bits[i + 2] >> _S64) & _M64)] += 1
+        tables[_W64 * np.uint64(3) + ((bits[i + 3] >> _S64) & _M64)] += 1
+    for i in range(n4, n):
+        tables[(bits[i] >> _S64) & _M64] += 1
+    for way in range(4):
+        for e in range(_E64):
+            counts[e] += tables[way * _E64 + e]
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST, boundscheck=False)
+def _sums32(values, bits):  # pragma: no cover - compiled
+    """(sum, sum of squares, largest |x| bits) of float32 values that are all finite."""
+    total = 0.0
+    squares = 0.0
+    top = np.uint32(0)
+    for i in range(values.size):
+        x = np.float64(values[i])
+        total += x
+        squares += x * x
+        magnitude = bits[i] & _ABS32
+        top = magnitude if magnitude > top else top
+    return total, squares, top
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST, boundscheck=False)
+def _sums64(values, bits):  # pragma: no cover - compiled
+    """(sum, sum of squares, largest |x| bits) of float64 values that are all finite."""
+    total = 0.0
+    squares = 0.0
+    top = np.uint64(0)
+    for i in range(values.size):
+        x = values[i]
+        total += x
+        squares += x * x
+        magnitude = bits[i] & _ABS64
+        top = magnitude if magnitude > top else top
+    return total, squares, top
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _finite_sums32(values, bits):  # pragma: no cover - compiled
+    """(sum, sum of squares, largest |x| bits, NaN count) over the finite float32 values."""
+    total = 0.0
+    squares = 0.0
+    top = np.uint32(0)
+    nans = 0
+    for i in range(values.size):
+        magnitude = bits[i] & _ABS32
+        if magnitude >= _INF32:
+            nans += magnitude > _INF32
+            continue
+        x = np.float64(values[i])
+        total += x
+        squares += x * x
+        top = magnitude if magnitude > top else top
+    return total, squares, top, nans
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _finite_sums64(values, bits):  # pragma: no cover - compiled
+    """(sum, sum of squares, largest |x| bits, NaN count) over the finite float64 values."""
+    total = 0.0
+    squares = 0.0
+    top = np.uint64(0)
+    nans = 0
+    for i in range(values.size):
+        magnitude = bits[i] & _ABS64
+        if magnitude >= _INF64:
+            nans += magnitude > _INF64
+            continue
+        x = values[i]
+        total += x
+        squares += x * x
+        top = magnitude if magnitude > top else top
+    return total, squares, top, nans
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _zeros32(bits):  # pragma: no cover - compiled
+    count = 0
+    for i in range(bits.size):
+        count += (bits[i] & _ABS32) == 0
+    return count
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _zeros64(bits):  # pragma: no cover - compiled
+    count = 0
+    for i in range(bits.size):
+        count += (bits[i] & _ABS64) == 0
+    return count
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _fold(counts, bin0, zeros, row):  # pragma: no cover - compiled
+    """Exponent-field counts -> the row's histogram: exponents up to ``bin0`` (and exponent
+    0, less the zeros: subnormals) into bin 0, the next 62 one bin each, the rest up to the
+    largest finite exponent into bin 63 (the all-ones exponent, NaN/Inf, is left out)."""
+    low = counts[0] - zeros
+    for e in range(1, bin0 + 1):
+        low += counts[e]
+    row[_HIST] += low
+    for b in range(1, _LAST_BIN):
+        row[_HIST + b] += counts[bin0 + b]
+    high = 0
+    for e in range(bin0 + _LAST_BIN, counts.size - 1):
+        high += counts[e]
+    row[_HIST + _LAST_BIN] += high
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _scale(values, factor, out):  # pragma: no cover - compiled
+    """``out = values * factor`` in the values' own precision (as ``GradScaler.unscale_``)."""
+    for i in range(values.size):
+        out[i] = values[i] * factor
+
+
+def _pointer_to(element):
+    """An intrinsic: an int64 address -> a pointer to ``element`` (to read tensors in place)."""
+
+    @intrinsic
+    def pointer(typingctx, address):
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+        return types.CPointer(element)(types.int64), codegen
+
+    return pointer
+
+
+_f32_at = _pointer_to(types.float32)
+_f64_at = _pointer_to(types.float64)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _runs32(addresses, sizes, scale, scaled, out):  # pragma: no cover - compiled
+    """Rows of the float32 runs of ``sizes[k]`` elements at ``addresses[k]`` (each element
+    times ``scale`` first, in float32, when ``scaled``) into zeroed ``out[k]``."""
+    buffer = np.empty(BLOCK if scaled else 0, dtype=np.float32)
+    tables = np.zeros(8 * _E32, dtype=np.uint32)
+    counts = np.zeros(_E32, dtype=np.int64)
+    top_bits = np.zeros(1, dtype=np.uint32)
+    for k in range(sizes.size):
+        run = carray(_f32_at(addresses[k]), (sizes[k],))
+        row = out[k]
+        counts[:] = 0
+        top = np.uint32(0)
+        zeros = 0
+        for lo in range(0, run.size, BLOCK):
+            hi = min(lo + BLOCK, run.size)
+            if scaled:
+                values = buffer[: hi - lo]
+                _scale(run[lo:hi], scale, values)
+            else:
+                values = run[lo:hi]
+            bits = values.view(np.uint32)
+            before_zero = counts[0]
+            before_bad = counts[_E32 - 1]
+            _exponents32(bits, tables, counts)
+            if counts[_E32 - 1] > before_bad:
+                total, squares, block_top, nans = _finite_sums32(values, bits)
+                row[_NANS] += nans
+                row[_INFS] += counts[_E32 - 1] - before_bad - nans
+            else:
+                total, squares, block_top = _sums32(values, bits)
+            if counts[0] > before_zero:
+                zeros += _zeros32(bits)
+            row[_SUM] += total
+            row[_SUMSQ] += squares
+            top = block_top if block_top > top else top
+        row[_N] = run.size
+        row[_ZEROS] = zeros
+        top_bits[0] = top
+        row[_MAX] = top_bits.view(np.float32)[0]
+        _fold(counts, _BIN0_32, zeros, row)
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _runs64(addresses, sizes, scale, scaled, out):  # pragma: no cover - compiled
+    """Rows of the float64 runs of ``sizes[k]`` elements at ``addresses[k]`` (each element
+    times ``scale`` first, in float64, when ``scaled``) into zeroed ``out[k]``."""
+    buffer = np.empty(BLOCK if scaled else 0, dtype=np.float64)
+    tables = np.zeros(4 * _E64, dtype=np.uint32)
+    counts = np.zeros(_E64, dtype=np.int64)
+    top_bits = np.zeros(1, dtype=np.uint64)
+    for k in range(sizes.size):
+        run = carray(_f64_at(addresses[k]), (sizes[k],))
+        row = out[k]
+        counts[:] = 0
+        top = np.uint64(0)
+        zeros = 0
+        for lo in range(0, run.size, BLOCK):
+            hi = min(lo + BLOCK, run.size)
+            if scaled:
+                values = buffer[: hi - lo]
+                _scale(run[lo:hi], scale, values)
+            else:
+                values = run[lo:hi]
+            bits = values.view(np.uint64)
+            before_zero = counts[0]
+            before_bad = counts[_E64 - 1]
+            _exponents64(bits, tables, counts)
+            if counts[_E64 - 1] > before_bad:
+                total, squares, block_top, nans = _finite_sums64(values, bits)
+                row[_NANS] += nans
+                row[_INFS] += counts[_E64 - 1] - before_bad - nans
+            else:
+                total, squares, block_top = _sums64(values, bits)
+            if counts[0] > before_zero:
+                zeros += _zeros64(bits)
+            row[_SUM] += total
+            row[_SUMSQ] += squares
+            top = block_top if block_top > top else top
+        row[_N] = run.size
+        row[_ZEROS] = zeros
+        top_bits[0] = top
+        row[_MAX] = top_bits.view(np.float64)[0]
+        _fold(counts, _BIN0_64, zeros, row)
+
+
+def _rows_at(dtype: np.dtype, addresses: np.ndarray, sizes: np.ndarray, inv_scale: float | None) -> np.ndarray:
+    out = np.zeros((sizes.size, layout.ROW_WIDTH))
+    scale = np.float32(1.0 if inv_scale is None else inv_scale)  # a GradScaler holds it in float32
+    if dtype == np.float32:
+        _runs32(addresses, sizes, scale, inv_scale is not None, out)
+    else:
+        _runs64(addresses, sizes, np.float64(scale), inv_scale is not None, out)
+    return out
+
+
+def rows(values: np.ndarray, starts: np.ndarray, inv_scale: float | None = None) -> np.ndarray:
+    """Statistics rows (float64 ``(K, ROW_WIDTH)``) of the runs ``values[starts[k]:starts[k + 1]]``.
+
+    Args:
+        values: contiguous 1-D float32 or float64 elements (not modified).
+        starts: int64 ``(K + 1,)``, non-decreasing run boundaries from 0 to ``values.size``.
+        inv_scale: if given, statistics of ``values * inv_scale``, with inv_scale rounded to
+            float32 and the product in the values' precision, as ``GradScaler.unscale_``.
+    """
+    if not values.flags.c_contiguous or values.dtype not in (np.float32, np.float64):
+        raise ValueError(f"numba_kernels.rows needs contiguous float32/float64 values, got {values.dtype}")
+    addresses = values.ctypes.data + starts[:-1] * values.itemsize
+    return _rows_at(values.dtype, addresses.astype(np.int64), np.diff(starts).astype(np.int64), inv_scale)
+
+
+def tensor_rows(tensors: Sequence[torch.Tensor], sizes: np.ndarray, inv_scale: float | None = None) -> np.ndarray:
+    """Statistics rows of whole tensors, read in place (no copy, no flattening).
+
+    Args:
+        tensors: contiguous CPU tensors, all float32 or all float64 (the caller checks; they
+            must stay alive during the call, as the caller's list keeps them).
+        sizes: int64, each tensor's number of elements.
+        inv_scale: as for :func:`rows`.
+    """
+    addresses = np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
+    return _rows_at(np.float32 if tensors[0].dtype == torch.float32 else np.float64, addresses, sizes, inv_scale)

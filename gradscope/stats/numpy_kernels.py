@@ -1,0 +1,198 @@
+"""The NumPy CPU kernel: every statistic of runs of elements from a handful of large NumPy calls.
+
+Always available (the compiled kernel, :mod:`gradscope.stats.numba_kernels`, needs numba).
+:mod:`gradscope.stats.host_backend` hands it runs of float32/float64 elements: one slice of
+a large tensor, or many small tensors laid end to end. Each NumPy call runs without the GIL.
+
+* histogram: the exponent byte is cut out of each value's bits with one shift (no ``log``),
+  clamped into a bin, and bins are counted two at a time (a pair of bin bytes read as one
+  ``uint16`` key), halving the scalar loop inside ``np.bincount`` that dominates its cost;
+* zeros and non-finite values are derived from that histogram and from ``max``/``min`` and
+  only counted separately when the histogram says they may be present;
+* sums: float32 dot products of 256-element rows (with themselves, and with ones),
+  combined in float64 (relative error below 1e-6); a run whose float32 sums overflow, or
+  whose sum of squares is small enough for float32 underflow to matter, is summed again in
+  float64. Packed small tensors are summed in float64 by segments.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gradscope.stats import layout
+
+PAIRS_FROM = 1 << 16
+"""Runs with at least this many elements count histogram bins in pairs (see ``_bin_counts``)."""
+
+_ROW_DOT = 256  # elements per float32 dot product in the fast sums
+_ONES_F32 = np.ones(_ROW_DOT, dtype=np.float32)
+_VECDOT = getattr(np, "vecdot", None)  # NumPy >= 2.0; einsum otherwise
+_PAIR_KEYS = layout.NUM_BINS * 256  # bin pairs read as little-endian uint16: lo + 256 * hi
+_SMALLEST_SAFE_SUMSQ = 2.0**-100  # below, float32 squares may have lost tiny values
+_F32_EXPONENT_BIN0 = 127 + layout.HIST_MIN_EXPONENT  # biased float32 exponent of bin 0 (79)
+_F64_EXPONENT_BIN0 = 1023 + layout.HIST_MIN_EXPONENT  # biased float64 exponent of bin 0 (975)
+_LAST_BIN = layout.NUM_BINS - 1
+
+
+# --------------------------------------------------------------------------------------
+# Histogram bins
+# --------------------------------------------------------------------------------------
+
+
+def _bins(values: np.ndarray, ws) -> np.ndarray:
+    """uint8 histogram bin of every element, from the exponent bits (no log).
+
+    Zeros and subnormals fall in bin 0 and NaN/Inf in bin 63; callers remove them.
+    """
+    n = values.size
+    bins = ws.get("bins", np.uint8, n)
+    if values.dtype == np.float32:
+        # The shift leaves sign and exponent; the unsafe cast to uint8 keeps the exponent.
+        np.right_shift(values.view(np.uint32), 23, out=bins, casting="unsafe")
+        np.clip(bins, _F32_EXPONENT_BIN0, _F32_EXPONENT_BIN0 + _LAST_BIN, out=bins)
+        np.subtract(bins, _F32_EXPONENT_BIN0, out=bins)
+    else:
+        exponent = ws.get("exponent", np.uint16, n)
+        np.right_shift(values.view(np.uint64), 52, out=exponent, casting="unsafe")
+        np.bitwise_and(exponent, 0x7FF, out=exponent)
+        np.clip(exponent, _F64_EXPONENT_BIN0, _F64_EXPONENT_BIN0 + _LAST_BIN, out=exponent)
+        np.subtract(exponent, _F64_EXPONENT_BIN0, out=exponent)
+        np.copyto(bins, exponent, casting="unsafe")
+    return bins
+
+
+def _bin_counts(bins: np.ndarray, ws) -> np.ndarray:
+    """int64 ``(NUM_BINS,)`` counts of a uint8 bin array.
+
+    Large arrays are counted two bins per ``bincount`` step: each pair of bytes read as one
+    uint16 key ``a + 256 * b`` (either byte order), whose 2-D counts fold back onto bins.
+    """
+    n = bins.size
+    if n < PAIRS_FROM:
+        return np.bincount(bins, minlength=layout.NUM_BINS)
+    half = n // 2
+    keys = ws.get("pair_keys", np.intp, half)
+    np.copyto(keys, bins[: 2 * half].view(np.uint16))
+    pairs = np.bincount(keys, minlength=_PAIR_KEYS)[:_PAIR_KEYS].reshape(layout.NUM_BINS, 256)
+    pairs = pairs[:, : layout.NUM_BINS]
+    counts = pairs.sum(axis=0) + pairs.sum(axis=1)
+    if n % 2:
+        counts[bins[-1]] += 1
+    return counts
+
+
+# --------------------------------------------------------------------------------------
+# One run of elements -> one row
+# --------------------------------------------------------------------------------------
+
+
+def _row_dots(rows: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Dot product of each row of ``rows`` with the matching row of ``other`` (broadcast)."""
+    if _VECDOT is not None:
+        return _VECDOT(rows, other)
+    return np.einsum("ij,ij->i", rows, np.broadcast_to(other, rows.shape))
+
+
+def _sums(values: np.ndarray, ws) -> tuple[float, float]:
+    """(sum, sum of squares) of finite values, to ~1e-6 relative or better.
+
+    float32 runs are reduced as 256-element rows (float32 dot products of each row with
+    itself and with ones), and the row results added in float64. Runs whose float32 sums
+    overflow, or whose squares are small enough for float32 underflow to matter (sum of
+    squares below 2**-100), are summed again in float64.
+    """
+    if values.dtype == np.float32:
+        body = values.size - values.size % _ROW_DOT
+        rows = values[:body].reshape(-1, _ROW_DOT)
+        tail = values[body:].astype(np.float64)
+        total = float(np.add.reduce(_row_dots(rows, _ONES_F32), dtype=np.float64)) + float(tail.sum())
+        squares = float(np.add.reduce(_row_dots(rows, rows), dtype=np.float64)) + float(np.einsum("i,i->", tail, tail))
+        if np.isfinite(total) and np.isfinite(squares) and squares >= _SMALLEST_SAFE_SUMSQ:
+            return total, squares
+        wide = ws.get("wide", np.float64, values.size)
+        np.copyto(wide, values)
+        values = wide
+    return float(np.add.reduce(values)), float(np.einsum("i,i->", values, values))
+
+
+def _run_row(values: np.ndarray, ws) -> np.ndarray:
+    """The statistics row of one run of float32/float64 elements (see ``layout``)."""
+    row = np.zeros(layout.ROW_WIDTH)
+    n = values.size
+    row[layout.NUMEL] = n
+    if n == 0:
+        return row
+    hist = _bin_counts(_bins(values, ws), ws)
+    high, low = values.max(), values.min()
+    if not (np.isfinite(high) and np.isfinite(low)):
+        nonfinite = ~np.isfinite(values)
+        nans = int(np.count_nonzero(np.isnan(values)))
+        infs = int(np.count_nonzero(nonfinite)) - nans
+        hist[_LAST_BIN] -= nans + infs
+        finite = np.where(nonfinite, 0, values)
+        high, low = finite.max(), finite.min()
+        row[layout.NANS], row[layout.INFS] = nans, infs
+        values = finite
+        zeros = int(np.count_nonzero(values == 0)) - nans - infs
+    elif hist[0]:
+        zeros = int(np.count_nonzero(np.equal(values, 0, out=ws.get("is_zero", bool, n))))
+    else:
+        zeros = 0
+    hist[0] -= zeros
+    row[layout.SUM], row[layout.SUMSQ] = _sums(values, ws)
+    row[layout.MAX_ABS] = max(float(high), -float(low))
+    row[layout.ZEROS] = zeros
+    row[layout.HIST :] = hist
+    return row
+
+
+def _packed_rows(values: np.ndarray, sizes: np.ndarray, ws) -> np.ndarray:
+    """Rows of several non-empty tensors laid end to end in ``values`` (segmented reductions)."""
+    k = sizes.size
+    starts = np.zeros(k, dtype=np.intp)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    rows = np.zeros((k, layout.ROW_WIDTH))
+    rows[:, layout.NUMEL] = sizes
+    segment = np.repeat(np.arange(k, dtype=np.intp) * layout.NUM_BINS, sizes)
+    segment += _bins(values, ws)
+    hist = np.bincount(segment, minlength=k * layout.NUM_BINS).reshape(k, layout.NUM_BINS)
+    zeros = np.add.reduceat((values == 0).view(np.uint8), starts, dtype=np.int64)
+    wide = ws.get("wide", np.float64, values.size)
+    np.copyto(wide, values)
+    nonfinite = ~np.isfinite(wide)
+    if nonfinite.any():
+        nans = np.add.reduceat(np.isnan(wide).view(np.uint8), starts, dtype=np.int64)
+        infs = np.add.reduceat(nonfinite.view(np.uint8), starts, dtype=np.int64) - nans
+        hist[:, _LAST_BIN] -= nans + infs
+        rows[:, layout.NANS], rows[:, layout.INFS] = nans, infs
+        wide[nonfinite] = 0
+    hist[:, 0] -= zeros
+    rows[:, layout.ZEROS] = zeros
+    rows[:, layout.SUM] = np.add.reduceat(wide, starts)
+    magnitude = ws.get("magnitude", np.float64, values.size)
+    np.abs(wide, out=magnitude)
+    rows[:, layout.MAX_ABS] = np.maximum.reduceat(magnitude, starts)
+    np.square(wide, out=wide)
+    rows[:, layout.SUMSQ] = np.add.reduceat(wide, starts)
+    rows[:, layout.HIST :] = hist
+    return rows
+
+
+def rows(values: np.ndarray, starts: np.ndarray, ws) -> np.ndarray:
+    """Statistics rows (float64 ``(K, ROW_WIDTH)``) of the runs ``values[starts[k]:starts[k + 1]]``.
+
+    Args:
+        values: contiguous 1-D float32 or float64 elements (not modified).
+        starts: int64 ``(K + 1,)``, non-decreasing run boundaries from 0 to ``values.size``.
+        ws: scratch buffers (``ws.get(name, dtype, n)``), reused across calls.
+    """
+    if starts.size == 2:
+        return _run_row(values, ws)[None, :]
+    sizes = np.diff(starts)
+    full = sizes > 0
+    out = np.zeros((sizes.size, layout.ROW_WIDTH))
+    if full.all():
+        return _packed_rows(values, sizes, ws)
+    if full.any():
+        out[full] = _packed_rows(values, sizes[full], ws)
+    return out
