@@ -18,9 +18,10 @@ so that drifts of the machine (clock, other load) hit every method alike. Method
   with ``GradscopeCallback(every=1/10)`` and with the per-parameter ``grad_norm`` callback
   users write today (``integration_methods.py``), in a table of its own.
 
-Models: on CPU the 25.7M-parameter MLP (8 x Linear 1792, batch 512) and a 6-layer
-TransformerEncoder (d=512), and on request (``--models demo``) the demo's 12-layer MLP, whose
-~10 ms step shows per-step host costs; on CUDA a GPT-2-small-shaped decoder (124M parameters) under
+Models: on CPU ``small``, 200 x (Linear(64, 64) + LayerNorm(64)) (800 small parameter
+tensors: the fixed cost per tensor shows), the 25.7M-parameter MLP (8 x Linear 1792, batch
+512) and a 6-layer TransformerEncoder (d=512), and on request (``--models demo``) the demo's
+12-layer MLP, whose few-ms step shows per-step host costs; on CUDA a GPT-2-small-shaped decoder (124M parameters) under
 bfloat16 autocast. Prints step times and, per method, the median over rounds of its step
 time divided by the unmonitored step time of the same round (with the spread over rounds);
 writes JSON under ``benchmarks/results/``.
@@ -370,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda needs a CUDA device", file=sys.stderr)
         return 2
-    models = args.models.split(",") if args.models else (["gpt2"] if args.device == "cuda" else ["mlp", "transformer"])
+    default_models = ["gpt2"] if args.device == "cuda" else ["small", "mlp", "transformer"]
+    models = args.models.split(",") if args.models else default_models
     if args.profile:
         only = [m for m in args.methods.split(",") if m] if args.methods else None
         for name in models:

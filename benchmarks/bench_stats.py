@@ -336,6 +336,12 @@ def environment(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:
+        import numba
+
+        numba_version = numba.__version__
+    except ImportError:
+        numba_version = None
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -354,6 +360,7 @@ def environment(device: str) -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "triton": triton_version,
+        "numba": numba_version,
         "cuda": torch.version.cuda if device == "cuda" else None,
         "gradscope": gradscope.__version__,
     }

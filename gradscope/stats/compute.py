@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import torch
 
 from gradscope.stats import host_backend, layout, triton_backend
 from gradscope.stats.dispatch import check_backend, engine_for, is_host
@@ -57,8 +58,12 @@ def grad_stats(tensors, backend: str = "auto") -> TensorStats:
     rows = np.zeros((len(items), layout.ROW_WIDTH))
     on_kernels: list[int] = []
     on_host: dict[str, list[int]] = {}  # CPU kernel -> tensors
+    engine_of: dict[torch.device, object] = {}  # one decision per device (the first tensor there names it)
     for index, tensor in enumerate(items):
-        engine = engine_for(tensor.device, backend, describe(index, names))
+        device = tensor.device
+        engine = engine_of.get(device)
+        if engine is None:
+            engine = engine_of[device] = engine_for(device, backend, describe(index, names))
         if is_host(engine):
             on_host.setdefault(engine, []).append(index)
         else:

@@ -69,17 +69,19 @@ def check_tensor(tensor, index: int, names: tuple[str, ...] | None = None) -> No
         ValueError: a tensor on the ``meta`` device (it has no values), or a layout gradscope
             cannot read.
     """
-    where = describe(index, names)
     if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"grad_stats: {where} is {type(tensor).__name__}, not a torch.Tensor")
+        raise TypeError(f"grad_stats: {describe(index, names)} is {type(tensor).__name__}, not a torch.Tensor")
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"grad_stats: {where} has dtype {tensor.dtype}; gradient statistics need a floating-point "
-            "tensor of dtype float16, bfloat16, float32 or float64"
+            f"grad_stats: {describe(index, names)} has dtype {tensor.dtype}; gradient statistics need a "
+            "floating-point tensor of dtype float16, bfloat16, float32 or float64"
         )
-    if tensor.device.type == "meta":
-        raise ValueError(f"grad_stats: {where} is on the 'meta' device, which holds no values; no backend serves it")
+    if tensor.is_meta:
+        raise ValueError(
+            f"grad_stats: {describe(index, names)} is on the 'meta' device, which holds no values; no backend serves it"
+        )
     if tensor.layout != torch.strided and tensor.layout not in _SPARSE_LAYOUTS:
+        where = describe(index, names)
         raise ValueError(f"grad_stats: {where} has layout {tensor.layout}, which gradscope cannot read")
 
 

@@ -115,7 +115,8 @@ def combine_rows(rows: np.ndarray, axis: int = 0) -> np.ndarray:
     rows = _check_rows(rows)
     if axis % rows.ndim == rows.ndim - 1:
         raise ValueError("cannot combine along the column axis")
-    with np.errstate(over="ignore"):  # sums beyond float64's range are inf, as they should be
+    # Sums beyond float64's range are inf (or NaN where +inf meets -inf), as they should be.
+    with np.errstate(over="ignore", invalid="ignore"):
         combined = rows.sum(axis=axis)
     if rows.shape[axis] > 0:
         combined[..., MAX_COLUMNS] = rows[..., MAX_COLUMNS].max(axis=axis)
@@ -134,7 +135,7 @@ def combine_segments(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
         float64 ``(K, ROW_WIDTH)``.
     """
     rows = _check_rows(rows)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         combined = np.add.reduceat(rows, starts, axis=0)
     combined[:, MAX_COLUMNS] = np.maximum.reduceat(rows[:, MAX_COLUMNS], starts, axis=0)
     return combined
