@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from numba import carray, njit, types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from gradscope.stats import layout
 
@@ -130,47 +130,45 @@ def _exponents64(bits, tables, counts):  # pragma: no cover - compiled
             counts[e] += tables[way * _E64 + e]
 
 
+def _exponents(bits, tables, counts):  # pragma: no cover - replaced by its overload when compiled
+    """Add the exponent-field counts of ``bits`` to ``counts`` (by the bits' width)."""
+    raise NotImplementedError
+
+
+@overload(_exponents, jit_options={"nogil": True})
+def _exponents_of_width(bits, tables, counts):
+    if bits.dtype == types.uint32:
+        return lambda bits, tables, counts: _exponents32(bits, tables, counts)
+    return lambda bits, tables, counts: _exponents64(bits, tables, counts)
+
+
 @njit(nogil=True, cache=True, fastmath=_FAST, boundscheck=False)
-def _sums32(values, bits):  # pragma: no cover - compiled
-    """(sum, sum of squares, largest |x| bits) of float32 values that are all finite."""
+def _sums(values, bits, abs_mask):  # pragma: no cover - compiled
+    """(sum, sum of squares, largest ``bits & abs_mask``) of values that are all finite; the
+    sums in float64 whatever the values' precision."""
     total = 0.0
     squares = 0.0
-    top = np.uint32(0)
+    top = abs_mask ^ abs_mask  # zero, of the bits' type
     for i in range(values.size):
         x = np.float64(values[i])
         total += x
         squares += x * x
-        magnitude = bits[i] & _ABS32
-        top = magnitude if magnitude > top else top
-    return total, squares, top
-
-
-@njit(nogil=True, cache=True, fastmath=_FAST, boundscheck=False)
-def _sums64(values, bits):  # pragma: no cover - compiled
-    """(sum, sum of squares, largest |x| bits) of float64 values that are all finite."""
-    total = 0.0
-    squares = 0.0
-    top = np.uint64(0)
-    for i in range(values.size):
-        x = values[i]
-        total += x
-        squares += x * x
-        magnitude = bits[i] & _ABS64
+        magnitude = bits[i] & abs_mask
         top = magnitude if magnitude > top else top
     return total, squares, top
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _finite_sums32(values, bits):  # pragma: no cover - compiled
-    """(sum, sum of squares, largest |x| bits, NaN count) over the finite float32 values."""
+def _finite_sums(values, bits, abs_mask, inf_bits):  # pragma: no cover - compiled
+    """As :func:`_sums` over the finite values only, and the number of NaNs."""
     total = 0.0
     squares = 0.0
-    top = np.uint32(0)
+    top = abs_mask ^ abs_mask  # zero, of the bits' type
     nans = 0
     for i in range(values.size):
-        magnitude = bits[i] & _ABS32
-        if magnitude >= _INF32:
-            nans += magnitude > _INF32
+        magnitude = bits[i] & abs_mask
+        if magnitude >= inf_bits:
+            nans += magnitude > inf_bits
             continue
         x = np.float64(values[i])
         total += x
@@ -180,37 +178,10 @@ def _finite_sums32(values, bits):  # pragma: no cover - compiled
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _finite_sums64(values, bits):  # pragma: no cover - compiled
-    """(sum, sum of squares, largest |x| bits, NaN count) over the finite float64 values."""
-    total = 0.0
-    squares = 0.0
-    top = np.uint64(0)
-    nans = 0
-    for i in range(values.size):
-        magnitude = bits[i] & _ABS64
-        if magnitude >= _INF64:
-            nans += magnitude > _INF64
-            continue
-        x = values[i]
-        total += x
-        squares += x * x
-        top = magnitude if magnitude > top else top
-    return total, squares, top, nans
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def _zeros32(bits):  # pragma: no cover - compiled
+def _zeros(bits, abs_mask):  # pragma: no cover - compiled
     count = 0
     for i in range(bits.size):
-        count += (bits[i] & _ABS32) == 0
-    return count
-
-
-@njit(nogil=True, cache=True, boundscheck=False)
-def _zeros64(bits):  # pragma: no cover - compiled
-    count = 0
-    for i in range(bits.size):
-        count += (bits[i] & _ABS64) == 0
+        count += (bits[i] & abs_mask) == 0
     return count
 
 
@@ -231,123 +202,99 @@ def _fold(counts, bin0, zeros, row):  # pragma: no cover - compiled
     row[_HIST + _LAST_BIN] += high
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True)
 def _scale(values, factor, out):  # pragma: no cover - compiled
     """``out = values * factor`` in the values' own precision (as ``GradScaler.unscale_``)."""
     for i in range(values.size):
         out[i] = values[i] * factor
 
 
-def _pointer_to(element):
-    """An intrinsic: an int64 address -> a pointer to ``element`` (to read tensors in place)."""
+@intrinsic
+def _at(typingctx, address, like):
+    """A pointer to elements of ``like``'s dtype at the int64 ``address`` (to read tensors in place)."""
 
-    @intrinsic
-    def pointer(typingctx, address):
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
 
-        return types.CPointer(element)(types.int64), codegen
-
-    return pointer
-
-
-_f32_at = _pointer_to(types.float32)
-_f64_at = _pointer_to(types.float64)
+    return types.CPointer(like.dtype)(types.int64, like), codegen
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def _runs32(addresses, sizes, scale, scaled, out):  # pragma: no cover - compiled
-    """Rows of the float32 runs of ``sizes[k]`` elements at ``addresses[k]`` (each element
-    times ``scale`` first, in float32, when ``scaled``) into zeroed ``out[k]``."""
-    buffer = np.empty(BLOCK if scaled else 0, dtype=np.float32)
-    tables = np.zeros(8 * _E32, dtype=np.uint32)
-    counts = np.zeros(_E32, dtype=np.int64)
-    top_bits = np.zeros(1, dtype=np.uint32)
+def _runs(addresses, sizes, out, fmt, scratch, scale, scaled):  # pragma: no cover - compiled
+    """Rows of the runs of ``sizes[k]`` elements at ``addresses[k]`` into zeroed ``out[k]``.
+
+    ``fmt`` is the element format (see ``_FORMATS``); ``scratch`` the reusable arrays
+    (``_scratch``); with ``scaled``, each element is first multiplied by ``scale`` in its own
+    precision, block by block in cache.
+    """
+    abs_mask, inf_bits, bin0 = fmt
+    values_like, bits_like, buffer, buffer_bits, tables, counts, top_bits, top_value = scratch
+    last = counts.size - 1
     for k in range(sizes.size):
-        run = carray(_f32_at(addresses[k]), (sizes[k],))
+        run = carray(_at(addresses[k], values_like), (sizes[k],))
+        run_bits = carray(_at(addresses[k], bits_like), (sizes[k],))
         row = out[k]
         counts[:] = 0
-        top = np.uint32(0)
+        top = abs_mask ^ abs_mask  # zero, of the bits' type
         zeros = 0
         for lo in range(0, run.size, BLOCK):
             hi = min(lo + BLOCK, run.size)
             if scaled:
-                values = buffer[: hi - lo]
+                values, bits = buffer[: hi - lo], buffer_bits[: hi - lo]
                 _scale(run[lo:hi], scale, values)
             else:
-                values = run[lo:hi]
-            bits = values.view(np.uint32)
+                values, bits = run[lo:hi], run_bits[lo:hi]
             before_zero = counts[0]
-            before_bad = counts[_E32 - 1]
-            _exponents32(bits, tables, counts)
-            if counts[_E32 - 1] > before_bad:
-                total, squares, block_top, nans = _finite_sums32(values, bits)
+            before_bad = counts[last]
+            _exponents(bits, tables, counts)
+            if counts[last] > before_bad:
+                total, squares, block_top, nans = _finite_sums(values, bits, abs_mask, inf_bits)
                 row[_NANS] += nans
-                row[_INFS] += counts[_E32 - 1] - before_bad - nans
+                row[_INFS] += counts[last] - before_bad - nans
             else:
-                total, squares, block_top = _sums32(values, bits)
+                total, squares, block_top = _sums(values, bits, abs_mask)
             if counts[0] > before_zero:
-                zeros += _zeros32(bits)
+                zeros += _zeros(bits, abs_mask)
             row[_SUM] += total
             row[_SUMSQ] += squares
             top = block_top if block_top > top else top
         row[_N] = run.size
         row[_ZEROS] = zeros
         top_bits[0] = top
-        row[_MAX] = top_bits.view(np.float32)[0]
-        _fold(counts, _BIN0_32, zeros, row)
+        row[_MAX] = top_value[0]
+        _fold(counts, bin0, zeros, row)
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
-def _runs64(addresses, sizes, scale, scaled, out):  # pragma: no cover - compiled
-    """Rows of the float64 runs of ``sizes[k]`` elements at ``addresses[k]`` (each element
-    times ``scale`` first, in float64, when ``scaled``) into zeroed ``out[k]``."""
-    buffer = np.empty(BLOCK if scaled else 0, dtype=np.float64)
-    tables = np.zeros(4 * _E64, dtype=np.uint32)
-    counts = np.zeros(_E64, dtype=np.int64)
-    top_bits = np.zeros(1, dtype=np.uint64)
-    for k in range(sizes.size):
-        run = carray(_f64_at(addresses[k]), (sizes[k],))
-        row = out[k]
-        counts[:] = 0
-        top = np.uint64(0)
-        zeros = 0
-        for lo in range(0, run.size, BLOCK):
-            hi = min(lo + BLOCK, run.size)
-            if scaled:
-                values = buffer[: hi - lo]
-                _scale(run[lo:hi], scale, values)
-            else:
-                values = run[lo:hi]
-            bits = values.view(np.uint64)
-            before_zero = counts[0]
-            before_bad = counts[_E64 - 1]
-            _exponents64(bits, tables, counts)
-            if counts[_E64 - 1] > before_bad:
-                total, squares, block_top, nans = _finite_sums64(values, bits)
-                row[_NANS] += nans
-                row[_INFS] += counts[_E64 - 1] - before_bad - nans
-            else:
-                total, squares, block_top = _sums64(values, bits)
-            if counts[0] > before_zero:
-                zeros += _zeros64(bits)
-            row[_SUM] += total
-            row[_SUMSQ] += squares
-            top = block_top if block_top > top else top
-        row[_N] = run.size
-        row[_ZEROS] = zeros
-        top_bits[0] = top
-        row[_MAX] = top_bits.view(np.float64)[0]
-        _fold(counts, _BIN0_64, zeros, row)
+_FORMATS = {
+    # dtype: (its bits' dtype, exponent values, interleaved tables, (|x| mask, Inf's bits, bin 0's exponent))
+    np.dtype(np.float32): (np.uint32, _E32, 8, (_ABS32, _INF32, _BIN0_32)),
+    np.dtype(np.float64): (np.uint64, _E64, 4, (_ABS64, _INF64, _BIN0_64)),
+}
+
+
+def _scratch(dtype: np.dtype, scaled: bool) -> tuple:
+    """The arrays ``_runs`` reuses for one call (typed by ``dtype``, so it compiles per format)."""
+    bits, exponents, ways, _ = _FORMATS[dtype]
+    buffer = np.empty(BLOCK if scaled else 0, dtype=dtype)
+    top = np.zeros(1, dtype=bits)
+    return (
+        np.empty(0, dtype=dtype),
+        np.empty(0, dtype=bits),
+        buffer,
+        buffer.view(bits),
+        np.zeros(ways * exponents, dtype=np.uint32),
+        np.zeros(exponents, dtype=np.int64),
+        top,
+        top.view(dtype),
+    )
 
 
 def _rows_at(dtype: np.dtype, addresses: np.ndarray, sizes: np.ndarray, inv_scale: float | None) -> np.ndarray:
+    dtype = np.dtype(dtype)
     out = np.zeros((sizes.size, layout.ROW_WIDTH))
-    scale = np.float32(1.0 if inv_scale is None else inv_scale)  # a GradScaler holds it in float32
-    if dtype == np.float32:
-        _runs32(addresses, sizes, scale, inv_scale is not None, out)
-    else:
-        _runs64(addresses, sizes, np.float64(scale), inv_scale is not None, out)
+    scale = dtype.type(np.float32(1.0 if inv_scale is None else inv_scale))  # a GradScaler holds it in float32
+    scaled = inv_scale is not None
+    _runs(addresses, sizes, out, _FORMATS[dtype][3], _scratch(dtype, scaled), scale, scaled)
     return out
 
 
