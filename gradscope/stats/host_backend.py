@@ -12,11 +12,12 @@ Both give the same counts, ``max_abs`` and histograms, bit for bit; sums agree w
 NumPy kernel's bound (relative error below 1e-6). If the numba kernel fails (it compiles
 on first use), the NumPy kernel takes over, with one warning, and training goes on.
 
-Work items hold at most ``CHUNK`` elements: a slice of one large tensor, or a pack of whole
-small tensors of one dtype and device, flattened into one buffer by a single call into
-torch (no Python per element, little per tensor) and reduced by segments. CPU
-float32/float64 tensors are read in place; other dtypes and devices are staged chunk by
-chunk into a per-thread float32/float64 buffer by ``torch``'s ``copy_``. Kernels release
+Work items hold about ``CHUNK`` elements at most: a slice of one large tensor, or a pack of
+whole small tensors of one dtype and device. The numba kernel reads a pack of contiguous CPU
+float32/float64 tensors where they lie (it is given their addresses); otherwise a single call
+into torch flattens the pack into one buffer, reduced by segments. CPU float32/float64
+tensors are read in place; other dtypes and devices are staged chunk by chunk into a
+per-thread float32/float64 buffer by ``torch``'s ``copy_``. Kernels release
 the GIL, so items spread over threads use every core. Results are deterministic: a
 tensor's items are combined in a fixed order, whatever the number of threads.
 """
@@ -91,19 +92,32 @@ class _NumpyKernel:
     in_place = False
 
     @staticmethod
-    def runs(values: np.ndarray, starts: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
-        if inv_scale is not None:
-            values = _scaled(values, inv_scale, ws.get("scaled", values.dtype, values.size))
-        return numpy_kernels.rows(values, starts, ws)
+    def run(values: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        return numpy_kernels.run_row(_NumpyKernel._unscaled(values, ws, inv_scale), ws)
+
+    @staticmethod
+    def packed(values: np.ndarray, starts: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        return numpy_kernels.packed_rows(_NumpyKernel._unscaled(values, ws, inv_scale), starts, ws)
+
+    @staticmethod
+    def _unscaled(values: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        if inv_scale is None:
+            return values
+        return _scaled(values, inv_scale, ws.get("scaled", values.dtype, values.size))
 
 
 class _NumbaKernel:
-    """The compiled kernel: also reads whole contiguous CPU tensors where they lie."""
+    """The compiled kernel: one code for slices and packs; also reads whole contiguous CPU
+    tensors where they lie."""
 
     in_place = True
 
     @staticmethod
-    def runs(values: np.ndarray, starts: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+    def run(values: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
+        return _NumbaKernel.packed(values, np.array([0, values.size], dtype=np.int64), ws, inv_scale)
+
+    @staticmethod
+    def packed(values: np.ndarray, starts: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
         from gradscope.stats import numba_kernels
 
         return numba_kernels.rows(values, starts, inv_scale)
@@ -201,8 +215,7 @@ class _Slice:
         return [self.tensor]
 
     def rows(self, kernel, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
-        values = _as_numpy(self.values[self.start : self.stop], ws)
-        return kernel.runs(values, np.array([0, values.size], dtype=np.int64), ws, inv_scale)
+        return kernel.run(_as_numpy(self.values[self.start : self.stop], ws), ws, inv_scale)
 
 
 class _Pack:
@@ -232,7 +245,7 @@ class _Pack:
         flat = first.contiguous().view(-1) if len(parts) == 1 else torch._utils._flatten_dense_tensors(parts)
         starts = np.zeros(len(parts) + 1, dtype=np.int64)
         np.cumsum(self.sizes, out=starts[1:])
-        return kernel.runs(_as_numpy(flat, ws), starts, ws, inv_scale)
+        return kernel.packed(_as_numpy(flat, ws), starts, ws, inv_scale)
 
 
 def _packs(tensors: Sequence[torch.Tensor], indices: np.ndarray, sizes: np.ndarray) -> list[_Pack]:

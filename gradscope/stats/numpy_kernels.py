@@ -147,7 +147,10 @@ def _run_row(values: np.ndarray, ws) -> np.ndarray:
 
 
 def _packed_rows(values: np.ndarray, sizes: np.ndarray, ws) -> np.ndarray:
-    """Rows of several non-empty tensors laid end to end in ``values`` (segmented reductions)."""
+    """Rows of several non-empty tensors laid end to end in ``values`` (segmented reductions).
+
+    Zeros and NaN/Inf are looked for only in tensors whose histogram says they may hold
+    some (bin 0 takes zeros and subnormals, bin 63 NaN/Inf and huge values)."""
     k = sizes.size
     starts = np.zeros(k, dtype=np.intp)
     np.cumsum(sizes[:-1], out=starts[1:])
@@ -156,21 +159,25 @@ def _packed_rows(values: np.ndarray, sizes: np.ndarray, ws) -> np.ndarray:
     segment = np.repeat(np.arange(k, dtype=np.intp) * layout.NUM_BINS, sizes)
     segment += _bins(values, ws)
     hist = np.bincount(segment, minlength=k * layout.NUM_BINS).reshape(k, layout.NUM_BINS)
-    zeros = np.add.reduceat((values == 0).view(np.uint8), starts, dtype=np.int64)
+    if hist[:, 0].any():
+        zeros = np.add.reduceat((values == 0).view(np.uint8), starts, dtype=np.int64)
+        hist[:, 0] -= zeros
+        rows[:, layout.ZEROS] = zeros
     wide = ws.get("wide", np.float64, values.size)
     np.copyto(wide, values)
-    nonfinite = ~np.isfinite(wide)
-    if nonfinite.any():
-        nans = np.add.reduceat(np.isnan(wide).view(np.uint8), starts, dtype=np.int64)
-        infs = np.add.reduceat(nonfinite.view(np.uint8), starts, dtype=np.int64) - nans
-        hist[:, _LAST_BIN] -= nans + infs
-        rows[:, layout.NANS], rows[:, layout.INFS] = nans, infs
-        wide[nonfinite] = 0
-    hist[:, 0] -= zeros
-    rows[:, layout.ZEROS] = zeros
+    finite = values
+    if hist[:, _LAST_BIN].any():
+        nonfinite = ~np.isfinite(wide)
+        if nonfinite.any():
+            nans = np.add.reduceat(np.isnan(wide).view(np.uint8), starts, dtype=np.int64)
+            infs = np.add.reduceat(nonfinite.view(np.uint8), starts, dtype=np.int64) - nans
+            hist[:, _LAST_BIN] -= nans + infs
+            rows[:, layout.NANS], rows[:, layout.INFS] = nans, infs
+            wide[nonfinite] = 0
+            finite = wide
     rows[:, layout.SUM] = np.add.reduceat(wide, starts)
-    magnitude = ws.get("magnitude", np.float64, values.size)
-    np.abs(wide, out=magnitude)
+    magnitude = ws.get("magnitude", finite.dtype, values.size)
+    np.abs(finite, out=magnitude)  # in the values' own precision: exact, and half the bytes for float32
     rows[:, layout.MAX_ABS] = np.maximum.reduceat(magnitude, starts)
     np.square(wide, out=wide)
     rows[:, layout.SUMSQ] = np.add.reduceat(wide, starts)
@@ -178,21 +185,29 @@ def _packed_rows(values: np.ndarray, sizes: np.ndarray, ws) -> np.ndarray:
     return rows
 
 
-def rows(values: np.ndarray, starts: np.ndarray, ws) -> np.ndarray:
-    """Statistics rows (float64 ``(K, ROW_WIDTH)``) of the runs ``values[starts[k]:starts[k + 1]]``.
+def run_row(values: np.ndarray, ws) -> np.ndarray:
+    """The statistics row (float64 ``(1, ROW_WIDTH)``) of one run: a slice of a large tensor.
 
     Args:
         values: contiguous 1-D float32 or float64 elements (not modified).
-        starts: int64 ``(K + 1,)``, non-decreasing run boundaries from 0 to ``values.size``.
         ws: scratch buffers (``ws.get(name, dtype, n)``), reused across calls.
     """
-    if starts.size == 2:
-        return _run_row(values, ws)[None, :]
+    return _run_row(values, ws)[None, :]
+
+
+def packed_rows(values: np.ndarray, starts: np.ndarray, ws) -> np.ndarray:
+    """Statistics rows (float64 ``(K, ROW_WIDTH)``) of whole small tensors laid end to end:
+    run ``k`` is ``values[starts[k]:starts[k + 1]]``.
+
+    A tensor's row depends on nothing but the tensor: the same code measures it whichever
+    tensors share its pack (so backward and step mode, or one gradient at a time on a
+    worker, give identical numbers).
+    """
     sizes = np.diff(starts)
     full = sizes > 0
-    out = np.zeros((sizes.size, layout.ROW_WIDTH))
     if full.all():
         return _packed_rows(values, sizes, ws)
+    out = np.zeros((sizes.size, layout.ROW_WIDTH))
     if full.any():
         out[full] = _packed_rows(values, sizes[full], ws)
     return out

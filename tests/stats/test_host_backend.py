@@ -143,3 +143,14 @@ except ValueError as error:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "backend='numba' needs the numba package (pip install 'gradscope[numba]')" in done.stdout
+
+
+@settings(max_examples=60)
+@given(tensors=st.lists(gradient_tensors(max_numel=300), min_size=2, max_size=12))
+def test_a_small_tensors_row_does_not_depend_on_the_tensors_beside_it(kernel, tensors):
+    """Measured together (one pack) or one at a time (as a worker does in backward mode),
+    each tensor's row is the same, bit for bit: backward and step mode must agree."""
+    together = cpu_stats(tensors, kernel).to_rows()
+    alone = np.concatenate([cpu_stats([t], kernel).to_rows() for t in tensors])
+    np.testing.assert_array_equal(together, alone)
+    np.testing.assert_array_equal(cpu_stats(tensors[::-1], kernel).to_rows(), together[::-1])

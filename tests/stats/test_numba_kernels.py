@@ -74,7 +74,7 @@ def test_rows_match_the_float64_reference_and_the_numpy_kernel(case):
     assert_sums_close(compiled[:, layout.SUM], expected[:, layout.SUM], abs_sums, 1e-12)
     np.testing.assert_allclose(compiled[:, layout.SUMSQ], expected[:, layout.SUMSQ], rtol=1e-12, atol=0)
     with np.errstate(over="ignore", invalid="ignore"):
-        by_numpy = numpy_kernels.rows(values.numpy(), starts, host_backend._Workspace())
+        by_numpy = numpy_kernels.packed_rows(values.numpy(), starts, host_backend._Workspace())
     np.testing.assert_array_equal(compiled[:, EXACT], by_numpy[:, EXACT])  # identical where exactness is promised
     assert_sums_close(compiled[:, layout.SUM], by_numpy[:, layout.SUM], abs_sums, 1e-6)
     np.testing.assert_allclose(compiled[:, layout.SUMSQ], by_numpy[:, layout.SUMSQ], rtol=1e-6, atol=0)
