@@ -11,7 +11,7 @@ read once from memory into cache and reduced there by two tight loops,
 * the sums, in float64 per element (vectorised: the loop is compiled with reassociation
   allowed, so its summation order is fixed by the compiled code, not by the threads), and
   ``max |g|`` as the largest ``bits & 0x7F...F`` (for finite values integer order is
-  magnitude order, and an integer maximum vectorises where a float one does not).
+  magnitude order, and a 32-bit integer maximum vectorises where a float one does not).
 
 A block that holds NaN/Inf (its exponent count says so) is summed again by a loop that
 skips them and counts NaNs; zeros are counted only when the exponent count says a block may
@@ -143,24 +143,53 @@ def _exponents_of_width(bits, tables, counts):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST, boundscheck=False)
-def _sums(values, bits, abs_mask):  # pragma: no cover - compiled
-    """(sum, sum of squares, largest ``bits & abs_mask``) of values that are all finite; the
-    sums in float64 whatever the values' precision."""
+def _sums(values):  # pragma: no cover - compiled
+    """(sum, sum of squares) of values that are all finite, in float64 whatever their precision."""
     total = 0.0
     squares = 0.0
-    top = abs_mask ^ abs_mask  # zero, of the bits' type
     for i in range(values.size):
         x = np.float64(values[i])
         total += x
         squares += x * x
-        magnitude = bits[i] & abs_mask
+    return total, squares
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _top32(bits):  # pragma: no cover - compiled
+    """The largest ``bits & 0x7FFFFFFF``: for finite float32 values, the bits of ``max |x|``
+    (kept in 32 bits, where the maximum vectorises)."""
+    top = np.uint32(0)
+    for i in range(bits.size):
+        magnitude = np.uint32(bits[i] & _ABS32)
         top = magnitude if magnitude > top else top
-    return total, squares, top
+    return top
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def _top64(bits):  # pragma: no cover - compiled
+    """As :func:`_top32` for float64 bits."""
+    top = np.uint64(0)
+    for i in range(bits.size):
+        magnitude = bits[i] & _ABS64
+        top = magnitude if magnitude > top else top
+    return top
+
+
+def _top(bits):  # pragma: no cover - replaced by its overload when compiled
+    """The bits of ``max |x|`` of finite values (by the bits' width)."""
+    raise NotImplementedError
+
+
+@overload(_top, jit_options={"nogil": True})
+def _top_of_width(bits):
+    if bits.dtype == types.uint32:
+        return lambda bits: _top32(bits)
+    return lambda bits: _top64(bits)
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
 def _finite_sums(values, bits, abs_mask, inf_bits):  # pragma: no cover - compiled
-    """As :func:`_sums` over the finite values only, and the number of NaNs."""
+    """(sum, sum of squares, largest ``bits & abs_mask``, NaN count) over the finite values."""
     total = 0.0
     squares = 0.0
     top = abs_mask ^ abs_mask  # zero, of the bits' type
@@ -252,7 +281,8 @@ def _runs(addresses, sizes, out, fmt, scratch, scale, scaled):  # pragma: no cov
                 row[_NANS] += nans
                 row[_INFS] += counts[last] - before_bad - nans
             else:
-                total, squares, block_top = _sums(values, bits, abs_mask)
+                total, squares = _sums(values)
+                block_top = _top(bits)
             if counts[0] > before_zero:
                 zeros += _zeros(bits, abs_mask)
             row[_SUM] += total
