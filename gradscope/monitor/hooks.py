@@ -51,10 +51,10 @@ class Arrivals:
     """The cheapest backward hooks, for engines that measure everything when backward ends.
 
     Each parameter's hook only appends the parameter to a list (the order in which the
-    gradients became final); the first hook of a backward pass also calls ``on_first``
-    (which arranges to hear of the pass's end). When the pass ends the monitor takes the
-    list, and the gradients are measured together: no per-gradient work in autograd's
-    path but one list append.
+    gradients became final); the first hook of a backward pass also calls the monitor's
+    ``_on_first_arrival()`` (which arranges to hear of the pass's end). When the pass ends
+    the monitor takes the list, and the gradients are measured together: no per-gradient
+    work in autograd's path but one list append.
 
     Args:
         monitor: held weakly; its ``_on_first_arrival()`` is called on a pass's first gradient.

@@ -2,18 +2,18 @@
 
 The same rows as :mod:`gradscope.stats.numpy_kernels` (see :mod:`gradscope.stats.layout`),
 computed the way the Triton kernel computes them on a GPU: each block of 64 Ki elements is
-read once from memory into cache and reduced there by two tight loops,
+read once from memory into cache and reduced there by tight loops:
 
 * the histogram of the raw IEEE-754 exponent field (256 values for float32, 2048 for
   float64), counted into eight (float32) or four (float64) interleaved tables so that
   neighbouring elements of the same binade do not wait on each other's increment; the
   exponent counts then fold onto the 64 binade bins, the zero/subnormal and NaN/Inf counts;
 * the sums, in float64 per element (vectorised: the loop is compiled with reassociation
-  allowed, so its summation order is fixed by the compiled code, not by the threads), and
-  ``max |g|`` as the largest ``bits & 0x7F...F`` (for finite values integer order is
+  allowed, so its summation order is fixed by the compiled code, not by the threads);
+* ``max |g|`` as the largest ``bits & 0x7F...F`` (for finite values integer order is
   magnitude order, and a 32-bit integer maximum vectorises where a float one does not).
 
-A block that holds NaN/Inf (its exponent count says so) is summed again by a loop that
+A block that holds NaN/Inf (its exponent count says so) is summed instead by one loop that
 skips them and counts NaNs; zeros are counted only when the exponent count says a block may
 hold some. Counts, ``max_abs`` and the histogram are exact, as in every backend; the sums
 add float64 values, so their relative error is below ``n * 2**-53``.
