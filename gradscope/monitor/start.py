@@ -47,7 +47,7 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         history: sampled steps kept in memory (oldest dropped).
         granularity: ``"layer"`` (rows are modules) or ``"parameter"`` (rows are parameters).
         params: which parameters: names or glob patterns, or a predicate ``(name, param)``.
-        backend: ``"auto"``, ``"triton"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
+        backend: ``"auto"``, ``"triton"``, ``"numba"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
         hist_history: sampled steps whose histograms are kept (the newest).
         thresholds: the health checks' :class:`gradscope.Thresholds` for :meth:`Monitor.report`.
         log_dir: a new directory for the run log (JSON Lines, read back with
