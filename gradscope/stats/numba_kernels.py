@@ -130,9 +130,10 @@ def _exponents64(bits, tables, counts):  # pragma: no cover - compiled
             counts[e] += tables[way * _E64 + e]
 
 
-def _exponents(bits, tables, counts):  # pragma: no cover - replaced by its overload when compiled
-    """Add the exponent-field counts of ``bits`` to ``counts`` (by the bits' width)."""
-    raise NotImplementedError
+def _exponents(bits, tables, counts):
+    """Add the exponent-field counts of ``bits`` to ``counts`` (by the bits' width). Called
+    from Python it picks the function itself; inside compiled code the overload below does."""
+    (_exponents32 if bits.dtype == np.uint32 else _exponents64)(bits, tables, counts)
 
 
 @overload(_exponents, jit_options={"nogil": True})
@@ -175,9 +176,10 @@ def _top64(bits):  # pragma: no cover - compiled
     return top
 
 
-def _top(bits):  # pragma: no cover - replaced by its overload when compiled
-    """The bits of ``max |x|`` of finite values (by the bits' width)."""
-    raise NotImplementedError
+def _top(bits):
+    """The bits of ``max |x|`` of finite values (by the bits' width; from Python as
+    :func:`_exponents`)."""
+    return (_top32 if bits.dtype == np.uint32 else _top64)(bits)
 
 
 @overload(_top, jit_options={"nogil": True})

@@ -110,3 +110,21 @@ def test_a_failing_numba_kernel_hands_over_to_numpy_with_one_warning(monkeypatch
     np.testing.assert_array_equal(again, rows)
     assert len(calls) == 1
     assert host_backend.fastest_kernel() == "numpy"  # backend="auto" stops choosing it
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_width_dispatchers_pick_the_same_function_in_python_as_compiled(dtype):
+    """``_exponents`` and ``_top`` choose by the bits' width: called from Python they must
+    give what the compiled driver's overloads give."""
+    values = (np.random.default_rng(0).standard_normal(3000) * 1e-3).astype(dtype)
+    values[7] = 0.0
+    bits = values.view(np.uint32 if dtype == np.float32 else np.uint64)
+    width = 256 if dtype == np.float32 else 2048
+    counts = np.zeros(width, dtype=np.int64)
+    numba_kernels._exponents(bits, np.zeros(8 * width, dtype=np.uint32), counts)
+    assert counts.sum() == values.size
+    assert counts[0] == 1  # the zero
+    top = np.array([numba_kernels._top(bits)], dtype=bits.dtype).view(dtype)[0]
+    assert top == np.abs(values).max()
+    row = numba_kernels.rows(values, np.array([0, values.size]))[0]
+    assert row[layout.MAX_ABS] == top
