@@ -4,9 +4,12 @@ W&B (per training step, like the other methods of ``bench_overhead.py``):
 
 * ``wandb.watch(log='gradients')``: ``wandb.watch(model, log="gradients", log_freq=1)`` in
   an offline run, the loss logged every step;
-* ``gradscope watch(every=N) + WandbExporter``: gradscope with its W&B exporter in an
-  offline run (scalars every sampled step, histograms every 10th; the exporter logs the
-  loss given to ``mon.step`` every step, so the loop calls no ``wandb.log`` itself).
+* ``gradscope watch(every=N) + WandbExporter``: gradscope with its W&B exporter (defaults) in
+  an offline run: the whole-model summary every sampled step, every layer's scalars as often
+  as its time budget allows, histograms with every 10th of those; the exporter logs the loss
+  given to ``mon.step`` every step, so the loop calls no ``wandb.log`` itself. The exporter's
+  ``run.log`` calls happen at its flushes (every 2 s) and at ``mon.close()``, whose time is
+  counted in the measured steps.
 
 Lightning (``bench_overhead.py --integrations``): each method is one short ``fit`` of the same
 model and batch (the benchmark's workloads), timed per training batch by a timing callback
@@ -85,11 +88,7 @@ def method_wandb_exporter(every: int):
         def after(step, loss):
             mon.step(loss=loss)  # the exporter logs the loss too (gradscope/loss): no wandb.log here
 
-        def teardown():
-            mon.close()
-            run.finish()
-
-        return after, contextlib.nullcontext, teardown
+        return after, contextlib.nullcontext, run.finish, mon.close  # mon.close(): the last flush, timed
 
     return make
 

@@ -8,7 +8,8 @@ output or the loss; replicas that disagree; a spike of the total gradient norm o
 — and judges at the step such a record arrives. Findings that build up over many steps
 (vanishing, dead layers, plateaus, divergence, sustained explosions) are judged at least
 every ``cost / BUDGET`` seconds of wall time, so that judging takes at most ``BUDGET`` of
-the training's time: with the figure above, every ~1 s.
+the training's time (the rule of :mod:`gradscope.outputs.budget`): with the figure above,
+every ~1 s.
 
 The spike rules are the exploding check's and the controller's (``Thresholds.spike_factor``
 over a running median of ``spike_window`` values, above the run's initial size divided by
@@ -20,11 +21,11 @@ from __future__ import annotations
 
 import collections
 import statistics
-import time
 
 import numpy as np
 
 from gradscope.health.thresholds import Thresholds
+from gradscope.outputs.budget import TimeBudget
 from gradscope.run import records
 from gradscope.stats import layout
 
@@ -137,18 +138,19 @@ class Screen:
             self.episode, self._in_episode = step, True
 
 
-class Cadence:
-    """Judge on an alarm, or when the time since the last judgement pays for its cost."""
+class Cadence(TimeBudget):
+    """Judge on an alarm, or when the time since the last judgement pays for its cost.
+
+    ``cost`` is the latest judgement's duration (judgements vary little) and ``last`` when it
+    ended."""
 
     def __init__(self, budget: float = BUDGET) -> None:
-        self.budget = budget
-        self.cost = 0.0  # seconds per judgement (the latest; judgements vary little)
-        self.last = time.perf_counter()
+        super().__init__(budget)
 
     def due(self, alarm: bool) -> bool:
-        return alarm or (time.perf_counter() - self.last) * self.budget >= self.cost
+        return alarm or super().due()
 
     def judged(self, started: float) -> None:
         """A judgement that began at ``started`` (``time.perf_counter()``) just ended."""
-        self.last = time.perf_counter()
-        self.cost = self.last - started
+        self.begin()
+        self.spend(self.last - started)

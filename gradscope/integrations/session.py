@@ -37,7 +37,7 @@ from gradscope.monitor.monitor import Monitor
 from gradscope.monitor.options import OPTION_NAMES
 from gradscope.monitor.start import watch
 from gradscope.outputs import report_files
-from gradscope.outputs.exporters.base import layer_scalars, summary_scalars
+from gradscope.outputs.exporters.base import SUMMARY_PREFIX, layer_scalars, summary_scalars
 from gradscope.run.history import BUILT_IN_FIELDS
 
 log = logging.getLogger("gradscope")
@@ -48,7 +48,7 @@ SET_BY_TRAINER = ("mode", "scaler", "accumulation_steps")
 NOT_METRICS = ("_runtime", "_samples_per_second", "_steps_per_second")
 """Endings of evaluation values that measure the evaluation itself, not the model."""
 
-PREFIX = "gradscope/"
+PREFIX = SUMMARY_PREFIX
 """Before every whole-model scalar a callback logs (per-layer ones are ``<statistic>/<layer>``)."""
 
 

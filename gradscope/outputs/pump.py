@@ -2,8 +2,9 @@
 
 The training thread only puts records on a queue (a few microseconds); encoding, writing
 files and calling exporters happen on the pump's thread. It flushes every exporter at least
-every ``flush_seconds`` and when closed. An exporter that raises is reported once and
-dropped; the others, and training, go on.
+every ``flush_seconds`` and when closed, and tells each exporter how long each of its
+``write`` and ``flush`` calls took (``Exporter.spent``: what an exporter's time budget
+counts). An exporter that raises is reported once and dropped; the others, and training, go on.
 """
 
 from __future__ import annotations
@@ -50,8 +51,11 @@ class RecordPump:
         self._thread.join()
 
     def _call(self, exporter: Exporter, method: str, *args) -> None:
+        started = time.perf_counter()
         try:
             getattr(exporter, method)(*args)
+            if method in ("write", "flush"):  # what an exporter's budget counts (Exporter.spent)
+                exporter.spent(time.perf_counter() - started)
         except Exception as error:  # one broken exporter must not stop the others or training
             self._exporters.remove(exporter)
             message = f"{type(exporter).__name__}.{method} failed ({type(error).__name__}: {error}); it is dropped"

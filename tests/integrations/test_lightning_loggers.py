@@ -100,7 +100,9 @@ def test_wandb_and_mlflow_loggers_receive_the_same_scalars(tmp_path, monkeypatch
     uri = (tmp_path / "mlruns").as_uri()
     loggers = [
         CSVLogger(tmp_path, name="csv"),
-        WandbLogger(save_dir=str(tmp_path), offline=True, project="t"),
+        # mode="offline" for wandb.init too: Lightning's offline=True sets WANDB_MODE, which W&B
+        # reads only when its process-wide settings are first made (an earlier test may have)
+        WandbLogger(save_dir=str(tmp_path), offline=True, project="t", mode="offline"),
         MLFlowLogger(experiment_name="t", tracking_uri=uri),
     ]
     trainer = make_trainer(L, tmp_path, [callback], max_epochs=1, logger=loggers, log_every_n_steps=2)

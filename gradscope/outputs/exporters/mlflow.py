@@ -8,7 +8,8 @@ from __future__ import annotations
 import re
 import time
 
-from gradscope.outputs.exporters.base import ScalarExporter
+from gradscope.outputs.budget import check_budget
+from gradscope.outputs.exporters.base import EXPORT_BUDGET, ScalarExporter
 
 BATCH = 1000
 """Metrics per request (MLflow's limit for one ``log_batch``)."""
@@ -24,8 +25,9 @@ def metric_key(name: str) -> str:
 class MLflowExporter(ScalarExporter):
     """Logs a run's scalars to an MLflow run, in batches.
 
-    The metrics are those of :class:`gradscope.exporters.TensorBoardExporter`'s scalars
-    (``grad_norm/<layer>``, ``grad_rms/<layer>``, ``grad_max_abs/<layer>``,
+    The metrics are those of :class:`gradscope.exporters.TensorBoardExporter`'s scalars (the
+    whole model's ``gradscope/grad_norm``... at every sampled step; at layer steps, as often as
+    ``budget`` allows, ``grad_norm/<layer>``, ``grad_rms/<layer>``, ``grad_max_abs/<layer>``,
     ``grad_zero_frac/<layer>``, ``grad_nonfinite/<layer>``, ``update_ratio/<layer>``,
     ``loss``, resources and metrics), with characters MLflow does not allow in a key replaced
     by ``_``. They are sent with ``MlflowClient.log_batch`` (what ``mlflow.log_metrics``
@@ -36,13 +38,23 @@ class MLflowExporter(ScalarExporter):
     Args:
         run_id: the MLflow run to log to; default: the active run (``mlflow.start_run()``).
         tracking_uri: default: MLflow's current tracking URI.
+        budget: fraction of wall time the exporter may spend (see
+            :class:`~gradscope.outputs.exporters.base.ScalarExporter`); None: every layer at
+            every sampled step.
         prefix: put before every key, e.g. ``"gradscope/"``.
 
     Raises:
         ValueError: no ``run_id`` and no active MLflow run.
     """
 
-    def __init__(self, run_id: str | None = None, *, tracking_uri: str | None = None, prefix: str = "") -> None:
+    def __init__(
+        self,
+        run_id: str | None = None,
+        *,
+        tracking_uri: str | None = None,
+        budget: float | None = EXPORT_BUDGET,
+        prefix: str = "",
+    ) -> None:
         try:
             import mlflow
             from mlflow.entities import Metric
@@ -58,6 +70,7 @@ class MLflowExporter(ScalarExporter):
             run_id = active.info.run_id
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
+        self.budget = check_budget("MLflowExporter", budget)
         self.prefix = prefix
         self._metric = Metric
         self._pending: list = []

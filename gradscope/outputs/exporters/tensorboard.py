@@ -9,7 +9,8 @@ import os
 
 import numpy as np
 
-from gradscope.outputs.exporters.base import ScalarExporter
+from gradscope.outputs.budget import check_budget
+from gradscope.outputs.exporters.base import EXPORT_BUDGET, ScalarExporter
 from gradscope.run import records
 from gradscope.stats import layout
 
@@ -58,7 +59,12 @@ def log2_histogram(counts: np.ndarray, max_abs: float) -> dict | None:
 class TensorBoardExporter(ScalarExporter):
     """Writes a run to TensorBoard event files.
 
-    Scalars (one chart per layer, grouped by statistic): ``grad_norm/<layer>``,
+    Scalars: the whole model's ``gradscope/grad_norm``, ``gradscope/grad_max_abs``,
+    ``gradscope/grad_zero_frac``, ``gradscope/grad_nonfinite``,
+    ``gradscope/layer_grad_norm_min`` and ``gradscope/layer_grad_norm_max`` at every sampled
+    step; at layer steps (every sampled step, or as often as ``budget`` allows: see
+    :class:`~gradscope.outputs.exporters.base.ScalarExporter`) one chart per layer, grouped by
+    statistic: ``grad_norm/<layer>``,
     ``grad_rms/<layer>``, ``grad_max_abs/<layer>``, ``grad_zero_frac/<layer>``,
     ``grad_nonfinite/<layer>`` (when non-zero), ``update_ratio/<layer>`` (with
     ``track_updates``), ``loss``, ``step_time``, ``peak_memory``, ``energy`` and every metric.
@@ -70,8 +76,10 @@ class TensorBoardExporter(ScalarExporter):
         log_dir: directory of the event files (ignored when ``writer`` is given).
         writer: an existing ``torch.utils.tensorboard.SummaryWriter`` to write into (it stays
             open at close; gradscope only flushes it).
-        histogram_every: write histograms for one sampled step in this many (0: never).
-            Histograms cost about 20 times a scalar on disk; scalars go out every sampled step.
+        histogram_every: write histograms for one layer step in this many (0: never).
+            Histograms cost about 20 times a scalar on disk.
+        budget: fraction of wall time the exporter may spend (``add_scalar`` costs about
+            100 µs per value); None: every layer at every sampled step.
         prefix: put before every tag, e.g. ``"gradscope/"``.
     """
 
@@ -81,6 +89,7 @@ class TensorBoardExporter(ScalarExporter):
         *,
         writer=None,
         histogram_every: int = 10,
+        budget: float | None = EXPORT_BUDGET,
         prefix: str = "",
     ) -> None:
         try:
@@ -96,6 +105,7 @@ class TensorBoardExporter(ScalarExporter):
         self._owns_writer = writer is None
         self.writer = writer if writer is not None else SummaryWriter(log_dir=os.fspath(log_dir))
         self.histogram_every = histogram_every
+        self.budget = check_budget("TensorBoardExporter", budget)
         self.prefix = prefix
         self._sampled = 0
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradscope.outputs.exporters.base import ScalarExporter
+from gradscope.outputs.budget import check_budget
+from gradscope.outputs.exporters.base import EXPORT_BUDGET, ScalarExporter
 from gradscope.outputs.exporters.tensorboard import log2_histogram
 from gradscope.run import records
 from gradscope.stats import layout
@@ -23,13 +24,18 @@ COUNTS = (("grad_zeros", layout.ZEROS), ("grad_nans", layout.NANS), ("grad_infs"
 class WandbExporter(ScalarExporter):
     """Logs a run into a W&B run: per-layer scalars, counts and binade histograms.
 
-    Charts are grouped by statistic (W&B makes a section of each name's first part):
-    ``grad_norm/<layer>``, ``grad_rms/<layer>``, ``grad_max_abs/<layer>``,
+    Charts are grouped by statistic (W&B makes a section of each name's first part). At every
+    sampled step the whole model's ``gradscope/grad_norm``, ``gradscope/grad_max_abs``,
+    ``gradscope/grad_zero_frac``, ``gradscope/grad_nonfinite``,
+    ``gradscope/layer_grad_norm_min`` and ``gradscope/layer_grad_norm_max``; at layer steps
+    (every sampled step, or as often as ``budget`` allows: see
+    :class:`~gradscope.outputs.exporters.base.ScalarExporter`) ``grad_norm/<layer>``,
+    ``grad_rms/<layer>``, ``grad_max_abs/<layer>``,
     ``grad_zero_frac/<layer>``, ``fp8_e4m3_zero/<layer>``, ``fp8_e5m2_zero/<layer>``,
     ``update_ratio/<layer>`` (with ``track_updates``), ``act_*/<module>`` (with
     ``forward=True``), and, since W&B histograms silently drop non-finite values, the exact
     counts ``grad_zeros/<layer>``, ``grad_nans/<layer>`` and ``grad_infs/<layer>`` as scalars
-    at every sampled step, 0 included. Scalars of the whole step (``loss``, ``step_time``,
+    at every layer step, 0 included. Scalars of the whole step (``loss``, ``step_time``,
     ``peak_memory``, ``energy``, ``lr_scale``, logged metrics) go under ``gradscope/``, so
     they never overwrite the user's own ``loss``.
 
@@ -46,14 +52,18 @@ class WandbExporter(ScalarExporter):
 
     Args:
         run: the W&B run to log into; default: the active one (``wandb.init()`` first).
-        histogram_every: histograms for one sampled step in this many (0: never).
+        histogram_every: histograms for one layer step in this many (0: never).
+        budget: fraction of wall time the exporter may spend in this process (W&B's service
+            process spends about as much again); None: every layer at every sampled step.
         prefix: put before every name (e.g. ``"model_a/"`` for two watched models in one run).
 
     Raises:
         ValueError: no ``run`` and no active W&B run.
     """
 
-    def __init__(self, run=None, *, histogram_every: int = 10, prefix: str = "") -> None:
+    def __init__(
+        self, run=None, *, histogram_every: int = 10, budget: float | None = EXPORT_BUDGET, prefix: str = ""
+    ) -> None:
         try:
             import wandb
         except ImportError:
@@ -68,6 +78,7 @@ class WandbExporter(ScalarExporter):
                 raise ValueError("WandbExporter: no active W&B run; call wandb.init(...) first or pass run=")
         self.run = run
         self.histogram_every = histogram_every
+        self.budget = check_budget("WandbExporter", budget)
         self.prefix = prefix
         self._histogram = wandb.Histogram
         self._pending: dict[int, dict] = {}  # step -> values not yet sent

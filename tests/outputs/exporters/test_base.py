@@ -74,8 +74,25 @@ def expected_layer_scalars(columns, present) -> dict:
     return out
 
 
+def expected_summary(columns, present) -> dict:
+    """The whole-model scalars every sampled step carries: the present rows as one tensor."""
+    kept = columns[np.asarray(present, dtype=bool)]
+    if not len(kept):
+        return {}
+    numel, _sum, sumsq, _max, zeros, nans, infs = kept.sum(axis=0)
+    return {
+        "gradscope/grad_norm": float(np.sqrt(sumsq)),
+        "gradscope/grad_max_abs": float(kept[:, 3].max()),
+        "gradscope/grad_zero_frac": float(zeros / numel) if numel else 0.0,
+        "gradscope/grad_nonfinite": float(nans + infs),
+        "gradscope/layer_grad_norm_min": float(np.sqrt(kept[:, 2]).min()),
+        "gradscope/layer_grad_norm_max": float(np.sqrt(kept[:, 2]).max()),
+    }
+
+
 class Capture(ScalarExporter):
-    def __init__(self):
+    def __init__(self, budget=None):
+        self.budget = budget  # every layer at every sampled step unless a test asks for a budget
         self.scalars = []
         self.histograms = []
 
@@ -135,7 +152,11 @@ def test_sampled_record_gives_exact_per_layer_scalars(capture):
     capture.write(record)
     ((step, values),) = capture.scalars
     assert step == 12
-    assert values == expected_layer_scalars(COLUMNS, present)
+    summary, layers = expected_summary(COLUMNS, present), expected_layer_scalars(COLUMNS, present)
+    assert list(values)[: len(summary)] == list(summary)  # the whole model first, then the layers
+    assert values.keys() == summary.keys() | layers.keys()
+    assert {k: values[k] for k in layers} == layers
+    assert {k: values[k] for k in summary} == pytest.approx(summary, rel=1e-12)
     # spelled out, for the rows that matter most
     assert values["grad_norm/enc"] == 4.0
     assert values["grad_rms/enc"] == np.sqrt(1.6)
@@ -159,6 +180,7 @@ def test_absent_rows_produce_nothing_even_with_nan_columns(capture):
         (
             3,
             {
+                **expected_summary(COLUMNS, present),
                 "grad_norm/mid": float(np.sqrt(2.0)),
                 "grad_rms/mid": float(np.sqrt(2.0 / 6.0)),
                 "grad_max_abs/mid": 1.0,
@@ -188,8 +210,10 @@ def test_random_rows_match_the_formulas(capture):
         capture.write(records.Sampled(step, make_rows(columns), present, np.arange(5)))
         got_step, values = capture.scalars[-1]
         assert got_step == step
-        assert values == pytest.approx(expected_layer_scalars(columns, present), rel=1e-15, abs=0)
-        assert values.keys() == expected_layer_scalars(columns, present).keys()
+        summary, layers = expected_summary(columns, present), expected_layer_scalars(columns, present)
+        assert values.keys() == summary.keys() | layers.keys()
+        assert {k: values[k] for k in layers} == pytest.approx(layers, rel=1e-15, abs=0)
+        assert {k: values[k] for k in summary} == pytest.approx(summary, rel=1e-12, abs=0)
 
 
 # ---- update norms -----------------------------------------------------------------------
@@ -301,3 +325,136 @@ def test_summary_scalars_treat_the_present_layers_as_one_tensor(present):
 
 def test_summary_scalars_of_a_step_without_gradients_are_empty():
     assert summary_scalars(make_rows(), np.zeros(5, bool)) == {}
+
+
+# ---- layer steps: the per-layer values within a time budget ------------------------------
+
+
+def sampled(step: int, nan_in_head: bool = False) -> records.Sampled:
+    columns = COLUMNS.copy()
+    columns[2, 5:] = (2, 1) if nan_in_head else (0, 0)
+    columns[4, 5:] = 0
+    return records.Sampled(step, make_rows(columns), np.array([True, True, True, False, True]), np.arange(5))
+
+
+def layer_keys(values: dict) -> set:
+    return {k for k in values if "/" in k and not k.startswith("gradscope/")}
+
+
+def test_within_the_budget_layers_go_out_when_paid_for_and_the_summary_always():
+    capture = Capture(budget=0.01)
+    capture.start(HEADER)
+    capture.write(sampled(0))  # the first sampled step always carries its layers
+    capture.spent(1.0)  # ... and cost a second: the next layers are due 100 s after it began
+    capture.write(sampled(1))
+    capture.write(records.Updates(1, np.ones(5), np.ones(5)))  # not a layer step: no update ratios
+    capture._timer.last -= 101.0  # 101 s later
+    capture.write(sampled(2))
+    capture.write(records.Updates(2, np.ones(5), np.ones(5)))  # step 2's layers, update ratios too
+    capture.write(sampled(3))  # the period that began at step 2 cost nothing yet: due again
+    capture.spent(10.0)
+    capture.write(sampled(4))
+    steps = [(step, layer_keys(values)) for step, values in capture.scalars]
+    assert [step for step, keys in steps if keys] == [0, 2, 2, 3]
+    assert [step for step, keys in steps if keys and not keys <= {f"update_ratio/{n}" for n in NAMES}] == [0, 2, 3]
+    ratios = {f"update_ratio/{n}" for n in NAMES}
+    summary = {f"gradscope/{name}" for name in SUMMARY_SCALARS}
+    assert all(summary <= values.keys() for _, values in capture.scalars if not values.keys() & ratios)
+    assert [record.step for record in capture.histograms] == [0, 2, 3]
+
+
+def test_gradients_turning_non_finite_or_finite_again_always_carry_their_layers():
+    capture = Capture(budget=1e-9)  # nothing is ever paid for: only the first step and the turns
+    capture.start(HEADER)
+    for step, nan in enumerate([False, False, True, True, False, False, True]):
+        capture.write(sampled(step, nan_in_head=nan))
+        capture.spent(1.0)
+    layer_steps = [step for step, values in capture.scalars if layer_keys(values)]
+    assert layer_steps == [0, 2, 4, 6]
+    assert capture.scalars[2][1]["grad_nonfinite/head"] == 3.0  # the first NaN's layers, exactly
+    assert capture.scalars[3][1]["gradscope/grad_nonfinite"] == 3.0  # later NaN steps: the summary says it
+
+
+def test_forward_outputs_turning_non_finite_carry_their_modules():
+    info = run_builders.run_info(NAMES, numel=(10, 6, 8, 0, 4), history=10, hist_history=5, track_updates=True)
+    info = type(info).from_dict({**info.to_dict(), "modules": ["(root)", "enc", "head"]})
+    capture = Capture(budget=1e-9)
+    capture.start(records.Header(info=info.to_dict()))
+
+    def forward(step, nan):
+        columns = COLUMNS[:3].copy()
+        columns[:, 5:] = 0
+        columns[1, 5] = 1.0 if nan else 0.0  # a NaN in enc's output
+        outputs = make_rows(columns)
+        return records.Forward(
+            step, outputs, np.zeros((3, layout.ROW_WIDTH)), np.array([[0, 1, 2], [0, 1, 2]]), ("float32",) * 3
+        )
+
+    capture.write(sampled(0))
+    capture.spent(1.0)
+    for step, nan in [(1, False), (2, True), (3, True)]:
+        capture.write(forward(step, nan))
+    written = [(step, values) for step, values in capture.scalars if any(k.startswith("act_") for k in values)]
+    assert [step for step, _ in written] == [2]
+    assert written[0][1]["act_nonfinite/enc"] == 1.0
+
+
+def test_without_a_budget_every_sampled_step_carries_its_layers():
+    capture = Capture(budget=None)
+    capture.start(HEADER)
+    for step in range(5):
+        capture.write(sampled(step))
+        capture.spent(100.0)  # no budget: cost is not counted against anything
+    assert all(layer_keys(values) for _, values in capture.scalars)
+    assert [r.step for r in capture.histograms] == list(range(5))
+
+
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, True, "1%"])
+def test_a_bad_budget_is_refused_naming_the_exporter(budget):
+    capture = Capture(budget=budget)
+    with pytest.raises(ValueError, match="Capture: budget must be a fraction of wall time"):
+        capture.start(HEADER)
+
+
+def test_the_pump_tells_each_exporter_what_its_calls_cost():
+    import time
+
+    from gradscope.outputs.pump import RecordPump
+
+    class Slow(Capture):
+        def __init__(self):
+            super().__init__(budget=0.01)
+            self.costs = []
+
+        def write_scalars(self, step, values):
+            time.sleep(0.02)
+            super().write_scalars(step, values)
+
+        def spent(self, seconds):
+            self.costs.append(seconds)
+            super().spent(seconds)
+
+    slow = Slow()
+    pump = RecordPump([slow], HEADER, flush_seconds=60)
+    pump.put(sampled(0))
+    pump.put(sampled(1))
+    pump.close(2)
+    assert len(slow.costs) == 4  # writes of the two steps and of Closed, the flush at close (not start, close)
+    assert slow.costs[0] >= 0.02 and slow.costs[1] >= 0.02
+    assert [step for step, values in slow.scalars if layer_keys(values)] == [0]  # 20 ms buys 2 s
+
+
+@pytest.mark.parametrize("budget", [1e-9, None])
+def test_values_of_steps_that_are_not_sampled_go_out_within_the_budget(budget):
+    info = run_builders.run_info(NAMES, numel=(10, 6, 8, 0, 4), every=3)
+    capture = Capture(budget=budget)
+    capture.start(records.Header(info=info.to_dict()))
+    for step in range(7):
+        if step % 3 == 0:
+            capture.write(sampled(step))
+        capture.spent(1.0)
+        capture.write(records.StepValues(step, {"loss": float(step)}))
+        capture.write(records.Metrics(step, {"val_loss": 0.5}))  # metrics: always
+    losses = [step for step, values in capture.scalars if "loss" in values]
+    assert losses == ([0, 3, 6] if budget else list(range(7)))  # sampled steps always; others as paid for
+    assert [step for step, values in capture.scalars if "val_loss" in values] == list(range(7))

@@ -28,7 +28,9 @@ def test_tensorboard_export_of_a_cuda_run_equals_the_monitor(tmp_path):
     model = TinyTransformer().cuda()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(3)
-    with gradscope.watch(model, every=2, exporters=[TensorBoardExporter(tmp_path, histogram_every=2)]) as mon:
+    with gradscope.watch(
+        model, every=2, exporters=[TensorBoardExporter(tmp_path, histogram_every=2, budget=None)]
+    ) as mon:
         for _ in range(7):
             x, y = torch.randn(8, 5, 32, generator=g).cuda(), torch.randint(0, 4, (8,), generator=g).cuda()
             loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -33,7 +33,9 @@ def test_scalars_reach_the_active_run(store):
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(3)
     with mlflow.start_run() as run:
-        with gradscope.watch(model, every=2, optimizer=opt, track_updates=True, exporters=[MLflowExporter()]) as mon:
+        with gradscope.watch(
+            model, every=2, optimizer=opt, track_updates=True, exporters=[MLflowExporter(budget=None)]
+        ) as mon:
             for _ in range(7):
                 x, y = torch.randn(8, 5, 32, generator=g), torch.randint(0, 4, (8,), generator=g)
                 loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -62,7 +64,7 @@ def test_batches_stay_within_mlflows_limit(store):
     sent = []
     model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(300)])
     with mlflow.start_run() as run:
-        exporter = MLflowExporter()
+        exporter = MLflowExporter(budget=None)
         log_batch = exporter.client.log_batch
 
         def recording_log_batch(run_id, metrics):  # passes every request through to MLflow
@@ -84,7 +86,7 @@ def test_an_explicit_run_id_needs_no_active_run(store):
     experiment = client.create_experiment("gradscope")
     run_id = client.create_run(experiment).info.run_id
     model = torch.nn.Linear(3, 1)
-    with gradscope.watch(model, exporters=[MLflowExporter(run_id, prefix="gs/")]) as mon:
+    with gradscope.watch(model, exporters=[MLflowExporter(run_id, prefix="gs/", budget=None)]) as mon:
         loss = model(torch.randn(2, 3)).sum()
         loss.backward()
         mon.step(loss=loss)
@@ -100,3 +102,8 @@ def test_keys_keep_module_paths_and_lose_what_mlflow_refuses():
     assert metric_key("grad_norm/encoder.layers.0.self_attn") == "grad_norm/encoder.layers.0.self_attn"
     assert metric_key("grad_norm/(root)") == "grad_norm/_root_"
     assert metric_key("a<b>|c") == "a_b__c"
+
+
+def test_a_bad_budget_is_refused(store):
+    with pytest.raises(ValueError, match="MLflowExporter: budget must be a fraction"):
+        MLflowExporter("some-run", budget=-1.0)

@@ -45,7 +45,7 @@ def exported(tmp_path_factory):
     torch.manual_seed(0)
     model = TinyTransformer()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    exporter = TensorBoardExporter(directory, histogram_every=2)
+    exporter = TensorBoardExporter(directory, histogram_every=2, budget=None)
     with gradscope.watch(model, every=2, optimizer=opt, track_updates=True, exporters=[exporter]) as mon:
         train(mon, model, opt, 9)
     return mon, read_events(directory)
@@ -135,7 +135,7 @@ def test_a_users_writer_is_flushed_not_closed(tmp_path):
 
     writer = SummaryWriter(tmp_path)
     model = torch.nn.Linear(4, 2)
-    with gradscope.watch(model, exporters=[TensorBoardExporter(writer=writer, prefix="gs/")]) as mon:
+    with gradscope.watch(model, exporters=[TensorBoardExporter(writer=writer, prefix="gs/", budget=None)]) as mon:
         for _ in range(3):
             loss = model(torch.randn(5, 4)).pow(2).mean()
             loss.backward()
@@ -149,7 +149,11 @@ def test_a_users_writer_is_flushed_not_closed(tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({}, "give a log_dir or a writer"), ({"log_dir": "x", "histogram_every": -1}, "histogram_every must be")],
+    [
+        ({}, "give a log_dir or a writer"),
+        ({"log_dir": "x", "histogram_every": -1}, "histogram_every must be"),
+        ({"log_dir": "x", "budget": 1.5}, "TensorBoardExporter: budget must be a fraction"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -161,7 +165,7 @@ def test_the_controllers_changes_reach_tensorboard(tmp_path):
     torch.manual_seed(0)
     model = TinyTransformer()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    exporter = TensorBoardExporter(tmp_path, histogram_every=0)
+    exporter = TensorBoardExporter(tmp_path, histogram_every=0, budget=None)
     adapt = gradscope.AdaptiveLR(on=("loss_spike",))
     with gradscope.watch(model, optimizer=opt, adapt_lr=adapt, exporters=[exporter]) as mon:
         g = torch.Generator().manual_seed(3)

@@ -113,7 +113,7 @@ def exported(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     flush_every(patch, 3600.0)
     try:
-        exporter = WandbExporter(histogram_every=2)
+        exporter = WandbExporter(histogram_every=2, budget=None)
         with gradscope.watch(model, every=2, optimizer=opt, track_updates=True, exporters=[exporter]) as mon:
             layers = {row: model.get_submodule(row) for row in mon.rows}
             g = torch.Generator().manual_seed(3)
@@ -231,7 +231,7 @@ def test_nan_inf_and_huge_values_are_counted_and_binned(tmp_path, flush_at_close
     grads = {}
     run = offline_run(tmp_path)
     try:
-        exporter = WandbExporter(histogram_every=1)
+        exporter = WandbExporter(histogram_every=1, budget=None)
         with gradscope.watch(model, mode="step", exporters=[exporter]) as mon:
             layers = {row: model.get_submodule(row) for row in mon.rows}
             g = torch.Generator().manual_seed(5)
@@ -286,7 +286,7 @@ def test_a_prefix_goes_before_every_name_and_the_step_metric(tmp_path, flush_at_
     model = tiny_model()
     run = offline_run(tmp_path)
     try:
-        with gradscope.watch(model, exporters=[WandbExporter(prefix="m/")]) as mon:
+        with gradscope.watch(model, exporters=[WandbExporter(prefix="m/", budget=None)]) as mon:
             train_briefly(mon, model, 3, log=lambda step: run.log({"loss": 100.0 + step}))  # the user's own
     finally:
         run.finish()
@@ -309,6 +309,48 @@ def test_a_prefix_goes_before_every_name_and_the_step_metric(tmp_path, flush_at_
         assert by_step[int(step)]["m/grad_norm/0"] == pytest.approx(norm.values[i, 0], rel=1e-9)
 
 
+def test_within_a_budget_every_step_has_the_summary_and_the_layers_come_first_and_with_nans(tmp_path, flush_at_close):
+    """``budget=1e-9`` never pays for a layer step: the layers go out only at the first sampled
+    step and where the gradients turn non-finite (an input NaN at steps 3-4) or finite again;
+    the whole-model summary, against a float64 reference, at every step."""
+    model = tiny_model()
+    grads = {}
+    run = offline_run(tmp_path)
+    try:
+        with gradscope.watch(model, exporters=[WandbExporter(budget=1e-9)]) as mon:
+            g = torch.Generator().manual_seed(5)
+            for step in range(8):
+                x = torch.randn(5, 6, generator=g)
+                if step in (3, 4):
+                    x[0, 0] = float("nan")
+                model(x).pow(2).mean().backward()
+                grads[step] = {row: layer_vector(model.get_submodule(row)) for row in mon.rows}
+                mon.step()
+                model.zero_grad()
+    finally:
+        run.finish()
+    assert mon.errors == []
+    by_step = rows_by_step(read(tmp_path))
+    assert sorted(by_step) == list(range(8))
+    layer_steps = [step for step, row in by_step.items() if "grad_norm/0" in row]
+    assert layer_steps == [0, 3, 5]
+    for step, row in by_step.items():
+        every = np.concatenate(list(grads[step].values()))
+        finite = every[np.isfinite(every)]
+        assert row["gradscope/grad_norm"] == pytest.approx(np.sqrt(np.sum(finite**2)), rel=1e-6, abs=1e-30)
+        assert row["gradscope/grad_nonfinite"] == np.sum(~np.isfinite(every))
+        assert row["gradscope/grad_zero_frac"] == pytest.approx(np.mean(every == 0), rel=1e-12)
+    assert by_step[3]["gradscope/grad_nonfinite"] > 0 and by_step[5]["gradscope/grad_nonfinite"] == 0
+    for name, vector in grads[3].items():  # the NaN's first step, layer by layer, exactly
+        assert by_step[3][f"grad_nans/{name}"] == np.sum(np.isnan(vector)) > 0
+        assert by_step[3][f"grad_infs/{name}"] == np.sum(np.isinf(vector))
+
+
+def test_a_bad_budget_is_refused():
+    with pytest.raises(ValueError, match="WandbExporter: budget must be a fraction"):
+        WandbExporter(run=object(), budget=0)
+
+
 def test_a_given_run_is_logged_into_while_another_is_active(tmp_path, flush_at_close):
     (tmp_path / "active").mkdir()
     (tmp_path / "given").mkdir()
@@ -317,7 +359,7 @@ def test_a_given_run_is_logged_into_while_another_is_active(tmp_path, flush_at_c
     given = offline_run(tmp_path / "given", reinit="create_new")
     try:
         assert wandb.run is active and WandbExporter().run is active  # the default
-        with gradscope.watch(model, exporters=[WandbExporter(run=given)]) as mon:
+        with gradscope.watch(model, exporters=[WandbExporter(run=given, budget=None)]) as mon:
             train_briefly(mon, model, 2, log=lambda step: wandb.log({"other": step}))
     finally:
         given.finish()
@@ -339,7 +381,7 @@ def test_values_arriving_after_their_step_was_flushed_still_land_on_it(tmp_path,
     model = tiny_model()
     run = offline_run(tmp_path)
     try:
-        with gradscope.watch(model, exporters=[WandbExporter(histogram_every=0)]) as mon:
+        with gradscope.watch(model, exporters=[WandbExporter(histogram_every=0, budget=None)]) as mon:
             train_briefly(mon, model, 3)
     finally:
         run.finish()
