@@ -61,6 +61,7 @@ class MLflowExporter(ScalarExporter):
             from mlflow.tracking import MlflowClient
         except ImportError:
             raise ImportError("MLflowExporter needs MLflow: pip install 'gradscope-diagnostics[mlflow]'") from None
+        self.budget = check_budget("MLflowExporter", budget)
         if run_id is None:
             active = mlflow.active_run()
             if active is None:
@@ -70,7 +71,6 @@ class MLflowExporter(ScalarExporter):
             run_id = active.info.run_id
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri or mlflow.get_tracking_uri())
-        self.budget = check_budget("MLflowExporter", budget)
         self.prefix = prefix
         self._metric = Metric
         self._pending: list = []

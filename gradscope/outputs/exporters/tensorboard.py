@@ -102,10 +102,10 @@ class TensorBoardExporter(ScalarExporter):
             raise ValueError(f"TensorBoardExporter: histogram_every must be an integer >= 0, got {histogram_every!r}")
         if writer is None and log_dir is None:
             raise ValueError("TensorBoardExporter: give a log_dir or a writer")
+        self.budget = check_budget("TensorBoardExporter", budget)  # before a writer makes files
         self._owns_writer = writer is None
         self.writer = writer if writer is not None else SummaryWriter(log_dir=os.fspath(log_dir))
         self.histogram_every = histogram_every
-        self.budget = check_budget("TensorBoardExporter", budget)
         self.prefix = prefix
         self._sampled = 0
 

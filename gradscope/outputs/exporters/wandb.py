@@ -70,6 +70,7 @@ class WandbExporter(ScalarExporter):
             raise ImportError("WandbExporter needs wandb: pip install 'gradscope-diagnostics[wandb]'") from None
         if isinstance(histogram_every, bool) or not isinstance(histogram_every, int) or histogram_every < 0:
             raise ValueError(f"WandbExporter: histogram_every must be an integer >= 0, got {histogram_every!r}")
+        self.budget = check_budget("WandbExporter", budget)
         if not isinstance(prefix, str):
             raise TypeError(f"WandbExporter: prefix must be a string, got {type(prefix).__name__}")
         if run is None:
@@ -78,7 +79,6 @@ class WandbExporter(ScalarExporter):
                 raise ValueError("WandbExporter: no active W&B run; call wandb.init(...) first or pass run=")
         self.run = run
         self.histogram_every = histogram_every
-        self.budget = check_budget("WandbExporter", budget)
         self.prefix = prefix
         self._histogram = wandb.Histogram
         self._pending: dict[int, dict] = {}  # step -> values not yet sent
