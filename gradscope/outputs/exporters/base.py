@@ -212,7 +212,8 @@ class ScalarExporter(Exporter):
             present = np.asarray(record.present, dtype=bool)
             bad = record.rows[present][:, [layout.NANS, layout.INFS]]
             values = {SUMMARY_PREFIX + k: v for k, v in summary_scalars(record.rows, present).items()}
-            layers = self.layers_due(record.step, "gradients", bool(bad.any()))
+            # a step without gradients (a failed or empty step) says nothing about NaN/Inf
+            layers = self.layers_due(record.step, "gradients" if present.any() else None, bool(bad.any()))
             if layers:
                 values.update(self.layer_scalars(record))
             self.write_scalars(record.step, values)

@@ -366,11 +366,14 @@ def test_within_the_budget_layers_go_out_when_paid_for_and_the_summary_always():
 def test_gradients_turning_non_finite_or_finite_again_always_carry_their_layers():
     capture = Capture(budget=1e-9)  # nothing is ever paid for: only the first step and the turns
     capture.start(HEADER)
-    for step, nan in enumerate([False, False, True, True, False, False, True]):
-        capture.write(sampled(step, nan_in_head=nan))
+    for step, nan in enumerate([False, False, True, True, None, False, False, True]):
+        if nan is None:  # a step without gradients: neither NaN nor finite
+            capture.write(records.Sampled(step, make_rows(), np.zeros(5, bool), np.full(5, -1)))
+        else:
+            capture.write(sampled(step, nan_in_head=nan))
         capture.spent(1.0)
     layer_steps = [step for step, values in capture.scalars if layer_keys(values)]
-    assert layer_steps == [0, 2, 4, 6]
+    assert layer_steps == [0, 2, 5, 7]
     assert capture.scalars[2][1]["grad_nonfinite/head"] == 3.0  # the first NaN's layers, exactly
     assert capture.scalars[3][1]["gradscope/grad_nonfinite"] == 3.0  # later NaN steps: the summary says it
 
