@@ -71,6 +71,21 @@ def test_overhead_benchmark_runs_every_method(bench_overhead, tmp_path):
     assert "lightning" not in entry  # only with --integrations
 
 
+def test_step_cost_benchmark_times_sampled_and_unsampled_calls(monkeypatch, tmp_path):
+    bench = load("bench_step_cost", monkeypatch)
+    out = tmp_path / "step-cost.json"
+    try:
+        assert bench.main(["--model", "tiny", "--steps", "12", "--rounds", "1", "--out", str(out)]) == 0
+    finally:
+        for name in ("model_shapes", "bench_stats", "bench_overhead", "integration_methods"):
+            sys.modules.pop(name, None)
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["every"] for row in rows] == list(bench.EVERY)
+    assert "unsampled" not in rows[0] and rows[0]["sampled"]["median_us"] > 0  # every=1: all sampled
+    assert all(row["unsampled"]["median_us"] > 0 for row in rows[1:])
+    assert all(row["mean_per_step_us"] > 0 for row in rows)
+
+
 def test_overhead_benchmark_measures_the_integrations(bench_overhead, tmp_path):
     pytest.importorskip("wandb", reason="needs the wandb extra")
     pytest.importorskip("lightning", reason="needs the lightning extra")

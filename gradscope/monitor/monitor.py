@@ -52,6 +52,12 @@ from gradscope.stats.dispatch import is_host
 
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
+STEP_BATCH = 16
+"""Between sampled steps, the values of up to this many steps (loss, step time...) wait to be
+recorded together: applied one by one after each backward pass, their Python work runs with
+caches that backward has just emptied (about 100 µs per step on the CPU this was measured
+on, a fifth of that in a batch). Nothing waits when the monitor acts on findings (a NaN loss
+must halt at its step), at sampled steps, or when anything reads the run."""
 
 
 class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReporting):
@@ -177,7 +183,8 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
                 self._clock.tick(step, values)
                 if step % _CHECK_NEW_PARAMS_EVERY == 1:
                     self._check_new_params()
-                self._collect(block=False)
+                wait_for = 1 if self._responder is not None or step % self.every == 0 else STEP_BATCH
+                self._collect(block=False, steps_at_least=wait_for)
         except Exception as error:
             self._fail(error)
         finally:
@@ -239,7 +246,7 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
 
     # ---- collecting ---------------------------------------------------------------------
 
-    def _collect(self, block: bool) -> None:
+    def _collect(self, block: bool, steps_at_least: int = 1) -> None:
         for step, key, rows in self._engines.completed(block):
             if step in self._pending:
                 self._pending[step][3][key] = rows
@@ -256,7 +263,7 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
         if self._forward is not None:
             for record in self._forward.completed(block):
                 self._emit(record)
-        for record in self._clock.completed(block):
+        for record in self._clock.completed(block, steps_at_least):
             values = {"step_time": record.step_time, "peak_memory": record.peak_memory, "energy": record.energy}
             self._emit(records.StepValues(record.step, {**values, **record.values}))
         if self._updates is not None:

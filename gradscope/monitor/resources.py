@@ -32,6 +32,11 @@ from gradscope.run.info import RunInfo, package_version
 RING = 256
 """Steps whose values may be in flight to the host before the clock waits for the oldest."""
 
+HOST_MEMORY_EVERY_S = 1.0
+"""On CPU the peak memory (the process's max RSS, a system call) is read at most this often;
+steps in between carry the last reading (a peak only grows: a reading is a lower bound that
+is at most this many seconds old). A system call per step cost 20-50 µs after backward."""
+
 
 def peak_memory(device: torch.device) -> float:
     """Peak memory so far in bytes: the CUDA allocator's peak on GPU, the process's max RSS on CPU."""
@@ -150,6 +155,8 @@ class StepRecord:
 
 def check_metric_names(metrics: dict) -> None:
     """A metric may not take the name of a field gradscope records itself (it would hide it)."""
+    if not metrics:
+        return
     taken = sorted(BUILT_IN_FIELDS.intersection(metrics))
     if taken:
         names = ", ".join(map(repr, taken))
@@ -157,10 +164,14 @@ def check_metric_names(metrics: dict) -> None:
 
 
 def as_scalar(value, what: str) -> torch.Tensor | float:
-    """A metric as a detached 0-d tensor or a float; raises for anything else."""
+    """A metric as a float, or as a detached 0-d tensor if it lives on a device (read later,
+    without a sync); raises for anything else. A CPU tensor is read at once: it is computed
+    already, and reading it now costs less than keeping it."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"gradscope: {what} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        if value.device.type == "cpu":
+            return value.item()
         return value.detach().reshape(())
     try:
         return float(value)
@@ -190,19 +201,23 @@ class StepClock:
             self._last_event.record(torch.cuda.current_stream(device))
         else:
             self._last_time = time.perf_counter()
+            self._memory, self._memory_read_at = float("nan"), -float("inf")
 
     def tick(self, step: int, values: dict[str, torch.Tensor | float]) -> None:
         """Close ``step`` with its scalar values (0-d tensors on any device, or floats)."""
-        memory = peak_memory(self.device)
-        names = list(values)
         if not self._cuda:
+            now = time.perf_counter()
+            if now - self._memory_read_at >= HOST_MEMORY_EVERY_S:
+                self._memory, self._memory_read_at = peak_memory(self.device), now
+            memory = self._memory
             energy_now = self._energy.joules()
             energy, self._last_energy = energy_now - self._last_energy, energy_now
-            now = time.perf_counter()
             elapsed, self._last_time = now - self._last_time, now
             read = {name: _host_float(value) for name, value in values.items()}
             self._done.append(StepRecord(step, elapsed, memory, energy, read))
             return
+        memory = peak_memory(self.device)
+        names = list(values)
         self._ticks += 1
         energy = self._ticks  # the key of this step's energy reading, taken off this thread
         self._energy.mark(energy)
@@ -233,19 +248,22 @@ class StepClock:
             seconds = previous.elapsed_time(event) / 1000.0
             self._done.append(StepRecord(step, seconds, memory, energy, dict(zip(names, host.tolist(), strict=True))))
 
-    def completed(self, block: bool = False) -> list[StepRecord]:
-        """Records of steps whose values have reached the host, oldest first."""
+    def completed(self, block: bool = False, at_least: int = 1) -> list[StepRecord]:
+        """Records of steps whose values have reached the host, oldest first; none until
+        ``at_least`` have (unless ``block``), so that a caller can take them in batches."""
         if self._cuda:
             if block and self._in_flight:
                 self._in_flight[-1][1].synchronize()
             self._collect(block)
+        if len(self._done) < at_least and not block:
+            return []
         done, self._done = self._done, []
         return done
 
 
 def _host_float(value) -> float:
     if isinstance(value, torch.Tensor):
-        return float(value.to("cpu", torch.float64))
+        return float(value.item())
     return float(value)
 
 

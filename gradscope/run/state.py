@@ -17,6 +17,7 @@ same health report (:mod:`gradscope.health` reads a ``RunState``). The records a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,9 +155,10 @@ class RunState:
         """A step's scalar values: ``STEP_FIELDS`` (loss, step_time, ...) and step metrics."""
         loss = values.get("loss")
         if loss is not None:
-            if not np.isfinite(loss) and self.first_bad_loss is None:
+            finite = math.isfinite(loss)
+            if not finite and self.first_bad_loss is None:
                 self.first_bad_loss = (step, float(loss))
-            elif np.isfinite(loss) and len(self.initial_losses) < INITIAL_LOSSES:
+            elif finite and len(self.initial_losses) < INITIAL_LOSSES:
                 self.initial_losses.append(float(loss))
         self.history.add_step(step, **{k: v for k, v in values.items() if k in STEP_FIELDS})
         metrics = {k: v for k, v in values.items() if k not in STEP_FIELDS}

@@ -14,6 +14,8 @@ from stats_reference import assert_rows_match, reference_layers, unscaled
 import gradscope
 from gradscope.monitor import engines
 from gradscope.monitor.watched import layer_name
+from gradscope.outputs.exporters.base import Exporter
+from gradscope.run import records
 
 FIELDS = ("numel", "sum", "sumsq", "max_abs", "zeros", "nans", "infs", "hist", "present", "norm")
 
@@ -511,3 +513,57 @@ def test_no_host_sync_on_cuda(mode):
         rows = {name: layer_name(name) for name in grads[0]}
         for position in range(3):
             assert_rows_match(series, 2 + position, reference_layers(grads[position], rows))
+
+
+# ---- step values between sampled steps ---------------------------------------------------
+
+
+class StepValuesSeen(Exporter):
+    def __init__(self):
+        self.losses = []
+
+    def write(self, record):
+        if isinstance(record, records.StepValues) and "loss" in record.values:
+            self.losses.append((record.step, record.values["loss"]))
+
+
+def small_steps(mon, model, steps, nan_at=None):
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(steps):
+        loss = model(torch.randn(4, 6, generator=g)).pow(2).mean()
+        if step == nan_at:
+            loss = loss * float("nan")
+        loss.backward()
+        losses.append(loss.item())
+        mon.step(loss=loss)
+        model.zero_grad()
+    return losses
+
+
+def test_between_sampled_steps_every_steps_values_reach_a_reader_and_the_exporters_once_in_order():
+    """Values of unsampled steps are recorded in batches (monitor.STEP_BATCH), which no reader sees."""
+    from gradscope.monitor import monitor as monitor_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    seen = StepValuesSeen()
+    steps = 10 + 2 * monitor_module.STEP_BATCH + 3  # batches that end between sampled steps too
+    with gradscope.watch(model, every=100, exporters=[seen]) as mon:
+        losses = small_steps(mon, model, 5)
+        assert mon.history("loss").steps.tolist() == [0, 1, 2, 3, 4]  # reading takes every step so far
+        losses += small_steps(mon, model, steps - 5)
+    history = mon.history("loss")
+    assert history.steps.tolist() == list(range(steps))
+    assert history.values.tolist() == pytest.approx(losses, rel=1e-6)
+    assert [step for step, _ in seen.losses] == list(range(steps))
+    assert [loss for _, loss in seen.losses] == pytest.approx(losses, rel=1e-6)
+
+
+def test_a_nan_loss_on_an_unsampled_step_halts_at_that_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1))
+    with gradscope.watch(model, every=100, halt_on="nonfinite") as mon:
+        with pytest.raises(gradscope.TrainingHalted) as halted:
+            small_steps(mon, model, 30, nan_at=13)
+    assert mon.step_index == 14 and halted.value.step == 13

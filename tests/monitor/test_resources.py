@@ -25,7 +25,10 @@ def test_cpu_clock_records_values_time_and_memory():
 
 def test_scalars_are_checked():
     assert as_scalar(3, "loss") == 3.0
-    assert as_scalar(torch.ones(1, 1), "loss").shape == ()
+    cpu = as_scalar(torch.full((1, 1), 2.5, requires_grad=True) * 2, "loss")  # a CPU tensor is read at once
+    assert type(cpu) is float and cpu == 5.0
+    device = as_scalar(torch.ones(1, 1, device="meta"), "loss")  # a device tensor stays one, without a sync
+    assert isinstance(device, torch.Tensor) and device.shape == () and not device.requires_grad
     with pytest.raises(ValueError, match="loss must be a scalar"):
         as_scalar(torch.ones(2), "loss")
     with pytest.raises(TypeError, match="acc must be a number"):
