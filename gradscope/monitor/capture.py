@@ -37,7 +37,7 @@ import torch
 from gradscope.distributed.collectives import wait_all, works_done
 from gradscope.distributed.sharded import CombinedRows, ShardedRows
 from gradscope.stats import host_backend, layout, triton_backend
-from gradscope.stats.inputs import FlatElements, flat_elements
+from gradscope.stats.inputs import FlatElements, add_implicit_zeros, flat_elements
 
 BUCKET_TENSORS = 64
 """Gradients per kernel launch in backward mode (fewer launches, still overlapping backward)."""
@@ -61,12 +61,6 @@ class _Slot:
 Completed = tuple[int, "np.ndarray | CombinedRows | None"]
 """A finished sampled step: its rows (float64 ``(count, ROW_WIDTH)``), or with a combiner the
 rows combined across ranks, or None when a rank failed to measure it."""
-
-
-def _with_implicit_zeros(rows: np.ndarray, implicit_zeros: np.ndarray) -> np.ndarray:
-    rows[:, layout.NUMEL] += implicit_zeros
-    rows[:, layout.ZEROS] += implicit_zeros
-    return rows
 
 
 class KernelCapture:
@@ -169,9 +163,7 @@ class KernelCapture:
         source = slot.rows
         if self.combiner is not None:
             if slot.implicit_zeros.any():
-                extra = torch.tensor(slot.implicit_zeros, dtype=torch.float64).to(self.device)
-                slot.rows[:, layout.NUMEL] += extra
-                slot.rows[:, layout.ZEROS] += extra
+                add_implicit_zeros(slot.rows, torch.tensor(slot.implicit_zeros, dtype=torch.float64).to(self.device))
                 slot.implicit_zeros[:] = 0
             source, slot.works = self.combiner.issue(slot.rows, failed=failed or error is not None)
             if slot.event is None:
@@ -195,7 +187,7 @@ class KernelCapture:
                 slot.works = []
                 self._done.append((step, self.combiner.decode(slot.host.numpy())))
             else:
-                self._done.append((step, _with_implicit_zeros(slot.host.numpy().copy(), slot.implicit_zeros)))
+                self._done.append((step, add_implicit_zeros(slot.host.numpy().copy(), slot.implicit_zeros)))
             self._free.append(slot)
 
     def completed(self, block: bool = False) -> list[Completed]:

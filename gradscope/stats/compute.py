@@ -9,7 +9,7 @@ import torch
 
 from gradscope.stats import host_backend, layout, triton_backend
 from gradscope.stats.dispatch import check_backend, engine_for, is_host
-from gradscope.stats.inputs import check_tensor, collect_tensors, describe, flat_elements
+from gradscope.stats.inputs import add_implicit_zeros, check_tensor, collect_tensors, describe, flat_elements
 from gradscope.stats.tensor_stats import TensorStats
 
 _warned_fallback = False
@@ -71,10 +71,8 @@ def grad_stats(tensors, backend: str = "auto") -> TensorStats:
     if on_kernels:
         flats = [flat_elements(items[i]) for i in on_kernels]
         try:
-            rows[on_kernels] = triton_backend.triton_rows(flats)
             implicit = np.array([flat.implicit_zeros for flat in flats], dtype=np.float64)
-            rows[on_kernels, layout.NUMEL] += implicit
-            rows[on_kernels, layout.ZEROS] += implicit
+            rows[on_kernels] = add_implicit_zeros(triton_backend.triton_rows(flats), implicit)
         except Exception as error:
             if backend == "triton":
                 raise

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from gradscope.stats import layout, numpy_kernels
-from gradscope.stats.inputs import flat_elements
+from gradscope.stats.inputs import add_implicit_zeros, flat_elements
 
 KERNELS = ("numba", "numpy")
 """The CPU kernels, fastest first."""
@@ -373,6 +373,4 @@ def host_rows(
         # A large tensor's slices are consecutive items: combine each tensor's rows by the rule.
         starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
         out[owners[starts]] = layout.combine_segments(rows, starts) if starts.size < owners.size else rows
-    out[:, layout.NUMEL] += implicit
-    out[:, layout.ZEROS] += implicit
-    return out
+    return add_implicit_zeros(out, implicit)

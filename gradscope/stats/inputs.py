@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gradscope.stats import layout
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 """Element types every backend reads."""
 
@@ -31,6 +33,15 @@ class FlatElements:
 
     values: torch.Tensor
     implicit_zeros: int = 0
+
+
+def add_implicit_zeros(rows, implicit_zeros):
+    """Count unstored sparse zeros (:attr:`FlatElements.implicit_zeros`) in their rows: each is
+    an element, and a zero. ``rows``: ``(N, ROW_WIDTH)``, a NumPy array or a torch tensor
+    (``implicit_zeros`` of the same kind, ``(N,)``), changed in place and returned."""
+    rows[:, layout.NUMEL] += implicit_zeros
+    rows[:, layout.ZEROS] += implicit_zeros
+    return rows
 
 
 def collect_tensors(tensors) -> tuple[list[torch.Tensor], tuple[str, ...] | None]:
