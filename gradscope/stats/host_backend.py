@@ -51,6 +51,7 @@ PARALLEL_ABOVE = 1 << 20
 """Inputs with fewer elements in total are processed on the calling thread."""
 
 _READ_IN_PLACE = (torch.float32, torch.float64)
+"""Dtypes whose CPU tensors the kernels read where they lie (others are staged as float32)."""
 
 _broken: dict[str, str] = {}  # kernel -> why it cannot run here (set once, with a warning)
 
@@ -185,7 +186,7 @@ def _float_kind(dtype: torch.dtype) -> type:
 def _as_numpy(values: torch.Tensor, ws: _Workspace) -> np.ndarray:
     """A flat tensor's elements as float32/float64 NumPy: in place for CPU float32/float64
     tensors, else converted into the thread's staging buffer."""
-    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64):
+    if values.is_cpu and values.dtype in _READ_IN_PLACE:
         return values.detach().numpy()
     staged = ws.get("stage", _float_kind(values.dtype), values.numel())
     torch.from_numpy(staged).copy_(values.detach())
