@@ -209,11 +209,11 @@ class ScalarExporter(Exporter):
 
     def write(self, record: records.Record) -> None:
         if isinstance(record, records.Sampled):
-            present = np.asarray(record.present, dtype=bool)
-            bad = record.rows[present][:, [layout.NANS, layout.INFS]]
-            values = {SUMMARY_PREFIX + k: v for k, v in summary_scalars(record.rows, present).items()}
-            # a step without gradients (a failed or empty step) says nothing about NaN/Inf
-            layers = self.layers_due(record.step, "gradients" if present.any() else None, bool(bad.any()))
+            summary = summary_scalars(record.rows, record.present)
+            values = {SUMMARY_PREFIX + k: v for k, v in summary.items()}
+            # a step without gradients (a failed or empty step, no summary) says nothing about NaN/Inf
+            kind = "gradients" if summary else None
+            layers = self.layers_due(record.step, kind, summary.get("grad_nonfinite", 0.0) > 0)
             if layers:
                 values.update(self.layer_scalars(record))
             self.write_scalars(record.step, values)
