@@ -7,13 +7,22 @@ PY := $(VENV)/bin/python
 # torch is pinned in the same pip call as the project, so pip never resolves an unpinned
 # torch (which would pull several GB of CUDA packages). 2.13.0 is the CPU wheel on disk here.
 TORCH_PIN ?= torch==2.13.0
+# The versions of everything else that CI is known to pass with (pip constraints, torch aside):
+# a new upstream release cannot turn `make test` red overnight. `make test-latest` tests the
+# newest releases instead; `make lock` refreshes this file from a run of it that passed.
+# LOCK= (empty) installs without constraints.
+LOCK ?= .ci/constraints.txt
+CONSTRAINTS = $(if $(LOCK),-c $(LOCK))
+LATEST_VENV ?= .venv-latest
 
-.PHONY: demo test lint bench gpu-check clean
+.PHONY: demo test test-latest lock lint bench gpu-check clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The build backend comes from the constraints too (no build isolation), so a new setuptools
+# cannot break the editable install either.
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_PIN)" -e ".[dev]"
+	$(PY) -m pip install --quiet $(PIP_UPGRADE) $(CONSTRAINTS) --upgrade pip setuptools
+	$(PY) -m pip install --quiet $(PIP_UPGRADE) $(CONSTRAINTS) --no-build-isolation "$(TORCH_PIN)" -e ".[dev]"
 	touch $@
 
 # Trains the built-in model healthy, then with a NaN fault: health reports on the terminal,
@@ -25,6 +34,20 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(VENV)/bin/pytest
+
+# Every test against the newest release of every dependency (torch still pinned), in its own
+# venv: a failure here and not in `make test` is an upstream release that breaks us.
+test-latest:
+	rm -f $(LATEST_VENV)/.installed
+	$(MAKE) test VENV=$(LATEST_VENV) LOCK= PIP_UPGRADE="--upgrade --upgrade-strategy eager"
+
+# Refresh the constraints from the newest releases, once every test passes with them.
+lock: test-latest
+	{ echo "# Versions \`make test\` installs (pip constraints). Refreshed by \`make lock\` on $$(date -u +%F)"; \
+	  echo "# after every test passed with them; Python $$($(LATEST_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())'). torch is pinned apart (TORCH_PIN)."; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -v -i -E '^(torch|gradscope-diagnostics)( |=|@)'; \
+	} > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
@@ -38,9 +61,10 @@ bench: $(VENV)/.installed
 # GPU_CHECK_ARGS=--quick for the 3-minute version, --dry-run to list the steps.
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	$(GPU_PYTHON) -c "import gradscope.kernels" 2>/dev/null || \
+	@# Installed, not just importable from the root (sys.path[0]): the benchmark scripts run from benchmarks/.
+	$(GPU_PYTHON) -c "import sys; sys.path.pop(0); import gradscope.kernels" 2>/dev/null || \
 		$(GPU_PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis runs
+	rm -rf $(VENV) $(LATEST_VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis runs

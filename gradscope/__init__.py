@@ -22,7 +22,9 @@ kept from before this layout.
 """
 
 import sys
+from pathlib import Path
 
+from gradscope import _kernels_location
 from gradscope.actions import AdaptiveLR, EarlyStopping, TrainingHalted
 from gradscope.health.findings import Finding
 from gradscope.health.readout import Run, load_run
@@ -36,6 +38,9 @@ from gradscope.stats import BACKENDS, TensorStats, grad_stats, layout
 from gradscope.stats.layout import HIST_EDGES, HIST_MIN_EXPONENT, NUM_BINS
 
 __version__ = package_version()
+
+# In a source checkout, gradscope.kernels is the top-level kernels/ folder (see the module).
+_kernels_location.install(Path(__file__).resolve().parent)
 
 # The row's definition was ``gradscope.layout`` before the stages had folders, and the
 # README pointed there: ``import gradscope.layout`` still finds it (the same module).

@@ -6,7 +6,10 @@ kernels (CUDA tensors, or CPU tensors in Triton's interpreter), or the name of a
 any device. The choice follows ``backend``:
 
 * ``"auto"`` (default): the Triton kernels for CUDA tensors when Triton serves the device;
-  for everything else the fastest CPU kernel installed (numba if it is, else NumPy);
+  for everything else the fastest CPU kernel installed (numba if it is, else NumPy). CUDA
+  tensors without Triton installed are an error that says how to install it: reading them
+  on the CPU instead would copy every gradient to the host at every sampled step, which is
+  no way to monitor a GPU run unless asked for (``backend="numpy"``);
 * ``"triton"``: the kernels for every tensor, and an error naming the tensor when they
   cannot read it (the user asked for a path that cannot run);
 * ``"numba"``: the compiled CPU kernel for every tensor (an error if numba is missing);
@@ -21,6 +24,12 @@ from gradscope.stats import host_backend, triton_backend
 
 BACKENDS = ("auto", "triton", "numba", "numpy")
 """The values ``backend=`` accepts."""
+
+INSTALL_TRITON = (
+    "Triton is not installed: pip install triton (torch's CUDA wheels for Linux bring it; "
+    "or pip install 'gradscope-diagnostics[triton]')"
+)
+"""Why Triton cannot read a tensor when it is missing, and the fix."""
 
 Engine = torch.device | str
 """A ``torch.device`` (the Triton kernels on that device) or a CPU kernel's name
@@ -48,8 +57,9 @@ def engine_for(device: torch.device, backend: str, what: str = "a tensor", calle
         caller: the public function an error names (``"grad_stats"``, ``"watch"``).
 
     Raises:
-        ValueError: ``backend="triton"`` for a tensor the kernels cannot read, or
-            ``backend="numba"`` without numba (with why).
+        ValueError: ``backend="triton"`` for a tensor the kernels cannot read,
+            ``backend="auto"`` for a CUDA tensor without Triton installed, or
+            ``backend="numba"`` without numba (each with why and the fix).
     """
     if backend == "numpy":
         return backend
@@ -62,6 +72,11 @@ def engine_for(device: torch.device, backend: str, what: str = "a tensor", calle
         return backend
     serves = triton_backend.serves(device)
     if backend == "auto":
+        if device.type == "cuda" and not triton_backend.triton_importable():
+            raise ValueError(
+                f"{caller}: {what} on {device} need gradscope's Triton kernels. {INSTALL_TRITON}. "
+                "Or pass backend='numpy' to read CUDA tensors on the CPU (a device-to-host copy every sampled step)."
+            )
         return device if serves and device.type == "cuda" else host_backend.fastest_kernel()
     if not serves:
         raise ValueError(f"{caller}: backend='triton' cannot read {what} on {device}: {_why_not(device)}")
@@ -70,7 +85,7 @@ def engine_for(device: torch.device, backend: str, what: str = "a tensor", calle
 
 def _why_not(device: torch.device) -> str:
     if not triton_backend.triton_importable():
-        return "Triton is not installed"
+        return INSTALL_TRITON
     if device.type == "cpu":
         return "Triton reads CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing gradscope"
     if device.type == "cuda":

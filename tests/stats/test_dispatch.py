@@ -87,6 +87,20 @@ def test_auto_falls_back_to_the_cpu_for_cuda_when_triton_does_not_serve_it(monke
     assert engine_for(CUDA0, "auto") == host_backend.fastest_kernel()
 
 
+def test_auto_with_cuda_tensors_and_no_triton_says_how_to_install_it(monkeypatch):
+    """Not a silent host fallback: that would copy every gradient to the host every step."""
+    monkeypatch.setattr(triton_backend, "triton_importable", lambda: False)
+    with pytest.raises(ValueError) as raised:
+        engine_for(CUDA0, "auto", "parameters", caller="watch")
+    message = str(raised.value)
+    assert message.startswith("watch: parameters on cuda:0 need gradscope's Triton kernels. Triton is not installed")
+    assert "pip install triton" in message and "backend='numpy'" in message
+    # CPU tensors never needed Triton: auto reads them with a CPU kernel, no error.
+    assert engine_for(CPU, "auto") == host_backend.fastest_kernel()
+    assert engine_for(META, "auto") == host_backend.fastest_kernel()
+    assert engine_for(CUDA0, "numpy") == "numpy"
+
+
 def test_auto_never_sends_other_device_types_to_triton(monkeypatch):
     serving(monkeypatch, True)
     assert engine_for(META, "auto") == host_backend.fastest_kernel()
