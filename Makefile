@@ -21,8 +21,8 @@ LATEST_VENV ?= .venv-latest
 # cannot break the editable install either.
 $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(PIP_UPGRADE) $(CONSTRAINTS) --upgrade pip setuptools
-	$(PY) -m pip install --quiet $(PIP_UPGRADE) $(CONSTRAINTS) --no-build-isolation "$(TORCH_PIN)" -e ".[dev]"
+	$(PY) -m pip install --quiet $(UPGRADE_FLAGS) $(CONSTRAINTS) --upgrade pip setuptools
+	$(PY) -m pip install --quiet $(UPGRADE_FLAGS) $(CONSTRAINTS) --no-build-isolation "$(TORCH_PIN)" -e ".[dev]"
 	touch $@
 
 # Trains the built-in model healthy, then with a NaN fault: health reports on the terminal,
@@ -39,7 +39,7 @@ test: $(VENV)/.installed
 # venv: a failure here and not in `make test` is an upstream release that breaks us.
 test-latest:
 	rm -f $(LATEST_VENV)/.installed
-	$(MAKE) test VENV=$(LATEST_VENV) LOCK= PIP_UPGRADE="--upgrade --upgrade-strategy eager"
+	$(MAKE) test VENV=$(LATEST_VENV) LOCK= UPGRADE_FLAGS="--upgrade --upgrade-strategy eager"
 
 # Refresh the constraints from the newest releases, once every test passes with them.
 lock: test-latest

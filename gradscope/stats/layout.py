@@ -25,7 +25,16 @@ integer shift and a clamp), never by calling ``log``: for float32,
 ``bin = clamp(biased_exponent - 79, 0, 63)``; float16 and bfloat16 are first widened to
 float32 (exactly), float64 uses its own 11-bit exponent.
 
-Two rules are declared here once and read by every piece of code that needs them:
+**Light rows.** The histogram is the costly part of a row (on a GPU, most of the kernel's
+instructions), so a row may be computed without it: *light statistics*, every column but the
+histogram, whose columns are then all NaN (:data:`NO_HISTOGRAM`; :func:`histogram_known`
+tells). A light pass still computes a tensor's histogram when the tensor *triggers*
+(:func:`triggers_histogram`): it holds NaN/Inf, a non-zero ``|g|`` below :data:`TINY_BELOW`
+or a finite ``|g|`` from :data:`HUGE_FROM` up (after unscaling), the values outside the
+range where plain float32 sums are accurate and exactly what a histogram explains. Every
+backend applies the same rule, so a light row is the same on each.
+
+Three rules are declared here once and read by every piece of code that needs them:
 
 * **how rows combine** (:data:`COMBINE`): counts, sums and histogram bins add, ``max_abs``
   takes the maximum. Parameters into a layer (the monitor), chunks into a tensor (NumPy
@@ -33,8 +42,11 @@ Two rules are declared here once and read by every piece of code that needs them
   with :func:`combine_rows`, :func:`combine_segments` or the column sets
   :data:`SUM_COLUMNS`/:data:`MAX_COLUMNS`; the Triton kernel's own final reduction is
   checked against this declaration by its tests.
+  A row combined from parts has a histogram only if every part has one: an unknown
+  (NaN) histogram stays unknown through any combine, never a partial count.
 * **derived values** (:func:`derive`): norm, rms, mean, zero fraction, finite and
   non-finite counts, computed from the columns by one formula each.
+* **when a light pass computes a histogram anyway** (:func:`triggers_histogram`).
 """
 
 from __future__ import annotations
@@ -57,6 +69,15 @@ except that bin 0 also counts every non-zero ``|g| < HIST_EDGES[0]`` (about 3.6e
 bin 63 every finite ``|g| >= HIST_EDGES[63]`` (32768), including values beyond 65536.
 Zeros and non-finite values are never in the histogram; they have their own counts.
 """
+
+NO_HISTOGRAM = np.nan
+"""What every histogram column of a row holds when its histogram was not computed."""
+
+TINY_BELOW = 2.0**-63
+"""Non-zero magnitudes below this are *tiny*: their float32 squares underflow."""
+
+HUGE_FROM = 2.0**56
+"""Finite magnitudes from this up are *huge*: float32 sums of their squares may overflow."""
 
 COMBINE = {
     "numel": "sum",
@@ -139,6 +160,28 @@ def combine_segments(rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
         combined = np.add.reduceat(rows, starts, axis=0)
     combined[:, MAX_COLUMNS] = np.maximum.reduceat(rows[:, MAX_COLUMNS], starts, axis=0)
     return combined
+
+
+def histogram_known(rows: np.ndarray) -> np.ndarray:
+    """bool ``(...)``: where a row's histogram was computed (its columns hold counts, not NaN).
+
+    Args:
+        rows: float64 array whose last axis has length ``ROW_WIDTH``.
+    """
+    return ~np.isnan(_check_rows(rows)[..., HIST])
+
+
+def triggers_histogram(nonfinite, min_nonzero_abs, max_abs) -> np.ndarray:
+    """bool: whether a light pass must compute a tensor's histogram anyway (module docstring).
+
+    Args:
+        nonfinite: NaN and Inf elements of the tensor.
+        min_nonzero_abs: its smallest non-zero finite ``|g|`` (``inf`` when there is none).
+        max_abs: its largest finite ``|g|``.
+
+    All after unscaling, arrays of one shape (or scalars).
+    """
+    return (np.asarray(nonfinite) > 0) | (np.asarray(min_nonzero_abs) < TINY_BELOW) | (np.asarray(max_abs) >= HUGE_FROM)
 
 
 # ---- derived values ---------------------------------------------------------------------
