@@ -14,6 +14,12 @@ TORCH_PIN ?= torch==2.13.0
 LOCK ?= .ci/constraints.txt
 CONSTRAINTS = $(if $(LOCK),-c $(LOCK))
 LATEST_VENV ?= .venv-latest
+# Triton 3.6 (what the GPU machines run) beside $(VENV), without a second torch: its own
+# site-packages hold Triton 3.6 and come first; a .pth file adds $(VENV)'s (torch, numpy).
+# tests/kernels/test_kernel_static.py compiles the kernels with it too.
+TRITON36_VENV ?= $(VENV)-triton36
+TRITON36_PIN ?= triton==3.6.0
+SITE_PACKAGES = -c "import sysconfig; print(sysconfig.get_path('purelib'))"
 
 .PHONY: demo test test-latest lock lint bench gpu-check clean
 
@@ -25,13 +31,20 @@ $(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	$(PY) -m pip install --quiet $(UPGRADE_FLAGS) $(CONSTRAINTS) --no-build-isolation "$(TORCH_PIN)" -e ".[dev]"
 	touch $@
 
+$(TRITON36_VENV)/.installed: $(VENV)/.installed
+	test -x $(TRITON36_VENV)/bin/python || $(PY) -m venv $(TRITON36_VENV)
+	$(TRITON36_VENV)/bin/python -m pip install --quiet --no-deps "$(TRITON36_PIN)"
+	$(PY) $(SITE_PACKAGES) > "$$($(TRITON36_VENV)/bin/python $(SITE_PACKAGES))/gradscope-main-venv.pth"
+	$(TRITON36_VENV)/bin/python -c "import torch, triton; assert triton.__version__.startswith('3.6.'), triton.__version__"
+	touch $@
+
 # Trains the built-in model healthy, then with a NaN fault: health reports on the terminal,
 # run logs and visual reports (HTML + PNG) under runs/.
 demo: $(VENV)/.installed
 	$(VENV)/bin/gradscope demo --fault none
 	$(VENV)/bin/gradscope demo --fault nan
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(TRITON36_VENV)/.installed
 	$(PY) -m ruff check .
 	$(VENV)/bin/pytest
 
@@ -67,4 +80,4 @@ gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis runs
+	rm -rf $(VENV) $(LATEST_VENV) $(VENV)-triton36 $(LATEST_VENV)-triton36 build dist *.egg-info .pytest_cache .ruff_cache .hypothesis runs

@@ -158,7 +158,11 @@ def method_none(work: Workload):
     return (lambda step, loss: None), contextlib.nullcontext, lambda: None
 
 
-def method_gradscope(every: int, mode: str = "backward", forward: bool = False, acting: bool = False):
+def method_gradscope(
+    every: int, mode: str = "backward", forward: bool = False, acting: bool = False, histogram_every: int | None = None
+):
+    """``watch(every=...)``; ``histogram_every`` (None: gradscope's default cadence)."""
+
     def make(work: Workload):
         actions = {}
         if acting:  # every action on: findings checked at each mon.step() (gradscope.actions)
@@ -169,6 +173,8 @@ def method_gradscope(every: int, mode: str = "backward", forward: bool = False, 
                 "early_stopping": True,
                 "adapt_lr": gradscope.AdaptiveLR(),
             }
+        if histogram_every is not None:
+            actions["histogram_every"] = histogram_every
         mon = gradscope.watch(work.model, every=every, mode=mode, forward=forward, **actions)
         return (lambda step, loss: mon.step(loss=loss)), contextlib.nullcontext, lambda: None, mon.close
 
@@ -210,6 +216,7 @@ def available_methods() -> list[tuple[str, Callable]]:
     methods = [
         ("no monitoring", method_none),
         ("gradscope watch(every=1)", method_gradscope(1)),
+        ("gradscope watch(every=1, histogram_every=1)", method_gradscope(1, histogram_every=1)),
         ("gradscope watch(every=10)", method_gradscope(10)),
         ("gradscope watch(every=1, mode='step')", method_gradscope(1, "step")),
         ("gradscope watch(every=1) acting on findings", method_gradscope(1, acting=True)),

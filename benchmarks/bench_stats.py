@@ -12,7 +12,10 @@ For each gradient set (real model shapes) it times, in the same run:
 * ``tensorboard add_histogram``: TensorBoard's per-tensor histogram (if installed);
 * ``gradscope``: :func:`gradscope.grad_stats` (``backend="auto"``: the fastest CPU kernel on
   CPU, Triton on GPU), plus on CPU each CPU kernel (numba, NumPy) on all threads and on one,
-  and on GPU the no-sync launch the monitor uses.
+  and on GPU the no-sync launch the monitor uses;
+* ``gradscope light``: the same with ``histogram=False`` (light rows: no histogram unless a
+  tensor triggers it, see ``gradscope.stats.layout``), next to each full method above, so the
+  price of the histogram is read within one run.
 
 Methods run in interleaved rounds (each round runs every method once, in a rotated order);
 it prints per method the median time, bandwidth, the median over rounds of its time over
@@ -232,15 +235,27 @@ def run_set(name: str, device: str, repeats: int, with_slow: bool) -> dict:
             if not host_backend.kernel_available(kernel):
                 print(f"  (the {kernel} kernel cannot run here: {host_backend.why_unavailable(kernel)})")
                 continue
-            methods.append(
-                (f"gradscope {kernel}, 1 thread", functools.partial(host_backend.host_rows, grads, kernel, 1), repeats)
-            )
-            methods.append((f"gradscope {kernel}", functools.partial(host_backend.host_rows, grads, kernel), repeats))
+            for histogram, suffix in ((True, ""), (False, " light")):
+                rows_of = functools.partial(host_backend.host_rows, grads, kernel, histogram=histogram)
+                methods.append(
+                    (f"gradscope {kernel}{suffix}, 1 thread", functools.partial(rows_of, num_threads=1), repeats)
+                )
+                methods.append((f"gradscope {kernel}{suffix}", rows_of, repeats))
         methods.append(("gradscope (grad_stats)", lambda: gradscope.grad_stats(grads), repeats))
+        methods.append(
+            ("gradscope light (histogram=False)", lambda: gradscope.grad_stats(grads, histogram=False), repeats)
+        )
     else:
         flats = [flat_elements(g) for g in grads]
         out = torch.empty((len(grads), layout.ROW_WIDTH), dtype=torch.float64, device=device)
         methods.append(("gradscope (grad_stats, to host)", lambda: gradscope.grad_stats(grads), repeats))
+        methods.append(
+            (
+                "gradscope light (histogram=False, to host)",
+                lambda: gradscope.grad_stats(grads, histogram=False),
+                repeats,
+            )
+        )
         methods.append(
             (
                 "gradscope launch (no sync, monitor path)",

@@ -11,9 +11,26 @@ tensor (counted with an integer atomic, not float atomics) adds that tensor's pa
 in chunk order and writes its final row. Output is therefore deterministic: the same input
 gives bit-identical rows, whatever the scheduling.
 
+Three launches, one source (constexpr ``HISTOGRAM``, ``GATED``):
+
+* **full** (``HISTOGRAM``): every column of every tensor's row, histogram included.
+* **light** (not ``HISTOGRAM``): the same reads and the same code for every other column
+  (so they are bit-identical to the full launch's), no histogram anywhere: each tensor's
+  row gets NaN (``layout.NO_HISTOGRAM``) in its 64 histogram columns. Every program whose
+  chunk *triggers* the histogram (``layout.triggers_histogram``: NaN/Inf, a non-zero
+  ``|g| < 2**-63`` or a finite ``|g| >= 2**56``, after unscaling) stores 1 into
+  ``trigger_ptr[tensor]``. For 16/32-bit inputs these are exactly the chunks that take the
+  careful path below; float64 tracks its smallest magnitude for it.
+* **gated** (``HISTOGRAM`` and ``GATED``), launched right after a light launch on the same
+  stream over the same work table: a program whose tensor's trigger is 0 returns at once;
+  the tensors that trigger are computed in full and their rows overwritten, and each
+  finishing program resets its tensor's trigger to 0 (the buffer is left zeroed, like the
+  arrival counters).
+
 Numerics. Elements are read once, widened to float32 (float64 inputs stay float64) and
-accumulated per thread over ``[ROWS, LANES, VEC]`` tiles (VEC contiguous elements = one
-16-byte load). Everything that can be computed on integers is: the maximum magnitude
+accumulated per thread over ``[ROWS, LANES, VEC]`` tiles (per lane, ROWS times VEC
+elements: VEC contiguous ones = one 16-byte load when aligned, every LANES-th otherwise,
+:func:`_tile_offsets`). Everything that can be computed on integers is: the maximum magnitude
 compares the magnitude bits, zeros and the histogram read the exponent field, so counts,
 ``max_abs`` and histograms are exact whatever the denormal mode. A chunk whose non-zero
 magnitudes all lie in ``[2**-63, 2**56)`` (the normal case; float32 squares stay normal and
@@ -77,6 +94,34 @@ def _histogram_bin(abits, IS_FP64: tl.constexpr, NUM_BINS: tl.constexpr, MIN_EXP
 
 
 @triton.jit
+def _tile_offsets(ALIGNED: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """Element offsets of one fast-path tile (2-D, ``ROWS * LANES * VEC`` elements), such that
+    :func:`_lane_tile` gives lane ``l`` (one thread) ``ROWS * VEC`` of them.
+
+    Aligned: ``[ROWS * LANES, VEC]``, lane ``l`` reads VEC contiguous elements (one 16-byte
+    load) from each of ROWS rows. Otherwise ``[ROWS * VEC, LANES]``, lane ``l`` reads every
+    LANES-th element: scalar loads that neighbouring lanes coalesce. Either way the only
+    axis the compiler may spread over threads is the one it must (a 3-D tile leaves two
+    equally non-contiguous axes, and Triton 3.6 spreads threads over the wrong one, so each
+    step's per-lane reduction would need warp shuffles).
+    """
+    if ALIGNED:
+        return tl.arange(0, ROWS * LANES)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    else:
+        return tl.arange(0, ROWS * VEC)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+
+
+@triton.jit
+def _lane_tile(x, ALIGNED: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr):
+    """A tile loaded at :func:`_tile_offsets` as ``[ROWS, LANES, VEC]``, lanes on axis 1 (no
+    data moves: each thread keeps what it loaded)."""
+    if ALIGNED:
+        return tl.reshape(x, [ROWS, LANES, VEC])
+    else:
+        return tl.permute(tl.reshape(x, [ROWS, VEC, LANES]), (0, 2, 1))
+
+
+@triton.jit
 def _fast_tile(
     x,
     acc_sum,
@@ -86,6 +131,8 @@ def _fast_tile(
     zero_count,
     hist,
     IS_FP64: tl.constexpr,
+    TRACK_MIN: tl.constexpr,
+    HISTOGRAM: tl.constexpr,
     NUM_BINS: tl.constexpr,
     MIN_EXPONENT: tl.constexpr,
 ):
@@ -93,21 +140,26 @@ def _fast_tile(
     accumulators (shape ``[LANES]``: one per thread, so the tile's rows and vector elements
     are reduced inside each thread, without barriers).
 
-    ``min_bits_m1`` is the unsigned minimum of ``bits(|x|) - 1``: a zero wraps to the largest
-    value, so it tracks the smallest non-zero magnitude in two instructions. Zeros land in
-    histogram bin 0 (their exponent clamps to it) and are counted apart, so the histogram
-    needs no mask; the caller takes them out of bin 0.
+    ``min_bits_m1`` is the unsigned minimum of ``bits(|x|) - 1`` (if TRACK_MIN): a zero
+    wraps to the largest value, so it tracks the smallest non-zero magnitude in two
+    instructions. Zeros land in histogram bin 0 (their exponent clamps to it) and are
+    counted apart, so the histogram (if HISTOGRAM) needs no mask; the caller takes them out
+    of bin 0.
     """
     abits = _magnitude_bits(x, IS_FP64)
     acc_sum += tl.sum(tl.sum(x, axis=2), axis=0)
     acc_sq += tl.sum(tl.sum(x * x, axis=2), axis=0)
     max_bits = tl.maximum(max_bits, tl.max(tl.max(abits, axis=2), axis=0))
-    if not IS_FP64:
-        nonzero_m1 = (abits - 1).to(tl.uint32, bitcast=True)
+    if TRACK_MIN:
+        if IS_FP64:
+            nonzero_m1 = (abits - 1).to(tl.uint64, bitcast=True)
+        else:
+            nonzero_m1 = (abits - 1).to(tl.uint32, bitcast=True)
         min_bits_m1 = tl.minimum(min_bits_m1, tl.min(tl.min(nonzero_m1, axis=2), axis=0))
     zero_count += tl.sum(tl.sum((abits == 0).to(tl.int32), axis=2), axis=0)
-    bins = _histogram_bin(abits, IS_FP64, NUM_BINS, MIN_EXPONENT)
-    hist += tl.histogram(tl.reshape(bins, [bins.numel]), NUM_BINS)
+    if HISTOGRAM:
+        bins = _histogram_bin(abits, IS_FP64, NUM_BINS, MIN_EXPONENT)
+        hist += tl.histogram(tl.reshape(bins, [bins.numel]), NUM_BINS)
     return acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist
 
 
@@ -126,10 +178,12 @@ def _store_partial(
     infs,
     hist,
     ACC: tl.constexpr,
+    HISTOGRAM: tl.constexpr,
     PARTIAL_HIST: tl.constexpr,
     NUM_BINS: tl.constexpr,
 ):
-    """Write one chunk's partial row (layout in the module docstring)."""
+    """Write one chunk's partial row (layout in the module docstring; without HISTOGRAM,
+    its first PARTIAL_HIST columns only)."""
     tl.store(partial + 0, tl.cast(sum_normal, ACC))
     tl.store(partial + 1, tl.cast(sum_tiny, ACC))
     tl.store(partial + 2, tl.cast(sum_huge, ACC))
@@ -140,7 +194,8 @@ def _store_partial(
     tl.store(partial + 7, tl.cast(zeros, ACC))
     tl.store(partial + 8, tl.cast(nans, ACC))
     tl.store(partial + 9, tl.cast(infs, ACC))
-    tl.store(partial + PARTIAL_HIST + tl.arange(0, NUM_BINS), hist.to(ACC))
+    if HISTOGRAM:
+        tl.store(partial + PARTIAL_HIST + tl.arange(0, NUM_BINS), hist.to(ACC))
 
 
 @triton.jit(do_not_specialize=["num_tensors"])  # a launch of one tensor must not make it a constant
@@ -150,6 +205,8 @@ def _grad_stats_kernel(
     #              per tensor, then [tensor index | start element] per chunk
     partial_ptr,  # ACC [num_chunks, PARTIAL_WIDTH]: per-chunk partial rows (scratch)
     arrival_ptr,  # int32 [num_tensors]: zero on entry, left zero on exit
+    trigger_ptr,  # int32 [num_tensors]: the light launch sets 1 where a tensor triggers its
+    #               histogram; the gated launch reads it and leaves it zero (unused otherwise)
     out_ptr,  # float64 [rows, ROW_WIDTH]: receives one row per tensor
     scale_ptr,  # float32 [1]: inv_scale every element is multiplied by (if HAS_SCALE)
     # sizes
@@ -161,7 +218,9 @@ def _grad_stats_kernel(
     IS_BF16: tl.constexpr,
     ALIGNED: tl.constexpr,  # all base addresses are multiples of 16 bytes
     HAS_SCALE: tl.constexpr,
-    ROWS: tl.constexpr,  # fast-path tile: ROWS x LANES x VEC elements, VEC contiguous per thread
+    HISTOGRAM: tl.constexpr,  # False: the light launch (histogram columns NaN, triggers set)
+    GATED: tl.constexpr,  # only tensors whose trigger is set (after a light launch)
+    ROWS: tl.constexpr,  # fast-path tile: ROWS x LANES x VEC elements, ROWS x VEC per thread
     LANES: tl.constexpr,
     VEC: tl.constexpr,
     CAREFUL_BLOCK: tl.constexpr,  # elements per careful-path step (fewer live registers)
@@ -172,12 +231,17 @@ def _grad_stats_kernel(
     ROW_WIDTH: tl.constexpr,
     NUM_BINS: tl.constexpr,
     MIN_EXPONENT: tl.constexpr,
+    TINY_EXPONENT: tl.constexpr,  # layout.TINY_BELOW == 2**TINY_EXPONENT
+    HUGE_EXPONENT: tl.constexpr,  # layout.HUGE_FROM == 2**HUGE_EXPONENT
 ):
     BLOCK: tl.constexpr = ROWS * LANES * VEC
     chunk = tl.program_id(0).to(tl.int64)
     num_chunks = tl.num_programs(0).to(tl.int64)
     n_tensors = num_tensors.to(tl.int64)
     tensor = tl.load(tables_ptr + 6 * n_tensors + chunk)
+    if GATED:
+        if tl.load(trigger_ptr + tensor) == 0:
+            return  # the light launch's row stands: its histogram is not wanted
     start = tl.load(tables_ptr + 6 * n_tensors + num_chunks + chunk)
     numel = tl.load(tables_ptr + n_tensors + tensor)
     stop = tl.minimum(start + tl.load(tables_ptr + 5 * n_tensors + tensor), numel)
@@ -192,46 +256,76 @@ def _grad_stats_kernel(
     else:
         inv_scale = 1.0
 
-    # Magnitude classes (as bits). float32 squares stay normal from 2**-63 and per-lane sums
-    # of squares (at most 2**13 terms per lane in a 2**20-element chunk) stay finite below
-    # 2**56: the fast path's plain sums are accurate for magnitudes in [2**-63, 2**56).
-    # float64 needs no classes.
+    # Magnitude classes (as bits). float32 squares stay normal from 2**-63 (TINY_EXPONENT)
+    # and per-lane sums of squares (at most 2**13 terms per lane in a 2**20-element chunk)
+    # stay finite below 2**56 (HUGE_EXPONENT): the fast path's plain sums are accurate for
+    # magnitudes in [2**-63, 2**56), and the careful path's scalings (2**86, 2**-80) are
+    # built for these two edges. float64 needs no classes, but its light launch triggers at
+    # the same edges, so it tracks the smallest magnitude too.
     if IS_FP64:
         tiny_below = 0
         huge_from = 0x7FF0000000000000
         inf_bits = 0x7FF0000000000000
+        trigger_tiny = (1023 + TINY_EXPONENT) << 52
+        trigger_huge = (1023 + HUGE_EXPONENT) << 52
     else:
-        tiny_below = 64 << 23
-        huge_from = 183 << 23
+        tiny_below = (127 + TINY_EXPONENT) << 23
+        huge_from = (127 + HUGE_EXPONENT) << 23
         inf_bits = 0x7F800000
+        trigger_tiny = tiny_below
+        trigger_huge = huge_from
+    TRACK_MIN: tl.constexpr = not IS_FP64 or not HISTOGRAM
 
     # ---- fast path: plain sums; flags chunks that need the careful path -------------------
     # Whole tiles load without a mask (aligned inputs get 16-byte vector loads, ROWS of them
     # in flight per thread); the last, partial tile of a tensor loads with one.
-    offsets = (
-        tl.arange(0, ROWS)[:, None, None] * (LANES * VEC)
-        + tl.arange(0, LANES)[None, :, None] * VEC
-        + tl.arange(0, VEC)[None, None, :]
-    )
+    offsets = _tile_offsets(ALIGNED, ROWS, LANES, VEC)
     acc_sum = tl.zeros([LANES], ACC)
     acc_sq = tl.zeros([LANES], ACC)
     max_bits = _magnitude_bits(tl.zeros([LANES], ACC), IS_FP64)
-    min_bits_m1 = tl.full([LANES], 0xFFFFFFFF, tl.uint32)
+    if IS_FP64:
+        min_bits_m1 = tl.full([LANES], 0xFFFFFFFFFFFFFFFF, tl.uint64)
+    else:
+        min_bits_m1 = tl.full([LANES], 0xFFFFFFFF, tl.uint32)
     zero_count = tl.zeros([LANES], tl.int32)
     hist = tl.zeros([NUM_BINS], tl.int32)
     whole_tiles = ((stop - start) // BLOCK).to(tl.int32)
     for step in range(0, whole_tiles):
         x = _widen(tl.load(base + (start + step * BLOCK + offsets)), ACC, IS_BF16) * inv_scale
+        x = _lane_tile(x, ALIGNED, ROWS, LANES, VEC)
         acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist = _fast_tile(
-            x, acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist, IS_FP64, NUM_BINS, MIN_EXPONENT
+            x,
+            acc_sum,
+            acc_sq,
+            max_bits,
+            min_bits_m1,
+            zero_count,
+            hist,
+            IS_FP64,
+            TRACK_MIN,
+            HISTOGRAM,
+            NUM_BINS,
+            MIN_EXPONENT,
         )
     tail_start = start + whole_tiles * BLOCK
     padding = 0
     if tail_start < stop:
         index = tail_start + offsets
         x = _widen(tl.load(base + index, mask=index < stop, other=0.0), ACC, IS_BF16) * inv_scale
+        x = _lane_tile(x, ALIGNED, ROWS, LANES, VEC)
         acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist = _fast_tile(
-            x, acc_sum, acc_sq, max_bits, min_bits_m1, zero_count, hist, IS_FP64, NUM_BINS, MIN_EXPONENT
+            x,
+            acc_sum,
+            acc_sq,
+            max_bits,
+            min_bits_m1,
+            zero_count,
+            hist,
+            IS_FP64,
+            TRACK_MIN,
+            HISTOGRAM,
+            NUM_BINS,
+            MIN_EXPONENT,
         )
         padding = (tail_start + BLOCK - stop).to(tl.int32)  # masked lanes: zeros, in bin 0
 
@@ -239,9 +333,19 @@ def _grad_stats_kernel(
     usual = chunk_max_bits < huge_from  # no huge or non-finite value
     if not IS_FP64:
         usual = usual & (tl.min(min_bits_m1, axis=0) >= (tiny_below - 1))  # no tiny non-zero value
+    if not HISTOGRAM:
+        # The histogram trigger (layout.triggers_histogram): NaN/Inf, tiny or huge magnitudes.
+        # For 16/32-bit inputs exactly the chunks that take the careful path.
+        if IS_FP64:
+            triggers = (chunk_max_bits >= trigger_huge) | (tl.min(min_bits_m1, axis=0) < (trigger_tiny - 1))
+        else:
+            triggers = ~usual
+        if triggers:
+            tl.store(trigger_ptr + tensor, 1)  # every triggering chunk stores the same 1
     if usual:
         zeros_and_padding = tl.sum(zero_count, axis=0)
-        hist -= tl.where(tl.arange(0, NUM_BINS) == 0, zeros_and_padding, 0)
+        if HISTOGRAM:
+            hist -= tl.where(tl.arange(0, NUM_BINS) == 0, zeros_and_padding, 0)
         _store_partial(
             partial,
             tl.sum(acc_sum, axis=0),
@@ -256,6 +360,7 @@ def _grad_stats_kernel(
             0,
             hist,
             ACC,
+            HISTOGRAM,
             PARTIAL_HIST,
             NUM_BINS,
         )
@@ -304,9 +409,10 @@ def _grad_stats_kernel(
             zeros += (in_range & (ybits == 0)).to(tl.int32)
             nans += (ybits > inf_bits).to(tl.int32)
             infs += (ybits == inf_bits).to(tl.int32)
-            careful_hist += tl.histogram(
-                _histogram_bin(ybits, IS_FP64, NUM_BINS, MIN_EXPONENT), NUM_BINS, mask=finite & y_nonzero
-            )
+            if HISTOGRAM:
+                careful_hist += tl.histogram(
+                    _histogram_bin(ybits, IS_FP64, NUM_BINS, MIN_EXPONENT), NUM_BINS, mask=finite & y_nonzero
+                )
         _store_partial(
             partial,
             tl.sum(sum_normal, axis=0),
@@ -321,6 +427,7 @@ def _grad_stats_kernel(
             tl.sum(infs, axis=0),
             careful_hist,
             ACC,
+            HISTOGRAM,
             PARTIAL_HIST,
             NUM_BINS,
         )
@@ -328,10 +435,16 @@ def _grad_stats_kernel(
     # ---- the last program of a tensor adds its partial rows, in chunk order ---------------
     tl.debug_barrier()  # every thread's partial stores precede the release below
     arrived = tl.atomic_add(arrival_ptr + tensor, 1, sem="acq_rel")
-    tensor_chunks = tl.load(tables_ptr + 4 * n_tensors + tensor)
+    tensor_chunks = tl.load(tables_ptr + 4 * n_tensors + tensor).to(tl.int32)  # 512, or numel / 2**20
     if arrived == tensor_chunks - 1:
-        first_chunk = tl.load(tables_ptr + 3 * n_tensors + tensor)
+        tensor_partials = partial_ptr + tl.load(tables_ptr + 3 * n_tensors + tensor) * PARTIAL_WIDTH
         cols = tl.arange(0, PARTIAL_COLS)
+        # Without HISTOGRAM only the scalar columns are read (the tile keeps its shape, so the
+        # scalars are added in the same order, bit for bit, as with it).
+        if HISTOGRAM:
+            read_cols = PARTIAL_WIDTH
+        else:
+            read_cols = PARTIAL_HIST
         # Tiles are folded element-wise (no barrier per step) and reduced once at the end;
         # the order is fixed, so the row is bit-identical whatever the scheduling.
         is_max = (cols == 6)[None, :]
@@ -339,8 +452,8 @@ def _grad_stats_kernel(
         for row0 in range(0, tensor_chunks, FINAL_ROWS):
             rows = row0 + tl.arange(0, FINAL_ROWS)
             tile = tl.load(
-                partial_ptr + (first_chunk + rows)[:, None] * PARTIAL_WIDTH + cols[None, :],
-                mask=(rows < tensor_chunks)[:, None] & (cols < PARTIAL_WIDTH)[None, :],
+                tensor_partials + (rows[:, None] * PARTIAL_WIDTH + cols[None, :]),  # int32 offsets
+                mask=(rows < tensor_chunks)[:, None] & (cols < read_cols)[None, :],
                 other=0.0,
                 cache_modifier=".cg",  # written by other programs: read from L2, not L1
             ).to(tl.float64)
@@ -365,6 +478,12 @@ def _grad_stats_kernel(
         tl.store(out_row + 4, tl.sum(tl.where(cols == 7, sums, 0.0), axis=0))
         tl.store(out_row + 5, tl.sum(tl.where(cols == 8, sums, 0.0), axis=0))
         tl.store(out_row + 6, tl.sum(tl.where(cols == 9, sums, 0.0), axis=0))
-        is_hist = (cols >= PARTIAL_HIST) & (cols < PARTIAL_HIST + NUM_BINS)
-        tl.store(out_row + (ROW_WIDTH - NUM_BINS - PARTIAL_HIST) + cols, sums, mask=is_hist)
+        if HISTOGRAM:
+            is_hist = (cols >= PARTIAL_HIST) & (cols < PARTIAL_HIST + NUM_BINS)
+            tl.store(out_row + (ROW_WIDTH - NUM_BINS - PARTIAL_HIST) + cols, sums, mask=is_hist)
+        else:  # layout.NO_HISTOGRAM: a quiet NaN in every histogram column
+            no_histogram = tl.full([NUM_BINS], 0x7FF8000000000000, tl.int64).to(tl.float64, bitcast=True)
+            tl.store(out_row + (ROW_WIDTH - NUM_BINS) + tl.arange(0, NUM_BINS), no_histogram)
+        if GATED:
+            tl.store(trigger_ptr + tensor, 0)  # left zero, like the arrival counter
         tl.store(arrival_ptr + tensor, 0)  # ready for the next launch on this stream

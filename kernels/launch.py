@@ -1,5 +1,8 @@
 """Launcher of the statistics kernel (``grad_stats.py``): checks inputs, builds the work
-table, chooses the tiling and launches, without host synchronisation.
+table, chooses the tiling and launches, without host synchronisation: one full launch per
+group of tensors, or for light rows (``histogram=False``) a light launch and the gated full
+launch that completes the tensors it flagged, sharing the work table, the scratch rows and
+a persistent trigger buffer per (device, stream).
 
 The kernel's layouts (the work table, the partial rows) are documented in ``grad_stats.py``
 and written here; the tiling (tile shape, chunk sizes, warps) is chosen here from the
@@ -10,6 +13,7 @@ measurements in ``benchmarks/bench_launch.py`` and the static report
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +32,7 @@ _TRITON_DTYPES = {
 }
 
 _arrival_counters: dict[tuple[int, int], torch.Tensor] = {}
+_trigger_flags: dict[tuple[int, int], torch.Tensor] = {}
 
 
 def is_interpreted() -> bool:
@@ -38,19 +43,31 @@ def is_interpreted() -> bool:
     return not isinstance(_grad_stats_kernel, triton.runtime.JITFunction)
 
 
-def _arrival(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 counters for one launch; the kernel leaves them zeroed again.
+def _zeroed(buffers: dict[tuple[int, int], torch.Tensor], device: torch.device, count: int) -> torch.Tensor:
+    """A zeroed int32 buffer of at least ``count`` entries that the kernel leaves zeroed again.
 
-    On CUDA they are reused per (device, stream): launches on one stream run in order.
+    On CUDA it is kept per (device, stream) in ``buffers`` and reused: launches on one stream
+    run in order, so no memset is needed between them.
     """
     if device.type != "cuda":
         return torch.zeros(count, dtype=torch.int32, device=device)
     key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    counters = _arrival_counters.get(key)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
-        _arrival_counters[key] = counters
-    return counters
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < count:
+        buffer = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        buffers[key] = buffer
+    return buffer
+
+
+def _arrival(device: torch.device, count: int) -> torch.Tensor:
+    """Per-tensor arrival counters of one launch (zero; each finishing program resets its own)."""
+    return _zeroed(_arrival_counters, device, count)
+
+
+def _triggers(device: torch.device, count: int) -> torch.Tensor:
+    """Per-tensor histogram triggers of a light launch and its gated launch (zero; the gated
+    launch's finishing programs reset the ones the light launch set)."""
+    return _zeroed(_trigger_flags, device, count)
 
 
 TARGET_CHUNKS = 512
@@ -82,8 +99,9 @@ def _launch_sizes(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
 def tile_shape(block: int, num_warps: int, element_size: int) -> tuple[int, int, int]:
     """(ROWS, LANES, VEC) of a fast-path tile of ``block`` elements (powers of two).
 
-    VEC elements (16 bytes) are contiguous in one thread; LANES = one per thread; ROWS
-    such tiles are loaded per step.
+    LANES = one per thread, each taking ROWS x VEC elements per step: VEC contiguous ones (16
+    bytes) from each of ROWS rows when aligned, every LANES-th element otherwise
+    (``grad_stats._tile_offsets``).
     """
     vec = max(1, min(16 // element_size, block))
     lanes = max(1, min(32 * num_warps, block // vec))
@@ -105,6 +123,7 @@ def grad_stats_launch(
     out_rows: Sequence[int],
     *,
     inv_scale: torch.Tensor | None = None,
+    histogram: bool = True,
     block: int | None = None,
     careful_block: int | None = None,
     chunk_numel: int | None = None,
@@ -112,10 +131,11 @@ def grad_stats_launch(
 ) -> None:
     """Write the statistics rows of ``values`` into ``out[out_rows]``, without host synchronisation.
 
-    One kernel launch for the 16-byte-aligned tensors and one for the others (so that one
-    misaligned tensor does not cost the rest their wide loads), whatever the number of
-    tensors. The caller keeps ``values`` alive until the launch has run (on CUDA, stream
-    order does this for tensors it frees).
+    The 16-byte-aligned tensors and the others are launched apart (so that one misaligned
+    tensor does not cost the rest their wide loads), whatever the number of tensors: one
+    full launch each, or with ``histogram=False`` a light launch and its gated launch each
+    (``grad_stats.py``). The caller keeps ``values`` alive until the launches have run (on
+    CUDA, stream order does this for tensors it frees).
 
     Args:
         values: 1-D contiguous tensors sharing one device and one dtype (float16, bfloat16,
@@ -126,6 +146,10 @@ def grad_stats_launch(
         inv_scale: optional float32 one-element tensor on the same device; statistics are
             then those of ``g * inv_scale`` (multiplied in float32, as ``GradScaler.unscale_``
             does), read by the kernel so that no host synchronisation is needed.
+        histogram: True: every row complete. False: light rows (``layout``'s "Light rows"):
+            histogram columns NaN, except for the tensors that trigger
+            (``layout.triggers_histogram``), whose rows are complete; the other columns are
+            bit-identical to a complete row's either way.
         block, careful_block, chunk_numel, final_rows: override the tiling (tests); powers of
             two, ``chunk_numel`` (the smallest chunk) a multiple of both blocks and at most 2**20.
     """
@@ -179,6 +203,7 @@ def grad_stats_launch(
                 dtype,
                 out,
                 inv_scale=inv_scale,
+                histogram=histogram,
                 block=block,
                 careful_block=careful_block,
                 final_rows=final_rows or sizes[3],
@@ -205,11 +230,21 @@ def work_table(addresses: np.ndarray, numels: np.ndarray, out_rows: np.ndarray, 
     return np.concatenate([addresses, numels, out_rows, first_chunk, chunks, chunk_numel, chunk_tensor, chunk_start])
 
 
+def _exponent(power_of_two: float) -> int:
+    """``e`` such that ``power_of_two == 2.0**e``."""
+    mantissa, exponent = math.frexp(power_of_two)
+    if mantissa != 0.5:
+        raise ValueError(f"{power_of_two} is not a power of two")
+    return exponent - 1
+
+
 def kernel_meta(
     dtype: torch.dtype,
     *,
     aligned: bool,
     scale: bool,
+    histogram: bool = True,
+    gated: bool = False,
     block: int,
     careful_block: int,
     final_rows: int,
@@ -218,7 +253,13 @@ def kernel_meta(
 ) -> tuple[dict, dict]:
     """(constexpr arguments, compiler options) of one launch: the one place that says which
     variant a launch compiles, read by :func:`launch_table` and by the static report
-    (``benchmarks/kernel_static.py``), so the report compiles exactly what is launched."""
+    (``benchmarks/kernel_static.py``), so the report compiles exactly what is launched.
+
+    ``histogram=False`` is the light launch; ``histogram=True, gated=True`` the full launch
+    that follows it, computing only the tensors it flagged.
+    """
+    if gated and not histogram:
+        raise ValueError("kernel_meta: a gated launch computes histograms (histogram=True)")
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     rows, lanes, vec = tile_shape(block, 1 if is_interpreted() else num_warps, dtype.itemsize)
     constants = dict(
@@ -228,6 +269,8 @@ def kernel_meta(
         IS_BF16=dtype == torch.bfloat16,
         ALIGNED=aligned,
         HAS_SCALE=scale,
+        HISTOGRAM=histogram,
+        GATED=gated,
         ROWS=rows,
         LANES=lanes,
         VEC=vec,
@@ -239,6 +282,8 @@ def kernel_meta(
         ROW_WIDTH=layout.ROW_WIDTH,
         NUM_BINS=layout.NUM_BINS,
         MIN_EXPONENT=layout.HIST_MIN_EXPONENT,
+        TINY_EXPONENT=_exponent(layout.TINY_BELOW),
+        HUGE_EXPONENT=_exponent(layout.HUGE_FROM),
     )
     if is_interpreted():
         return constants, {}
@@ -257,17 +302,20 @@ def launch_table(
     out: torch.Tensor,
     *,
     inv_scale: torch.Tensor | None = None,
+    histogram: bool = True,
     block: int,
     careful_block: int,
     final_rows: int,
     num_warps: int = 4,
     maxnreg: int | None = None,
 ):
-    """Launch the kernel over a work table from :func:`work_table` (no checks; no host sync).
+    """Launch the kernel over a work table from :func:`work_table` (no checks; no host sync):
+    one full launch, or with ``histogram=False`` the light launch, then the gated launch
+    over the same table (on the same stream, so it sees the light launch's triggers).
 
-    Returns Triton's compiled kernel (its ``n_regs``/``n_spills`` say what the launch used),
-    or None when interpreted. ``maxnreg`` caps registers per thread (None: the compiler's
-    choice).
+    Returns Triton's compiled kernel of the first launch (its ``n_regs``/``n_spills`` say what
+    it used), or None when interpreted. ``maxnreg`` caps registers per thread (None: the
+    compiler's choice).
     """
     device = out.device
     num_chunks = (table.size - 6 * num_tensors) // 2
@@ -276,30 +324,41 @@ def launch_table(
     if device.type == "cuda":
         table = table.pin_memory().to(device, non_blocking=True)  # pinned + async: no host sync
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    partial = torch.empty((num_chunks, PARTIAL_WIDTH), dtype=acc, device=device)
-    constants, options = kernel_meta(
-        dtype,
-        aligned=aligned,
-        scale=inv_scale is not None,
-        block=block,
-        careful_block=careful_block,
-        final_rows=final_rows,
-        num_warps=num_warps,
-        maxnreg=maxnreg,
-    )
+    partial = torch.empty((num_chunks, PARTIAL_WIDTH), dtype=acc, device=device)  # both launches'
+    arrival = _arrival(device, num_tensors)
+    triggers = arrival if histogram else _triggers(device, num_tensors)  # any int32 pointer when unused
+    passes = [(True, False)] if histogram else [(False, False), (True, True)]
     switch = device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device()
     launching = torch.cuda.device(device) if switch else contextlib.nullcontext()
     # The interpreter evaluates the fast path's float32 squares even for chunks that then take
     # the careful path; their overflow is expected and must not warn.
     quiet = np.errstate(over="ignore", invalid="ignore") if is_interpreted() else contextlib.nullcontext()
+    compiled = []
     with launching, quiet:
-        return _grad_stats_kernel[(num_chunks,)](
-            table,
-            partial,
-            _arrival(device, num_tensors),
-            out,
-            out if inv_scale is None else inv_scale,  # any pointer when there is no scale
-            num_tensors,
-            **constants,
-            **options,
-        )
+        for full, gated in passes:
+            constants, options = kernel_meta(
+                dtype,
+                aligned=aligned,
+                scale=inv_scale is not None,
+                histogram=full,
+                gated=gated,
+                block=block,
+                careful_block=careful_block,
+                final_rows=final_rows,
+                num_warps=num_warps,
+                maxnreg=maxnreg,
+            )
+            compiled.append(
+                _grad_stats_kernel[(num_chunks,)](
+                    table,
+                    partial,
+                    arrival,
+                    triggers,
+                    out,
+                    out if inv_scale is None else inv_scale,  # any pointer when there is no scale
+                    num_tensors,
+                    **constants,
+                    **options,
+                )
+            )
+    return compiled[0]

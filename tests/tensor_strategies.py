@@ -90,3 +90,22 @@ def many_small_and_a_few_large(draw, dtypes=DTYPES, large_numel: int = 3000) -> 
     for _ in range(draw(st.integers(1, 2))):
         tensors.insert(draw(st.integers(0, len(tensors))), draw(gradient_tensors(dtypes, max_numel=large_numel)))
     return tensors
+
+
+@st.composite
+def kernel_runs(draw, boundary_sizes: list[int]) -> tuple[torch.Tensor, np.ndarray]:
+    """float32/float64 values laid end to end in runs, and the runs' int64 boundaries
+    ``(K + 1,)``: run sizes sit on a kernel's internal ``boundary_sizes`` or are anything
+    up to 3000, with zeros, subnormals, NaN/Inf and every bin edge sprinkled in."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+    sizes = draw(st.lists(st.one_of(st.sampled_from(boundary_sizes), st.integers(0, 3000)), min_size=1, max_size=5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n = sum(sizes)
+    values = torch.from_numpy(rng.standard_normal(n) * 2.0 ** draw(st.integers(-60, 20))).to(dtype)
+    specials = special_values(dtype)
+    for fraction in (draw(st.sampled_from([0.0, 1e-4, 0.01, 0.5])), draw(st.sampled_from([0.0, 0.2]))):
+        chosen = torch.from_numpy(rng.random(n) < fraction)
+        values[chosen] = specials[torch.from_numpy(rng.integers(0, specials.numel(), int(chosen.sum())))]
+    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    return values, starts

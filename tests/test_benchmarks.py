@@ -43,6 +43,8 @@ def test_writes_results_with_environment(bench_stats, tmp_path, capsys):
     assert entry["numel"] == 64 * 32 + 32
     methods = {r["method"] for r in entry["results"]}
     assert {"read floor (torch.sum, one buffer)", "gradscope (grad_stats)", "torch per-tensor, full set"} <= methods
+    # light rows (histogram=False) next to full ones, per CPU kernel and through grad_stats
+    assert {"gradscope light (histogram=False)", "gradscope numpy light", "gradscope numpy light, 1 thread"} <= methods
     floor = entry["results"][0]
     assert floor["x_floor"] == 1.0
     assert all(r["median_ms"] > 0 for r in entry["results"])
@@ -65,7 +67,12 @@ def test_overhead_benchmark_runs_every_method(bench_overhead, tmp_path):
     )
     (entry,) = json.loads(out.read_text())["models"]
     methods = [r["method"] for r in entry["results"]]
-    assert methods[:3] == ["no monitoring", "gradscope watch(every=1)", "gradscope watch(every=10)"]
+    assert methods[:4] == [
+        "no monitoring",
+        "gradscope watch(every=1)",
+        "gradscope watch(every=1, histogram_every=1)",
+        "gradscope watch(every=10)",
+    ]
     assert {"per-parameter .norm().item()", "set_detect_anomaly(True)"} <= set(methods)
     assert entry["results"][0]["x_plain"] == 1.0
     assert "lightning" not in entry  # only with --integrations
@@ -151,17 +158,27 @@ def test_kernel_static_report_writes_the_promised_json(monkeypatch, tmp_path):
         pytest.skip("Triton ships no cuobjdump here")
     out = tmp_path / "static.json"
     chosen = static.variants([90])
-    assert len(chosen) == 16  # 4 dtypes x scale x alignment: what the launcher launches
-    # One variant is enough for the script's plumbing (tests/kernels compiles all of them).
-    monkeypatch.setattr(static, "variants", lambda arches: [v for v in chosen if v["dtype"] == "bfloat16"][:1])
-    assert static.main(["--json", str(out)]) == 0
+    # 3 kernels (light, full, gated) x 4 dtypes x scale x alignment: what the launcher launches
+    assert len(chosen) == 48 and {v["kernel"] for v in chosen} == {"light", "histogram", "gated"}
+    # One variant of two kernels is enough for the script's plumbing (tests/kernels compiles all).
+    monkeypatch.setattr(
+        static,
+        "variants",
+        lambda arches, kernels: [v for v in chosen if v["dtype"] == "bfloat16" and v["scale"] and v["aligned"]][:2],
+    )
+    assert static.main(["--json", str(out), "--jobs", "1"]) == 0
     report = json.loads(out.read_text())
-    assert [(r["dtype"], r["scale"], r["aligned"]) for r in report] == [("bfloat16", False, True)]
+    assert [(r["kernel"], r["dtype"], r["scale"], r["aligned"]) for r in report] == [
+        ("light", "bfloat16", True, True),
+        ("histogram", "bfloat16", True, True),
+    ]
     for entry in report:
         assert isinstance(entry["registers"], int) and entry["registers"] > 0
-        assert entry["spills"] == 0
-        assert entry["instructions_per_element"] > 0 and entry["loop_barriers"] >= 1
-    assert report[0]["triton"] and report[0]["arch"] == 90
+        assert entry["spills"] == 0 and entry["loop_shuffles"] == 0
+        assert entry["instructions_per_element"] > 0 and entry["triton"] and entry["arch"] == 90
+    light, full = report
+    assert light["loop_barriers"] == 0 and full["loop_barriers"] >= 1  # the histogram's shared memory
+    assert light["instructions_per_element"] < full["instructions_per_element"]
 
 
 @pytest.fixture

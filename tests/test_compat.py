@@ -50,11 +50,14 @@ def test_a_run_log_written_before_the_layout_change_gives_the_same_report():
     got = run.report().to_dict()
     for key in ("status", "step", "note", "first_nonfinite", "resources"):
         assert got[key] == expected[key], key
-    added = ("nonfinite", "dtype", "fp8_e4m3_zero", "fp8_e5m2_zero")
+    added = ("nonfinite", "dtype", "fp8_e4m3_zero", "fp8_e5m2_zero", "hist_step")
     assert [{k: v for k, v in layer.items() if k not in added} for layer in got["layers"]] == expected["layers"]
     assert [layer["nonfinite"] for layer in got["layers"]] == [0, 0]  # the NaN step is not the latest
     assert [layer["dtype"] for layer in got["layers"]] == [None, None]  # not recorded in that version
     assert all(layer["fp8_e5m2_zero"] == 0.0 for layer in got["layers"])  # from the logged histograms
+    # that version logged a histogram at every sampled step: the layers' newest is the last one
+    assert [layer["hist_step"] for layer in got["layers"]] == [int(run.history("norm").steps[-1])] * 2 == [38, 38]
+    assert run.info.histogram_every == 1
     problems = {(f["kind"], f["severity"], f["layer"], f["since_step"]) for f in got["findings"]}
     assert problems == {(f["kind"], f["severity"], f["layer"], f["since_step"]) for f in expected["findings"]}
     loss, gradients = got["findings"][:2]

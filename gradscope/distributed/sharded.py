@@ -5,7 +5,8 @@ combines the per-parameter rows across the mesh with two asynchronous all-reduce
 flat buffer, following the row's declared combine rule (:data:`gradscope.stats.layout.COMBINE`):
 the columns that add in one ``SUM`` all-reduce, those that take the maximum in one ``MAX``
 all-reduce. Combined rows equal those of the unsharded gradient: counts, ``max_abs`` and
-histograms exactly, sums up to summation order.
+histograms exactly, sums up to summation order. A light row's unknown (NaN) histogram stays
+unknown after combining unless every shard that contributes computed it.
 
 Wire format of one sampled step (``P`` watched parameters, float64; ``S = len(SUM_COLUMNS)``,
 ``M = len(MAX_COLUMNS)``)::
@@ -97,8 +98,9 @@ class ShardedRows:
             maxed.zero_()
         else:
             bad = ((rows[:, layout.NANS] + rows[:, layout.INFS]) > 0) & self._contributes
-            # Replicas of a parameter that is not sharded add once: only the first contributes.
-            summed[:, :-1] = rows.index_select(1, self._sum_columns) * self._contributes[:, None]
+            # Replicas of a parameter that is not sharded add once: only the first contributes
+            # (a select, not a product: a light row's NaN histogram times 0 would still be NaN).
+            summed[:, :-1] = torch.where(self._contributes[:, None], rows.index_select(1, self._sum_columns), 0.0)
             summed[:, -1] = bad
             maxed[:, :-1] = rows.index_select(1, self._max_columns)
             maxed[:, -1] = bad * float(self.world - self.rank)

@@ -37,6 +37,9 @@ class LayerHealth:
     gradient's dtype; ``fp8_e4m3_zero`` and ``fp8_e5m2_zero`` are FP8 readiness: the fraction
     of its finite non-zero values that a cast to that format with per-tensor amax scaling
     would flush to zero (:mod:`gradscope.stats.formats`; None when the histogram is not kept).
+    ``hist`` and the FP8 figures come from the layer's newest histogram, computed at
+    ``hist_step`` (histograms come on a cadence, ``watch(histogram_every=)``, so it may be
+    older than the other values' step).
     """
 
     name: str
@@ -53,6 +56,7 @@ class LayerHealth:
     dtype: str | None = None
     fp8_e4m3_zero: float | None = None
     fp8_e5m2_zero: float | None = None
+    hist_step: int | None = None
 
     def to_dict(self) -> dict:
         return dict(vars(self))
@@ -283,8 +287,8 @@ def _layers(view: RunView, findings: list[Finding]) -> tuple[LayerHealth, ...]:
         ratio = view.update_ratio[i, r] if view.update_ratio is not None else np.nan
         nonfinite = view.nonfinite[i, r]
         hist = view.latest_hist[r] if view.latest_hist is not None else None
-        hist = None if hist is None or np.isnan(hist).any() else hist  # no longer kept
-        fp8 = formats.fp8_fields(hist, view.max_abs[i, r]) if hist is not None else {}
+        hist = None if hist is None or np.isnan(hist).any() else hist  # none kept
+        fp8 = formats.fp8_fields(hist, view.latest_hist_max_abs[r]) if hist is not None else {}
         fp8 = {name: float(value) if np.isfinite(value) else None for name, value in fp8.items()}
         out.append(
             LayerHealth(
@@ -302,6 +306,7 @@ def _layers(view: RunView, findings: list[Finding]) -> tuple[LayerHealth, ...]:
                 dtype=view.row_dtypes[r] if len(view.row_dtypes) == len(view.rows) else None,
                 fp8_e4m3_zero=fp8.get("fp8_e4m3_zero"),
                 fp8_e5m2_zero=fp8.get("fp8_e5m2_zero"),
+                hist_step=int(view.latest_hist_step[r]) if hist is not None else None,
             )
         )
     return tuple(out)

@@ -54,7 +54,9 @@ class RunView:
     initial_loss: float | None = None  # mean loss of the run's first steps
     initial_grad_norm: float | None = None  # largest total gradient norm of the run's first sampled steps
     summary: dict = field(default_factory=dict)
-    latest_hist: np.ndarray | None = None  # (R, 64): each row's histogram at its latest present step
+    latest_hist: np.ndarray | None = None  # (R, 64): each row's newest kept histogram (NaN: none)
+    latest_hist_step: np.ndarray | None = None  # (R,): the step it is from (-1: none)
+    latest_hist_max_abs: np.ndarray | None = None  # (R,): the row's max_abs at that step
     backward_order: np.ndarray | None = None  # (S, R): 0 = final first (nearest the loss), -1 unknown, NaN absent
     row_dtypes: tuple[str, ...] = ()  # gradient dtype per row ("" or absent: unknown)
     modules: tuple[str, ...] = ()  # forward statistics: module names (empty: forward statistics off)
@@ -137,17 +139,13 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         series = h.series(name)
         ok = np.isfinite(series.values)
         metrics[name] = (series.steps[ok], series.values[ok])
-    # Each row's histogram at its latest sampled step with a gradient (when still kept).
-    n_rows = len(info.rows)
-    latest_hist = np.full((n_rows, layout.NUM_BINS), np.nan)
+    # Each row's newest histogram (histograms come on a cadence, and where gradients trigger
+    # them: the newest is not always the latest sampled step's), with its step and max_abs.
+    # A row with no gradient in the window keeps none (its report row is "absent").
+    latest_hist, latest_hist_step, latest_hist_max_abs = h.latest_histograms()
     if len(present):
-        newest, seen = latest_present(present.values)
-        for index in np.unique(newest[seen]):
-            step = int(present.steps[index])
-            found = h.sampled_rows(step) if h.has_hist(step) else None
-            if found is not None:
-                members = seen & (newest == index)
-                latest_hist[members] = found[0][members, layout.HIST :]
+        stale = ~present.values.any(axis=0) & (latest_hist_step < present.steps[0])
+        latest_hist[stale], latest_hist_step[stale], latest_hist_max_abs[stale] = np.nan, -1, np.nan
     tracked = info.track_updates
     initial = state.initial_losses[: thresholds.smooth]
     return RunView(
@@ -184,6 +182,8 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         ),
         summary=dict(info.summary),
         latest_hist=latest_hist,
+        latest_hist_step=latest_hist_step,
+        latest_hist_max_abs=latest_hist_max_abs,
         backward_order=rows("backward_order"),
         row_dtypes=info.row_dtypes,
         modules=info.modules,

@@ -83,6 +83,7 @@ class KernelCapture:
         self._done: list[Completed] = []
         self._slot: _Slot | None = None
         self._inv_scale: torch.Tensor | None = None
+        self._histogram = True
         self._pending: list[tuple[int, FlatElements]] = []
         self._pending_numel = 0
 
@@ -104,13 +105,15 @@ class KernelCapture:
             return _Slot(rows, host, torch.cuda.Event(), zeros, [])
         return _Slot(rows, rows, None, zeros, [])
 
-    def start(self, inv_scale: torch.Tensor | None) -> None:
-        """Begin capturing a sampled step; ``inv_scale`` (float32 [1] on this device) unscales."""
+    def start(self, inv_scale: torch.Tensor | None, histogram: bool = True) -> None:
+        """Begin capturing a sampled step; ``inv_scale`` (float32 [1] on this device) unscales;
+        without ``histogram``, light rows (the kernel computes the histograms that trigger)."""
         self._slot = self._take_slot()
         self._slot.implicit_zeros[:] = 0
         if self.zero_rows:
             self._slot.rows.zero_()  # rows of parameters without a gradient must add nothing
         self._inv_scale = inv_scale
+        self._histogram = histogram
         self._pending.clear()
         self._pending_numel = 0
 
@@ -135,7 +138,9 @@ class KernelCapture:
         flats = [f for _, f in self._pending]
         self._pending.clear()
         self._pending_numel = 0
-        triton_backend.launch_rows(flats, self._slot.rows, indices, inv_scale=self._inv_scale)
+        triton_backend.launch_rows(
+            flats, self._slot.rows, indices, inv_scale=self._inv_scale, histogram=self._histogram
+        )
         for i, flat in zip(indices, flats, strict=True):
             self._slot.implicit_zeros[i] = flat.implicit_zeros
 
@@ -229,6 +234,7 @@ class HostCapture:
         self.combiner = combiner
         self._rows: np.ndarray | None = None
         self._inv_scale: float | None = None
+        self._histogram = True
         self._indices: list[int] = []  # gathered gradients, measured when backward ends
         self._grads: list[torch.Tensor] = []
         self._done: list[tuple[int, np.ndarray]] = []
@@ -237,15 +243,19 @@ class HostCapture:
         self._worker: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def start(self, inv_scale: float | None) -> None:
+    def start(self, inv_scale: float | None, histogram: bool = True) -> None:
+        """Begin a sampled step (see :meth:`KernelCapture.start`)."""
         self._rows = np.zeros((self.count, layout.ROW_WIDTH))
         self._inv_scale = inv_scale
+        self._histogram = histogram
         self._indices.clear()
         self._grads.clear()
 
     def _compute(self, indices: Sequence[int], grads: Sequence[torch.Tensor], num_threads: int | None) -> None:
         try:
-            rows = host_backend.host_rows(grads, self.kernel, num_threads=num_threads, inv_scale=self._inv_scale)
+            rows = host_backend.host_rows(
+                grads, self.kernel, num_threads=num_threads, inv_scale=self._inv_scale, histogram=self._histogram
+            )
             self._rows[indices] = rows
         except BaseException as error:  # reported by the monitor; training goes on
             self.error = error

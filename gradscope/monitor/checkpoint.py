@@ -36,6 +36,7 @@ class Checkpointing:
             if self._step != 0 or self._pending:
                 raise RuntimeError("Monitor.load_state_dict: call it before the first mon.step()")
             self._step = int(state["step"])
+            self._engines.histogram = self.histogram_step(self._step)
             self._load_actions_state(state.get("actions", {}))
             if self._ddp is not None:
                 self._ddp.measuring = self._step % self.every == 0

@@ -45,6 +45,8 @@ class Engines:
         captures: engine -> capture.
         present: bool ``(P,)``, the parameters measured in the open step.
         started: engines whose capture is open in this step.
+        histogram: whether the open step's rows get their histograms (else light rows,
+            :mod:`gradscope.stats.layout`); the monitor sets it per sampled step.
 
     Raises:
         ValueError: ``backend="triton"`` for parameters the kernels cannot read; parameters
@@ -85,6 +87,7 @@ class Engines:
         self._members = {key: np.array(members) for key, members in groups.items()}
         self.present = np.zeros(len(params), dtype=bool)
         self.started: set[Engine] = set()
+        self.histogram = True
 
     @property
     def gathers_at_end(self) -> bool:
@@ -102,7 +105,7 @@ class Engines:
         return next(iter(self.captures))
 
     def _start(self, key: Engine) -> None:
-        self.captures[key].start(self._inv_scale(key))
+        self.captures[key].start(self._inv_scale(key), histogram=self.histogram)
         self.started.add(key)
 
     def add(self, index: int, grad: torch.Tensor) -> None:
@@ -152,7 +155,7 @@ class Engines:
         if self._sharded:
             for key, capture in self.captures.items():
                 if key not in self.started:  # no gradient here: this rank still combines zeros
-                    capture.start(None)
+                    capture.start(None, histogram=self.histogram)
                     self.started.add(key)
         errors = []
         for key in self.started:

@@ -131,6 +131,7 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
 
         # The open step.
         self._step = 0
+        self._engines.histogram = self.histogram_step(0)
         self._passes = hooks.BackwardPasses(options.accumulation_steps, len(self._watched))
         # Sampled steps whose results are on their way: step -> (present, order, sources, arrived).
         self._pending: dict[int, tuple[np.ndarray, np.ndarray, set, dict]] = {}
@@ -145,6 +146,11 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
         self._finalizer = weakref.finalize(self, hooks.release, self._handles, self._forward)
 
     # ---- measuring ----------------------------------------------------------------------
+
+    def histogram_step(self, step: int) -> bool:
+        """Whether sampled ``step`` computes every row's histogram (one sampled step in
+        ``histogram_every``); the others get light rows (:mod:`gradscope.stats.layout`)."""
+        return step % (self.every * self.options.histogram_every) == 0
 
     def step(self, loss=None, **metrics) -> None:
         """Mark the end of one optimisation step (call it after backward, before ``optimizer.step()``).
@@ -193,6 +199,7 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
                 self._step += 1
                 self._passes.reset()
                 self._engines.reset()
+                self._engines.histogram = self.histogram_step(self._step)
                 if self._ddp is not None:
                     self._ddp.measuring = self._step % self.every == 0
                 if self._forward is not None:

@@ -315,4 +315,5 @@ def describe_run(target: torch.nn.Module, options, watched: WatchedParams, topol
         row_dtypes=row_dtypes(watched),
         modules=forward.names if forward is not None else (),
         module_types=forward.types if forward is not None else (),
+        histogram_every=options.histogram_every,
     )

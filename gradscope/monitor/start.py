@@ -48,7 +48,15 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         granularity: ``"layer"`` (rows are modules) or ``"parameter"`` (rows are parameters).
         params: which parameters: names or glob patterns, or a predicate ``(name, param)``.
         backend: ``"auto"``, ``"triton"``, ``"numba"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
-        hist_history: sampled steps whose histograms are kept (the newest).
+        hist_history: sampled steps with histograms whose histograms are kept (the newest).
+        histogram_every: compute the 64-bin histogram (and what is read from it: FP8
+            readiness, underflow, the exporters' histograms) at one sampled step in this many
+            (default 16): steps ``0, every * histogram_every, ...``. Other sampled steps get
+            *light statistics*, every other column of the row at a fraction of the cost,
+            and still a histogram for each gradient that holds NaN/Inf, a non-zero value
+            below 2**-63 or one from 2**56 up (decided on the device, no host sync). Findings
+            read each layer's newest histogram and say which step it is from. 1: a
+            histogram at every sampled step.
         thresholds: the health checks' :class:`gradscope.Thresholds` for :meth:`Monitor.report`.
         log_dir: a new directory for the run log (JSON Lines, read back with
             :func:`gradscope.load_run`), written off the training thread.

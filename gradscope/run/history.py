@@ -5,15 +5,19 @@ runs:
 
 * per sampled step and row (layer or parameter): the statistics row's scalars, whether
   the row was present, its backward order, its update norms; histograms in a third,
-  shorter ring (they are 64 counts per row);
+  shorter ring (they are 64 counts per row) that holds only the sampled steps that have
+  any (``watch(histogram_every=N)`` computes them on one sampled step in N, and on steps
+  whose gradients trigger them: :mod:`gradscope.stats.layout`), with which rows have one;
 * per step (every step, sampled or not): loss, step time, peak memory, energy, the
   GradScaler scale and any logged metrics.
 
 A ring slot belongs to ``step`` (per-step ring) or ``step // every`` (sampled ring) modulo
-its capacity; writes for a step whose slot has since been reused are dropped.
+its capacity; writes for a step whose slot has since been reused are dropped. The histogram
+ring is filled in order of arrival (its steps are not evenly spaced).
 
 Memory, all allocated up front: ``rows * (61, or 77 with update tracking) * capacity`` bytes
-for sampled steps, ``rows * 256 * hist_capacity`` for histograms (``uint32`` counts), and
+for sampled steps, ``rows * 265 * hist_capacity`` for histograms (``uint32`` counts, the
+row's ``max_abs`` and whether it has one), and
 ``(49 + 8 per metric) * step_capacity`` for per-step values.
 """
 
@@ -80,7 +84,7 @@ class History:
         row_names: names of the rows (layers or parameters).
         every: the sampling period; step ``s`` is sampled when ``s % every == 0``.
         capacity: sampled steps kept.
-        hist_capacity: sampled steps whose histograms are kept (the newest).
+        hist_capacity: sampled steps with histograms whose histograms are kept (the newest).
         step_capacity: steps whose per-step values are kept.
         track_updates: whether update norms are stored.
         hist_dtype: dtype of histogram counts (``uint32`` unless a row can exceed 2**32 elements).
@@ -106,6 +110,9 @@ class History:
         self._updates = np.full((capacity, rows, 2), np.nan) if track_updates else None
         self._hist_step = np.full(hist_capacity, -1, dtype=np.int64)
         self._hist = np.zeros((hist_capacity, rows, layout.NUM_BINS), dtype=hist_dtype)
+        self._hist_known = np.zeros((hist_capacity, rows), dtype=bool)  # row has a histogram at that step
+        self._hist_max_abs = np.zeros((hist_capacity, rows))  # its max_abs then (FP8 scaling reads both)
+        self._hist_next = 0  # next slot of the histogram ring
         self._step = np.full(step_capacity, -1, dtype=np.int64)
         self._step_values = np.full((step_capacity, len(STEP_FIELDS)), np.nan)
         self._failed = np.zeros(step_capacity, dtype=bool)
@@ -171,10 +178,23 @@ class History:
         self._scalars[slot] = rows[:, : layout.HIST]
         self._present[slot] = present
         self._order[slot] = order
-        hslot = (step // self.every) % self._hist_step.shape[0]
-        self._hist_step[hslot] = step
-        self._writes += 1
-        self._hist[hslot] = np.where(present[:, None], rows[:, layout.HIST :], 0)
+        known = present & layout.histogram_known(rows)
+        if not known.any() or not self._hist_step.shape[0]:
+            return
+        hslot = self._hist_slot(step)
+        if hslot < 0:
+            hslot = self._hist_next
+            self._hist_next = (hslot + 1) % self._hist_step.shape[0]
+            self._hist_step[hslot] = step
+            self._writes += 1
+        self._hist[hslot] = np.where(known[:, None], np.nan_to_num(rows[:, layout.HIST :]), 0)
+        self._hist_known[hslot] = known
+        self._hist_max_abs[hslot] = rows[:, layout.MAX_ABS]
+
+    def _hist_slot(self, step: int) -> int:
+        """The histogram ring's slot holding ``step``, or -1."""
+        found = np.flatnonzero(self._hist_step == step)
+        return int(found[0]) if found.size else -1
 
     def add_updates(self, step: int, weight_sq: np.ndarray, update_sq: np.ndarray) -> None:
         """Record per-row squared weight and update norms of a sampled step."""
@@ -201,20 +221,43 @@ class History:
         return int(self._sampled_step.max())
 
     def has_hist(self, step: int) -> bool:
-        """Whether the histograms of sampled ``step`` are still kept (``hist_capacity`` newest)."""
-        return bool(self._hist_step[(step // self.every) % self._hist_step.shape[0]] == step)
+        """Whether sampled ``step`` has histograms (of some rows) still kept."""
+        return self._hist_slot(step) >= 0
 
     def sampled_rows(self, step: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(rows float64 ``(R, ROW_WIDTH)``, present ``(R,)``) of a kept sampled step; the
-        histogram columns are zeros when its histograms are no longer kept (:meth:`has_hist`)."""
+        """(rows float64 ``(R, ROW_WIDTH)``, present ``(R,)``) of a kept sampled step; a row's
+        histogram columns are NaN (:data:`gradscope.stats.layout.NO_HISTOGRAM`) where it had
+        none at that step or it is no longer kept."""
         slot = self._sampled_slot(step, claim=False)
         if slot < 0:
             return None
-        rows = np.zeros((len(self.row_names), layout.ROW_WIDTH))
+        rows = np.full((len(self.row_names), layout.ROW_WIDTH), layout.NO_HISTOGRAM)
         rows[:, : layout.HIST] = self._scalars[slot]
-        if self.has_hist(step):
-            rows[:, layout.HIST :] = self._hist[(step // self.every) % self._hist_step.shape[0]]
+        hslot = self._hist_slot(step)
+        if hslot >= 0:
+            known = self._hist_known[hslot]
+            rows[known, layout.HIST :] = self._hist[hslot, known]
         return rows, self._present[slot].copy()
+
+    def latest_histograms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each row's newest kept histogram: counts float64 ``(R, NUM_BINS)`` (NaN where a row
+        has none), its step int64 ``(R,)`` (-1 where none) and the row's ``max_abs`` at that
+        step float64 ``(R,)``."""
+        rows = len(self.row_names)
+        hist = np.full((rows, layout.NUM_BINS), np.nan)
+        steps = np.full(rows, -1, dtype=np.int64)
+        max_abs = np.full(rows, np.nan)
+        order = self._ring_order(self._hist_step, None)
+        if not order.size:
+            return hist, steps, max_abs
+        known = self._hist_known[order]
+        newest = len(order) - 1 - np.argmax(known[::-1], axis=0)
+        seen = known.any(axis=0)
+        slots = order[newest[seen]]
+        hist[seen] = self._hist[slots, np.flatnonzero(seen)]
+        steps[seen] = self._hist_step[slots]
+        max_abs[seen] = self._hist_max_abs[slots, np.flatnonzero(seen)]
+        return hist, steps, max_abs
 
     def series(self, name: str, last: int | None = None) -> Series:
         """Values of ``name`` over the kept steps (see :class:`Series`); ``last`` keeps only
@@ -223,7 +266,8 @@ class History:
             return self._step_series(name, last)
         if name == "hist":
             order = self._ring_order(self._hist_step, last)
-            return Series(name, self._hist[order].astype(np.float64), self._hist_step[order], self.row_names)
+            values = np.where(self._hist_known[order][..., None], self._hist[order], np.nan)
+            return Series(name, values, self._hist_step[order], self.row_names)
         if name in formats.FP8_FIELDS:
             return self._fp8_series(name, last)
         if name not in ROW_FIELDS and name not in UPDATE_FIELDS and name != "backward_order":
@@ -249,15 +293,12 @@ class History:
 
     def _fp8_series(self, name: str, last: int | None) -> Series:
         """An FP8 readiness field (:data:`gradscope.stats.formats.FP8_FIELDS`) at the steps whose
-        histograms are kept; NaN where a row was absent."""
+        histograms are kept; NaN where a row had no histogram."""
         order = self._ring_order(self._hist_step, last)
-        steps = self._hist_step[order]
-        slots = (steps // self.every) % self._sampled_step.shape[0]
-        kept = self._sampled_step[slots] == steps
-        max_abs = np.where(kept[:, None], self._scalars[slots, :, layout.MAX_ABS], np.nan)
-        present = kept[:, None] & self._present[slots]
+        known = self._hist_known[order]
+        max_abs = np.where(known, self._hist_max_abs[order], np.nan)
         values = formats.fp8_fields(self._hist[order].astype(np.float64), max_abs)[name]
-        return Series(name, np.where(present, values, np.nan), steps, self.row_names)
+        return Series(name, np.where(known, values, np.nan), self._hist_step[order], self.row_names)
 
     def _row_values(self, name: str, order: np.ndarray) -> np.ndarray:
         if name == "present":

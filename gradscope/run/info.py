@@ -30,7 +30,10 @@ class RunInfo:
         mode: ``"backward"`` or ``"step"``.
         granularity: ``"layer"`` or ``"parameter"``.
         history: sampled steps kept in memory.
-        hist_history: sampled steps whose histograms are kept.
+        hist_history: sampled steps with histograms whose histograms are kept.
+        histogram_every: histograms are computed at one sampled step in this many (and at
+            steps whose gradients trigger them; 1: every sampled step, as in logs written
+            before it was recorded).
         track_updates: whether update norms are recorded.
         row_numel: elements per row when all its parameters have gradients.
         row_dtypes: the gradient dtype of each row (``"float32"``; the least precise when its
@@ -56,6 +59,7 @@ class RunInfo:
     row_dtypes: tuple[str, ...] = ()
     modules: tuple[str, ...] = ()
     module_types: tuple[str, ...] = ()
+    histogram_every: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -18,13 +18,15 @@ import numpy as np
 
 from gradscope.stats import layout
 
-SCHEMA = 4
+SCHEMA = 5
 """Version of the run-log format this gradscope writes (and the newest it reads).
 
 1: the first format. 2: adds the ranks of non-finite gradients to ``sampled`` records and
 ``desync`` records (distributed runs). 3: adds ``forward`` records (forward statistics) and
 the rows' gradient dtypes to the header. 4: adds ``action`` records (what gradscope did about
-its findings: gradscope.actions). Older logs are read as before."""
+its findings: gradscope.actions). 5: light rows (``watch(histogram_every=N)``): a ``sampled``
+record may say which rows have a histogram (``hist_known``) and then holds only theirs.
+Older logs are read as before."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,9 @@ class Header:
 @dataclass(frozen=True)
 class Sampled:
     """A sampled step: float64 ``(R, ROW_WIDTH)`` rows, bool presence, int backward order.
+
+    Rows without a histogram at this step (light rows) hold NaN in its columns
+    (:func:`gradscope.stats.layout.histogram_known`).
 
     In distributed runs also, per row, the lowest rank whose gradient held NaN/Inf
     (``nonfinite_rank``, -1: none or unknown) and how many ranks did (``nonfinite_ranks``).
@@ -195,6 +200,11 @@ def _unpack(obj: dict) -> dict[str, np.ndarray]:
     return out
 
 
+def _counts(hist: np.ndarray) -> np.ndarray:
+    """Histogram counts (float64, exact integers) as the narrowest unsigned type that holds them."""
+    return hist.astype(np.uint32 if hist.max(initial=0) < 2**32 else np.uint64)
+
+
 def _scalars(values: dict) -> dict:
     """Scalar values as JSON numbers; non-finite floats as the strings 'nan', 'inf', '-inf'."""
     return {k: (v if math.isfinite(v) else str(v)) for k, v in ((k, float(v)) for k, v in values.items())}
@@ -209,22 +219,23 @@ def encode(record: Record) -> str:
     if isinstance(record, Header):
         obj = {"t": "header", **asdict(record)}
     elif isinstance(record, Sampled):
-        hist = record.rows[:, layout.HIST :]
-        counts = hist.astype(np.uint32 if hist.max(initial=0) < 2**32 else np.uint64)
+        known = layout.histogram_known(record.rows)
         arrays = [
             ("present", record.present.astype(np.uint8)),
             ("order", record.order.astype(np.int32)),
             ("scalars", record.rows[:, : layout.HIST]),
-            ("hist", counts),
         ]
+        if not known.all():  # light rows: say which rows have a histogram, store only theirs
+            arrays.append(("hist_known", known.astype(np.uint8)))
+        if known.any():
+            arrays.append(("hist", _counts(record.rows[known, layout.HIST :])))
         if record.nonfinite_rank is not None:
             arrays.append(("nf_rank", record.nonfinite_rank.astype(np.int32)))
             arrays.append(("nf_ranks", record.nonfinite_ranks.astype(np.int32)))
         obj = {"t": "sampled", "step": int(record.step), **_pack(arrays)}
     elif isinstance(record, Forward):
         both = np.stack([record.inputs, record.outputs])
-        hist = both[..., layout.HIST :]
-        counts = hist.astype(np.uint32 if hist.max(initial=0) < 2**32 else np.uint64)
+        counts = _counts(both[..., layout.HIST :])
         arrays = [("order", record.order.astype(np.int64)), ("scalars", both[..., : layout.HIST]), ("hist", counts)]
         if record.nonfinite_rank is not None:
             arrays.append(("nf_rank", record.nonfinite_rank.astype(np.int32)))
@@ -267,7 +278,12 @@ def decode(line: str) -> Record:
         )
     if kind == "sampled":
         a = _unpack(obj)
-        rows = np.concatenate([a["scalars"].astype(np.float64), a["hist"].astype(np.float64)], axis=1)
+        scalars = a["scalars"].astype(np.float64)
+        known = a["hist_known"].astype(bool) if "hist_known" in a else np.ones(len(scalars), dtype=bool)
+        hist = np.full((len(scalars), layout.NUM_BINS), layout.NO_HISTOGRAM)
+        if known.any():
+            hist[known] = a["hist"].astype(np.float64)
+        rows = np.concatenate([scalars, hist], axis=1)
         ranks = {}
         if "nf_rank" in a:
             ranks = {"nonfinite_rank": a["nf_rank"].astype(np.int64), "nonfinite_ranks": a["nf_ranks"].astype(np.int64)}

@@ -8,8 +8,10 @@ computed in one read of the tensor's bytes:
 * ``inputs``: collecting, checking and flattening what the user passes;
 * ``dispatch``: which backend reads which tensor (one rule, for ``grad_stats`` and the monitor);
 * ``host_backend`` (any device, on the CPU, with the compiled ``numba_kernels`` when numba
-  is installed, else ``numpy_kernels``) and ``triton_backend`` (glue to the kernels in
-  ``gradscope.kernels``, CUDA or Triton's interpreter);
+  is installed, else ``numpy_kernels``; ``host_kernels`` says which can run) and
+  ``triton_backend`` (glue to the kernels in ``gradscope.kernels``, CUDA or Triton's
+  interpreter), each also computing *light* rows, without the histograms that do not
+  trigger (``layout``);
 * ``compute``: :func:`grad_stats`, the public entry point; ``tensor_stats``: :class:`TensorStats`;
 * ``formats``: number formats (float16, bfloat16, FP8) and what a row's histogram says about
   them: values below the smallest normal, FP8 readiness.

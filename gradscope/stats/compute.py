@@ -15,7 +15,7 @@ from gradscope.stats.tensor_stats import TensorStats
 _warned_fallback = False
 
 
-def grad_stats(tensors, backend: str = "auto") -> TensorStats:
+def grad_stats(tensors, backend: str = "auto", histogram: bool = True) -> TensorStats:
     """Gradient statistics of tensors, each read once (see :mod:`gradscope.stats.layout`).
 
     Args:
@@ -30,6 +30,17 @@ def grad_stats(tensors, backend: str = "auto") -> TensorStats:
             ``TRITON_INTERPRET=1`` was set before first use (raises if that cannot run).
             ``"numba"`` / ``"numpy"``: that CPU kernel for every tensor (tensors on other
             devices are copied to the host chunk by chunk).
+        histogram: True (default): every statistic, the 64-bin histogram included. False:
+            *light* statistics (:mod:`gradscope.stats.layout`), cheaper because the
+            histogram is the costly part: every other field is computed exactly as with
+            ``histogram=True`` (the same values, bit for bit), but a tensor's histogram is
+            computed only when the tensor *triggers*, that is holds a NaN or Inf, a non-zero
+            ``|g|`` below ``2**-63`` (:data:`~gradscope.stats.layout.TINY_BELOW`) or a finite
+            ``|g|`` from ``2**56`` (:data:`~gradscope.stats.layout.HUGE_FROM`) up: the
+            values a histogram is needed to explain. For every other tensor the histogram is
+            unknown: ``TensorStats.hist_known`` is False there and its ``hist`` row zeros
+            (its statistics rows hold NaN, :data:`~gradscope.stats.layout.NO_HISTOGRAM`).
+            Every backend applies the same rule.
 
     Returns:
         :class:`TensorStats` with one row per tensor, in input order. This call waits for
@@ -50,6 +61,9 @@ def grad_stats(tensors, backend: str = "auto") -> TensorStats:
         ('weight', 'bias')
         >>> stats.hist.shape
         (2, 64)
+        >>> light = gradscope.grad_stats(model, histogram=False)  # no histogram: nothing triggers
+        >>> light.hist_known.tolist(), bool((light.norm == stats.norm).all())
+        ([False, False], True)
     """
     check_backend(backend, "grad_stats")
     items, names = collect_tensors(tensors)
@@ -72,14 +86,15 @@ def grad_stats(tensors, backend: str = "auto") -> TensorStats:
         flats = [flat_elements(items[i]) for i in on_kernels]
         try:
             implicit = np.array([flat.implicit_zeros for flat in flats], dtype=np.float64)
-            rows[on_kernels] = add_implicit_zeros(triton_backend.triton_rows(flats), implicit)
+            found = triton_backend.triton_rows(flats, inv_scale=None, histogram=histogram)
+            rows[on_kernels] = add_implicit_zeros(found, implicit)
         except Exception as error:
             if backend == "triton":
                 raise
             _warn_fallback(error)
             on_host.setdefault(host_backend.fastest_kernel(), []).extend(on_kernels)
     for kernel, indices in on_host.items():
-        rows[indices] = host_backend.host_rows([items[i] for i in indices], kernel)
+        rows[indices] = host_backend.host_rows([items[i] for i in indices], kernel, histogram=histogram)
     return TensorStats.from_rows(rows, names)
 
 

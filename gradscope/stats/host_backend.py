@@ -1,7 +1,8 @@
 """The CPU backends: tensors in, statistics rows out, on every core, by one of two kernels.
 
-This module plans the work and moves the bytes; a *kernel* turns runs of float32/float64
-elements into rows (:mod:`gradscope.stats.layout`):
+This module plans the work and moves the bytes; a *kernel* (called through
+:mod:`gradscope.stats.host_kernels`) turns runs of float32/float64 elements into rows
+(:mod:`gradscope.stats.layout`):
 
 * ``"numba"`` (:mod:`gradscope.stats.numba_kernels`): one fused compiled pass, near the
   memory floor; needs the optional numba package (``pip install gradscope[numba]``);
@@ -20,6 +21,12 @@ tensors are read in place; other dtypes and devices are staged chunk by chunk in
 per-thread float32/float64 buffer by ``torch``'s ``copy_``. Kernels release
 the GIL, so items spread over threads use every core. Results are deterministic: a
 tensor's items are combined in a fixed order, whatever the number of threads.
+
+*Light* rows (``histogram=False``) come from each kernel's light variant, which skips the
+histogram and reports each item's smallest non-zero ``|g|``; the rule of
+:func:`gradscope.stats.layout.triggers_histogram` is applied per tensor, its items combined
+(a tensor triggers when any of its slices does), and the tensors that trigger are computed
+again in full. A tensor's row depends on nothing but the tensor, light or full.
 """
 
 from __future__ import annotations
@@ -27,18 +34,18 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from gradscope.stats import layout, numpy_kernels
+from gradscope.stats import host_kernels, layout
+from gradscope.stats.host_kernels import KERNELS as KERNELS
+from gradscope.stats.host_kernels import fastest_kernel as fastest_kernel
+from gradscope.stats.host_kernels import kernel_available as kernel_available
+from gradscope.stats.host_kernels import why_unavailable as why_unavailable
 from gradscope.stats.inputs import add_implicit_zeros, flat_elements
-
-KERNELS = ("numba", "numpy")
-"""The CPU kernels, fastest first."""
 
 CHUNK = 1 << 19
 """Elements per work item (2 MiB of float32). Measured on a 2-core machine, smaller items
@@ -53,8 +60,6 @@ PARALLEL_ABOVE = 1 << 20
 _READ_IN_PLACE = (torch.float32, torch.float64)
 """Dtypes whose CPU tensors the kernels read where they lie (others are staged as float32)."""
 
-_broken: dict[str, str] = {}  # kernel -> why it cannot run here (set once, with a warning)
-
 
 def default_num_threads() -> int:
     """Threads the backend uses by default: the CPUs this process may run on."""
@@ -62,75 +67,6 @@ def default_num_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def kernel_available(kernel: str) -> bool:
-    """True when ``kernel`` can run here (numba installed, and not found broken)."""
-    if kernel in _broken:
-        return False
-    if kernel == "numba":
-        try:
-            from gradscope.stats import numba_kernels  # noqa: F401
-        except Exception as error:  # ImportError, or numba failing to initialise
-            _broken["numba"] = f"{type(error).__name__}: {error}"
-            return False
-    return True
-
-
-def fastest_kernel() -> str:
-    """The fastest kernel that can run here (what ``backend="auto"`` uses on the CPU)."""
-    return next(kernel for kernel in KERNELS if kernel_available(kernel))
-
-
-def why_unavailable(kernel: str) -> str:
-    """Why ``kernel`` cannot run (after :func:`kernel_available` said False)."""
-    return _broken.get(kernel, "unknown")
-
-
-class _NumpyKernel:
-    """The NumPy kernel: reads one float32/float64 NumPy run at a time."""
-
-    in_place = False
-
-    @staticmethod
-    def run(values: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
-        return numpy_kernels.run_row(_NumpyKernel._unscaled(values, ws, inv_scale), ws)
-
-    @staticmethod
-    def packed(values: np.ndarray, starts: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
-        return numpy_kernels.packed_rows(_NumpyKernel._unscaled(values, ws, inv_scale), starts, ws)
-
-    @staticmethod
-    def _unscaled(values: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
-        if inv_scale is None:
-            return values
-        return _scaled(values, inv_scale, ws.get("scaled", values.dtype, values.size))
-
-
-class _NumbaKernel:
-    """The compiled kernel: one code for slices and packs; also reads whole contiguous CPU
-    tensors where they lie."""
-
-    in_place = True
-
-    @staticmethod
-    def run(values: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
-        return _NumbaKernel.packed(values, np.array([0, values.size], dtype=np.int64), ws, inv_scale)
-
-    @staticmethod
-    def packed(values: np.ndarray, starts: np.ndarray, ws: _Workspace, inv_scale: float | None) -> np.ndarray:
-        from gradscope.stats import numba_kernels
-
-        return numba_kernels.rows(values, starts, inv_scale)
-
-    @staticmethod
-    def tensors(parts: Sequence[torch.Tensor], sizes: np.ndarray, inv_scale: float | None) -> np.ndarray:
-        from gradscope.stats import numba_kernels
-
-        return numba_kernels.tensor_rows(parts, sizes, inv_scale)
-
-
-_KERNEL_OF = {"numpy": _NumpyKernel, "numba": _NumbaKernel}
 
 
 class _Workspace:
@@ -191,12 +127,6 @@ def _as_numpy(values: torch.Tensor, ws: _Workspace) -> np.ndarray:
     staged = ws.get("stage", _float_kind(values.dtype), values.numel())
     torch.from_numpy(staged).copy_(values.detach())
     return staged
-
-
-def _scaled(values: np.ndarray, inv_scale: float, out: np.ndarray) -> np.ndarray:
-    """``values * inv_scale`` into ``out``, with inv_scale rounded to float32 and the product in
-    the values' precision, as ``GradScaler.unscale_`` computes it."""
-    return np.multiply(values, out.dtype.type(np.float32(inv_scale)), out=out)
 
 
 class _Slice:
@@ -296,7 +226,7 @@ def _plan(tensors: Sequence[torch.Tensor]) -> tuple[list[_Slice | _Pack], np.nda
     return items, implicit
 
 
-def _run_items(items: Sequence[_Slice | _Pack], kernel, inv_scale: float | None) -> list[np.ndarray]:
+def _run_items(items: Sequence[_Slice | _Pack], kernel, inv_scale: float | None) -> list:
     ws = _workspace()
     # Overflow of float64 squares beyond 1.3e154 is part of the result (sumsq = inf), not an error.
     with np.errstate(over="ignore", invalid="ignore"):
@@ -312,8 +242,9 @@ def _split_evenly(items: Sequence[_Slice | _Pack], parts: int) -> list[Sequence[
     return [items[a:b] for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def _compute(items, kernel_name: str, num_threads: int, inv_scale: float | None) -> list[np.ndarray]:
-    kernel = _KERNEL_OF[kernel_name]
+def _compute(items, kernel, num_threads: int, inv_scale: float | None) -> list:
+    """Each item's result from ``kernel`` (an adapter of :mod:`gradscope.stats.host_kernels`),
+    in item order."""
     total = sum(item.numel for item in items)
     if num_threads > 1 and total >= PARALLEL_ABOVE and len(items) > 1:
         runs = _split_evenly(items, num_threads)
@@ -327,20 +258,12 @@ def _compute(items, kernel_name: str, num_threads: int, inv_scale: float | None)
     return _run_items(items, kernel, inv_scale)
 
 
-def _warn_broken(kernel: str, error: Exception) -> None:
-    _broken[kernel] = f"{type(error).__name__}: {error}"
-    warnings.warn(
-        f"gradscope: the {kernel} kernel failed ({_broken[kernel]}); the NumPy kernel takes over",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-
-
 def host_rows(
     tensors: Sequence[torch.Tensor],
     kernel: str = "numpy",
     num_threads: int | None = None,
     inv_scale: float | None = None,
+    histogram: bool = True,
 ) -> np.ndarray:
     """Statistics rows (float64 ``(T, ROW_WIDTH)``) of tensors, computed on the CPU.
 
@@ -355,23 +278,43 @@ def host_rows(
         inv_scale: if given, statistics of ``g * inv_scale``, with inv_scale rounded to float32
             and the product in the tensor's precision (float32 for float16/bfloat16), as
             ``GradScaler.unscale_`` computes it.
+        histogram: False for *light* rows (:mod:`gradscope.stats.layout`): the histogram
+            columns of every tensor are NaN (:data:`~gradscope.stats.layout.NO_HISTOGRAM`)
+            except those of tensors that trigger
+            (:func:`~gradscope.stats.layout.triggers_histogram`: NaN/Inf, a tiny or a huge
+            ``|g|`` after unscaling, in any slice of the tensor), which get their full row.
+            The scalar columns are the full rows' bit for bit. Light rows are computed for
+            all tensors first, then the triggering ones again in full.
     """
     items, implicit = _plan(tensors)
     out = np.zeros((len(tensors), layout.ROW_WIDTH))
+    if not histogram:
+        out[:, layout.HIST :] = layout.NO_HISTOGRAM  # empty tensors too: no histogram was computed
+    threads = default_num_threads() if num_threads is None else num_threads
+    lowest = np.full(len(tensors), np.inf)  # light rows: each tensor's smallest non-zero finite |g|
     if items:
-        threads = default_num_threads() if num_threads is None else num_threads
         if kernel != "numpy" and not kernel_available(kernel):
             kernel = "numpy"
         try:
-            results = _compute(items, kernel, threads, inv_scale)
+            results = _compute(items, host_kernels.adapter(kernel, histogram), threads, inv_scale)
         except Exception as error:
             if kernel == "numpy":
                 raise
-            _warn_broken(kernel, error)
-            results = _compute(items, "numpy", threads, inv_scale)
+            host_kernels.mark_broken(kernel, error, stacklevel=3)
+            kernel = "numpy"
+            results = _compute(items, host_kernels.adapter(kernel, histogram), threads, inv_scale)
         owners = np.fromiter(itertools.chain.from_iterable(item.owners for item in items), dtype=np.intp)
-        rows = np.concatenate(results)
         # A large tensor's slices are consecutive items: combine each tensor's rows by the rule.
         starts = np.flatnonzero(np.r_[True, owners[1:] != owners[:-1]])
+        if not histogram:
+            results, lowest_of_items = zip(*results, strict=True)
+            lowest[owners[starts]] = np.minimum.reduceat(np.concatenate(lowest_of_items), starts)
+        rows = np.concatenate(results)
         out[owners[starts]] = layout.combine_segments(rows, starts) if starts.size < owners.size else rows
-    return add_implicit_zeros(out, implicit)
+    out = add_implicit_zeros(out, implicit)
+    if not histogram:
+        nonfinite = out[:, layout.NANS] + out[:, layout.INFS]
+        triggered = np.flatnonzero(layout.triggers_histogram(nonfinite, lowest, out[:, layout.MAX_ABS]))
+        if triggered.size:  # rare: their full rows, computed as if these tensors were alone
+            out[triggered] = host_rows([tensors[i] for i in triggered], kernel, threads, inv_scale)
+    return out

@@ -13,6 +13,16 @@ a large tensor, or many small tensors laid end to end. Each NumPy call runs with
   combined in float64 (relative error below 1e-6); a run whose float32 sums overflow, or
   whose sum of squares is small enough for float32 underflow to matter, is summed again in
   float64. Packed small tensors are summed in float64 by segments.
+
+*Light* rows (every column but the histogram, whose columns are NaN: see
+:mod:`gradscope.stats.layout`) skip the bins. Each value's bits shifted left by one (the sign
+shifted out) are a *key*, ``2 * |x|`` as an unsigned integer: zeros are 0, NaN/Inf are
+from Inf's key up, and integer order is magnitude order. NumPy's integer ``max``/``min``
+reductions (vectorised) then give, in a few passes: whether NaN/Inf are present (only then
+are they counted, as in the full kernel), ``max_abs``, whether zeros are present (only
+then counted) and the smallest non-zero ``|x|`` (the minimum of the keys less two, which
+wraps zeros to the largest key) that the histogram trigger needs. The sums are the full
+kernel's code on the same values, so a light row's scalar columns equal the full row's.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ _SMALLEST_SAFE_SUMSQ = 2.0**-100  # below, float32 squares may have lost tiny va
 _F32_EXPONENT_BIN0 = 127 + layout.HIST_MIN_EXPONENT  # biased float32 exponent of bin 0 (79)
 _F64_EXPONENT_BIN0 = 1023 + layout.HIST_MIN_EXPONENT  # biased float64 exponent of bin 0 (975)
 _LAST_BIN = layout.NUM_BINS - 1
+_KEY_BITS = {np.dtype(np.float32): np.uint32, np.dtype(np.float64): np.uint64}  # a key per element: 2 * |x|
+_INF_KEY = {np.dtype(np.float32): 0xFF000000, np.dtype(np.float64): 0xFFE0000000000000}  # Inf's key
 
 
 # --------------------------------------------------------------------------------------
@@ -140,7 +152,7 @@ def _run_row(values: np.ndarray, ws) -> np.ndarray:
         zeros = 0
     hist[0] -= zeros
     row[layout.SUM], row[layout.SUMSQ] = _sums(values, ws)
-    row[layout.MAX_ABS] = max(float(high), -float(low))
+    row[layout.MAX_ABS] = abs(max(float(high), -float(low)))  # abs: +0.0, not -0.0, for a run of -0.0
     row[layout.ZEROS] = zeros
     row[layout.HIST :] = hist
     return row
@@ -163,16 +175,25 @@ def _packed_rows(values: np.ndarray, sizes: np.ndarray, ws) -> np.ndarray:
         zeros = np.add.reduceat((values == 0).view(np.uint8), starts, dtype=np.int64)
         hist[:, 0] -= zeros
         rows[:, layout.ZEROS] = zeros
+    hist[:, _LAST_BIN] -= _packed_finite_columns(values, starts, ws, rows, bool(hist[:, _LAST_BIN].any()))
+    rows[:, layout.HIST :] = hist
+    return rows
+
+
+def _packed_finite_columns(values: np.ndarray, starts: np.ndarray, ws, rows: np.ndarray, look_for_nonfinite: bool):
+    """Fill the sums, ``max_abs`` and the NaN/Inf counts of packed rows (float64 sums by
+    segments, the same code for full and light rows); NaN/Inf are looked for only when
+    ``look_for_nonfinite``. Returns int64 ``(K,)`` NaN plus Inf elements per row (or 0)."""
     wide = ws.get("wide", np.float64, values.size)
     np.copyto(wide, values)
     finite = values
-    if hist[:, _LAST_BIN].any():
+    nonfinite_per_row = 0
+    if look_for_nonfinite:
         nonfinite = ~np.isfinite(wide)
         if nonfinite.any():
             nans = np.add.reduceat(np.isnan(wide).view(np.uint8), starts, dtype=np.int64)
-            infs = np.add.reduceat(nonfinite.view(np.uint8), starts, dtype=np.int64) - nans
-            hist[:, _LAST_BIN] -= nans + infs
-            rows[:, layout.NANS], rows[:, layout.INFS] = nans, infs
+            nonfinite_per_row = np.add.reduceat(nonfinite.view(np.uint8), starts, dtype=np.int64)
+            rows[:, layout.NANS], rows[:, layout.INFS] = nans, nonfinite_per_row - nans
             wide[nonfinite] = 0
             finite = wide
     rows[:, layout.SUM] = np.add.reduceat(wide, starts)
@@ -181,8 +202,74 @@ def _packed_rows(values: np.ndarray, sizes: np.ndarray, ws) -> np.ndarray:
     rows[:, layout.MAX_ABS] = np.maximum.reduceat(magnitude, starts)
     np.square(wide, out=wide)
     rows[:, layout.SUMSQ] = np.add.reduceat(wide, starts)
-    rows[:, layout.HIST :] = hist
-    return rows
+    return nonfinite_per_row
+
+
+# --------------------------------------------------------------------------------------
+# Light rows: no histogram, and each row's smallest non-zero |x| for the trigger
+# --------------------------------------------------------------------------------------
+
+
+def _keys(values: np.ndarray, ws) -> np.ndarray:
+    """uint32/uint64 key of every element: its bits shifted left by one, ``2 * |x|`` in
+    integer form (zeros 0, NaN/Inf from ``_INF_KEY`` up; integer order is magnitude order)."""
+    bits = values.view(_KEY_BITS[values.dtype])
+    keys = ws.get("keys", bits.dtype, values.size)
+    np.left_shift(bits, 1, out=keys)
+    return keys
+
+
+def _smallest_nonzero(below: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """float64 ``|x|`` of the smallest non-zero finite values, from their keys less two
+    (``below``, unsigned; a row of zeros wrapped to the largest key): ``inf`` where a row has
+    no non-zero finite value (its key less two is Inf's less two or more)."""
+    none = below >= _INF_KEY[dtype] - 2
+    magnitude = ((below + 2) >> 1).view(dtype).astype(np.float64)  # wraps where none: replaced below
+    return np.where(none, np.inf, magnitude)
+
+
+def _light_run_row(values: np.ndarray, ws) -> tuple[np.ndarray, float]:
+    """The light row of one run of float32/float64 elements, and its smallest non-zero ``|x|``."""
+    row = np.zeros(layout.ROW_WIDTH)
+    row[layout.HIST :] = layout.NO_HISTOGRAM
+    n = values.size
+    row[layout.NUMEL] = n
+    if n == 0:
+        return row, np.inf
+    keys = _keys(values, ws)
+    top, bottom = keys.max(), keys.min()
+    if bottom == 0:  # zeros: counted, then wrapped past every other key
+        row[layout.ZEROS] = n - np.count_nonzero(keys)
+        below = np.subtract(keys, 2, out=keys).min()
+    else:
+        below = bottom - 2  # keys are even: no wrap
+    if top >= _INF_KEY[values.dtype]:  # NaN or Inf: counted, then summed as zeros, as the full kernel does
+        nonfinite = ~np.isfinite(values)
+        nans = int(np.count_nonzero(np.isnan(values)))
+        row[layout.NANS], row[layout.INFS] = nans, int(np.count_nonzero(nonfinite)) - nans
+        values = np.where(nonfinite, 0, values)
+        row[layout.MAX_ABS] = abs(max(float(values.max()), -float(values.min())))  # as _run_row
+    else:
+        row[layout.MAX_ABS] = float(np.array(top >> 1).view(values.dtype))
+    row[layout.SUM], row[layout.SUMSQ] = _sums(values, ws)
+    return row, float(_smallest_nonzero(np.array([below]), values.dtype)[0])
+
+
+def _light_packed_rows(values: np.ndarray, sizes: np.ndarray, ws) -> tuple[np.ndarray, np.ndarray]:
+    """Light rows of several non-empty tensors laid end to end in ``values``, and each one's
+    smallest non-zero ``|x|`` (segmented reductions)."""
+    k = sizes.size
+    starts = np.zeros(k, dtype=np.intp)
+    np.cumsum(sizes[:-1], out=starts[1:])
+    rows = np.zeros((k, layout.ROW_WIDTH))
+    rows[:, layout.NUMEL] = sizes
+    rows[:, layout.HIST :] = layout.NO_HISTOGRAM
+    keys = _keys(values, ws)
+    if keys.min() == 0:
+        rows[:, layout.ZEROS] = np.add.reduceat((keys == 0).view(np.uint8), starts, dtype=np.int64)
+    _packed_finite_columns(values, starts, ws, rows, bool(keys.max() >= _INF_KEY[values.dtype]))
+    below = np.minimum.reduceat(np.subtract(keys, 2, out=keys), starts)
+    return rows, _smallest_nonzero(below, values.dtype)
 
 
 def run_row(values: np.ndarray, ws) -> np.ndarray:
@@ -211,3 +298,31 @@ def packed_rows(values: np.ndarray, starts: np.ndarray, ws) -> np.ndarray:
     if full.any():
         out[full] = _packed_rows(values, sizes[full], ws)
     return out
+
+
+def light_run_row(values: np.ndarray, ws) -> tuple[np.ndarray, np.ndarray]:
+    """The light row of one run (as :func:`run_row`, histogram columns
+    :data:`~gradscope.stats.layout.NO_HISTOGRAM`), and what the histogram trigger needs.
+
+    Returns:
+        ``(rows, lowest)``: float64 ``(1, ROW_WIDTH)``, and float64 ``(1,)``, the run's
+        smallest non-zero finite ``|x|`` (``inf`` when there is none).
+    """
+    row, lowest = _light_run_row(values, ws)
+    return row[None, :], np.array([lowest])
+
+
+def light_packed_rows(values: np.ndarray, starts: np.ndarray, ws) -> tuple[np.ndarray, np.ndarray]:
+    """Light rows of whole small tensors laid end to end (as :func:`packed_rows`), and each
+    one's smallest non-zero finite ``|x|`` (float64 ``(K,)``, ``inf`` when there is none).
+    A tensor's row and value depend on nothing but the tensor."""
+    sizes = np.diff(starts)
+    full = sizes > 0
+    if full.all():
+        return _light_packed_rows(values, sizes, ws)
+    out = np.zeros((sizes.size, layout.ROW_WIDTH))
+    out[:, layout.HIST :] = layout.NO_HISTOGRAM
+    lowest = np.full(sizes.size, np.inf)
+    if full.any():
+        out[full], lowest[full] = _light_packed_rows(values, sizes[full], ws)
+    return out, lowest

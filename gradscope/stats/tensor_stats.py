@@ -25,8 +25,12 @@ class TensorStats:
         nans: int64 ``(T,)``, NaN elements.
         infs: int64 ``(T,)``, +Inf/-Inf elements.
         hist: int64 ``(T, 64)``, counts of finite non-zero ``|g|`` per binade; bin edges
-            are :data:`gradscope.HIST_EDGES`.
+            are :data:`gradscope.HIST_EDGES`. All zeros where ``hist_known`` is False.
         names: one name per tensor (parameter names when computed from a module), or None.
+        hist_known: bool ``(T,)``, where the histogram was computed. Light statistics
+            (``grad_stats(..., histogram=False)``) compute it only for tensors that trigger
+            it (:func:`gradscope.stats.layout.triggers_histogram`); elsewhere it is unknown,
+            not empty. Default (None given): every histogram known.
 
     Example:
         >>> import torch, gradscope
@@ -44,10 +48,19 @@ class TensorStats:
     infs: np.ndarray
     hist: np.ndarray
     names: tuple[str, ...] | None = None
+    hist_known: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        known = np.ones(len(self), dtype=bool) if self.hist_known is None else np.asarray(self.hist_known, dtype=bool)
+        object.__setattr__(self, "hist_known", known)
 
     @classmethod
     def from_rows(cls, rows: np.ndarray, names: tuple[str, ...] | None = None) -> TensorStats:
-        """Build from statistics rows (float64 ``(T, ROW_WIDTH)``, see :mod:`gradscope.stats.layout`)."""
+        """Build from statistics rows (float64 ``(T, ROW_WIDTH)``, see :mod:`gradscope.stats.layout`).
+
+        A row whose histogram columns are NaN (a light row, :func:`layout.histogram_known`)
+        gives ``hist_known`` False and a ``hist`` row of zeros.
+        """
         rows = np.asarray(rows, dtype=np.float64)
         if rows.ndim != 2 or rows.shape[1] != layout.ROW_WIDTH:
             raise ValueError(f"statistics rows must have shape (T, {layout.ROW_WIDTH}), got {rows.shape}")
@@ -57,15 +70,20 @@ class TensorStats:
         for column, name in enumerate(layout.SCALAR_FIELDS):
             values = rows[:, column].copy()
             fields[name] = values.astype(np.int64) if name in layout.COUNT_FIELDS else values
-        fields["hist"] = rows[:, layout.HIST :].astype(np.int64)
-        return cls(**fields, names=tuple(names) if names is not None else None)
+        known = layout.histogram_known(rows)
+        hist = np.zeros((rows.shape[0], layout.NUM_BINS), dtype=np.int64)
+        hist[known] = rows[known, layout.HIST :]
+        fields["hist"] = hist
+        return cls(**fields, names=tuple(names) if names is not None else None, hist_known=known)
 
     def to_rows(self) -> np.ndarray:
-        """The statistics rows, float64 ``(T, ROW_WIDTH)``; inverse of :meth:`from_rows`."""
+        """The statistics rows, float64 ``(T, ROW_WIDTH)``; inverse of :meth:`from_rows`
+        (unknown histograms are NaN columns again)."""
         rows = np.empty((len(self), layout.ROW_WIDTH), dtype=np.float64)
         for column, name in enumerate(layout.SCALAR_FIELDS):
             rows[:, column] = getattr(self, name)
         rows[:, layout.HIST :] = self.hist
+        rows[~self.hist_known, layout.HIST :] = layout.NO_HISTOGRAM
         return rows
 
     def __len__(self) -> int:
@@ -115,7 +133,8 @@ class TensorStats:
         return float(np.sqrt(self.sumsq.sum()))
 
     def combined(self) -> TensorStats:
-        """All tensors combined into one row, as if they were one tensor (see ``layout.COMBINE``)."""
+        """All tensors combined into one row, as if they were one tensor (see ``layout.COMBINE``);
+        its histogram is known only if every tensor's is."""
         return TensorStats.from_rows(layout.combine_rows(self.to_rows())[None, :])
 
     def to_dict(self) -> dict[str, list]:
@@ -126,6 +145,7 @@ class TensorStats:
         for name in (*layout.SCALAR_FIELDS, "norm", "rms", "mean", "zero_frac", "nonfinite"):
             out[name] = getattr(self, name).tolist()
         out["hist"] = self.hist.tolist()
+        out["hist_known"] = self.hist_known.tolist()
         return out
 
     def __repr__(self) -> str:

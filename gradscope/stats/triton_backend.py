@@ -1,7 +1,8 @@
 """The Triton backend: glue between ``grad_stats`` and the kernels in ``gradscope.kernels``.
 
-Tensors are grouped by (device, dtype); each group is one kernel launch writing its rows
-into one float64 buffer per device, and each buffer is copied to the host once.
+Tensors are grouped by (device, dtype); each group is launched once (or, for light rows, a
+light launch and its gated launch), writing its rows into one float64 buffer per device, and
+each buffer is copied to the host once.
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ def launch_rows(
     out: torch.Tensor,
     out_rows: Sequence[int],
     inv_scale: torch.Tensor | None = None,
+    histogram: bool = True,
     **tiling,
 ) -> None:
     """Launch the kernels writing rows ``out_rows`` of the device buffer ``out``; no host sync.
 
     ``flats`` share ``out``'s device. With ``inv_scale`` (a one-element float32 tensor on that
-    device) the rows describe ``g * inv_scale``. Sparse tensors' unstored zeros are not added
-    here.
+    device) the rows describe ``g * inv_scale``. ``histogram=False`` writes light rows
+    (``layout``: histogram columns NaN unless the tensor triggers its histogram). Sparse
+    tensors' unstored zeros are not added here.
     """
     groups: dict[torch.dtype, list[int]] = {}
     for i, flat in enumerate(flats):
@@ -65,11 +68,14 @@ def launch_rows(
             out,
             [out_rows[i] for i in members],
             inv_scale=inv_scale,
+            histogram=histogram,
             **tiling,
         )
 
 
-def triton_rows(flats: Sequence[FlatElements], inv_scale: torch.Tensor | None = None, **tiling) -> np.ndarray:
+def triton_rows(
+    flats: Sequence[FlatElements], inv_scale: torch.Tensor | None = None, histogram: bool = True, **tiling
+) -> np.ndarray:
     """Statistics rows (float64 ``(T, ROW_WIDTH)``) of flattened tensors, computed by the kernels.
 
     Rows describe ``flats[i].values``; sparse tensors' unstored zeros are not added here.
@@ -77,6 +83,9 @@ def triton_rows(flats: Sequence[FlatElements], inv_scale: torch.Tensor | None = 
     Args:
         flats: tensors on devices that :func:`serves`.
         inv_scale: optional one-element float32 tensor: rows then describe ``g * inv_scale``.
+        histogram: False: light rows, whose histogram columns are NaN
+            (``layout.NO_HISTOGRAM``) except for tensors that trigger their histogram
+            (``layout.triggers_histogram``); every other column is the same either way.
         tiling: optional ``block``, ``careful_block``, ``chunk_numel``, ``final_rows``
             overrides passed to the launcher (tests use them to force many chunks).
     """
@@ -88,7 +97,9 @@ def triton_rows(flats: Sequence[FlatElements], inv_scale: torch.Tensor | None = 
     for device, members in by_device.items():
         out = torch.empty((len(members), layout.ROW_WIDTH), dtype=torch.float64, device=device)
         scale = None if inv_scale is None else inv_scale.to(device)
-        launch_rows([flats[i] for i in members], out, range(len(members)), inv_scale=scale, **tiling)
+        launch_rows(
+            [flats[i] for i in members], out, range(len(members)), inv_scale=scale, histogram=histogram, **tiling
+        )
         buffers.append((members, out))
     for members, out in buffers:  # one device-to-host copy per device, after all launches
         rows[members] = out.cpu().numpy()

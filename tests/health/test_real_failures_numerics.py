@@ -77,7 +77,9 @@ def test_float16_gradients_of_a_small_loss_are_subnormal_not_dead():
     assert set(finding.layers) == set(fractions) == {row.name for row in report.layers}, str(report)
     assert fractions[finding.layer] == max(fractions.values())  # the worst layer is named first
     assert finding.evidence["pass"] == "backward" and finding.evidence["dtype"] == "float16"
-    assert finding.step == finding.since_step == 19  # underflowing at the report's latest step
+    # underflowing at the newest histogram's step (one sampled step in 16 has one), and it says so
+    assert finding.step == finding.since_step == 16
+    assert set(finding.evidence["hist_step"].values()) == {16}
     assert not [f for f in report.findings if f.kind in ("dead", "vanishing")], str(report)
 
 

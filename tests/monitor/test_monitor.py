@@ -326,7 +326,7 @@ def test_history_is_bounded_and_memory_stays_flat():
     import tracemalloc
 
     model = torch.nn.Linear(3, 1)
-    with gradscope.watch(model, every=2, history=4, hist_history=2) as mon:
+    with gradscope.watch(model, every=2, history=4, hist_history=2, histogram_every=1) as mon:
         for _ in range(20):
             model(torch.randn(2, 3)).sum().backward()
             mon.step(loss=0.0)

@@ -41,7 +41,7 @@ def test_absent_rows_are_nan_and_present_is_reported():
     assert np.isnan(h.series("rms").values[0, 1])
     np.testing.assert_array_equal(h.series("present").values, [[True, False]])
     assert h.series("zero_frac").values[0, 0] == 0.25
-    assert h.series("hist").values[0, 0, 40] == 4 and h.series("hist").values[0, 1].sum() == 0
+    assert h.series("hist").values[0, 0, 40] == 4 and np.isnan(h.series("hist").values[0, 1]).all()
 
 
 def test_derived_fields_count_only_finite_values():
@@ -107,3 +107,56 @@ def test_series_read_between_out_of_order_writes_are_never_stale():
         h.add_step(step, loss=float(step))
     assert h.series("loss").steps.tolist() == list(range(6, 14))
     assert h.series("loss", last=3).steps.tolist() == [11, 12, 13]
+
+
+def light(rows: np.ndarray, known=None) -> np.ndarray:
+    """``rows`` as light rows: histogram columns NaN except in the rows ``known`` (bool)."""
+    rows = rows.copy()
+    keep = np.zeros(len(rows), dtype=bool) if known is None else np.asarray(known)
+    rows[~keep, layout.HIST :] = layout.NO_HISTOGRAM
+    return rows
+
+
+def test_histogram_ring_keeps_the_newest_steps_that_have_histograms_however_spaced():
+    """On a cadence, histogram steps are one in N: the ring keeps ``hist_capacity`` of them,
+    not the histograms of the last ``hist_capacity`` sampled steps (which would be one or none)."""
+    h = History(("a",), every=2, capacity=100, hist_capacity=3, step_capacity=200)
+    for step in range(0, 80, 2):
+        full = (step // 2) % 8 == 0
+        rows = rows_with([4], sumsq=step, hist_bin=10 + step // 16)
+        h.add_sampled(step, rows if full else light(rows), np.array([True]), np.array([0]))
+    hist = h.series("hist")
+    assert list(hist.steps) == [32, 48, 64]
+    assert [int(np.argmax(v[0])) for v in hist.values] == [12, 13, 14]
+    assert h.has_hist(64) and not h.has_hist(66) and not h.has_hist(16)
+    rows, present = h.sampled_rows(66)
+    assert present.all() and np.isnan(rows[:, layout.HIST :]).all()  # a light step: no histogram
+    assert rows[0, layout.SUMSQ] == 66
+    rows, _ = h.sampled_rows(64)
+    assert rows[0, layout.HIST + 14] == 4
+
+
+def test_rows_without_a_histogram_at_a_step_are_nan_and_latest_finds_each_rows_own():
+    h = History(("a", "b", "c"), every=1, capacity=10, hist_capacity=10, step_capacity=10)
+    both = np.array([True, True, True])
+    h.add_sampled(0, rows_with([4, 9, 1], max_abs=1.0, hist_bin=20), both, np.array([0, 1, 2]))
+    # step 1: only 'b' has a histogram (it triggered one on a light step)
+    h.add_sampled(1, light(rows_with([4, 9, 1], max_abs=2.0, hist_bin=30), [False, True, False]), both, np.zeros(3))
+    h.add_sampled(2, light(rows_with([4, 9, 1], max_abs=3.0)), both, np.zeros(3))
+    series = h.series("hist")
+    assert list(series.steps) == [0, 1]
+    assert np.isnan(series.values[1, 0]).all() and series.values[1, 1, 30] == 9
+    hist, steps, max_abs = h.latest_histograms()
+    assert steps.tolist() == [0, 1, 0]
+    assert hist[0, 20] == 4 and hist[1, 30] == 9 and hist[2, 20] == 1
+    assert max_abs.tolist() == [1.0, 2.0, 1.0]  # max_abs at the histogram's own step, not the latest
+    fp8 = h.series("fp8_e5m2_zero")
+    assert np.isnan(fp8.values[1, 0]) and np.isfinite(fp8.values[1, 1])
+
+
+def test_latest_histograms_of_an_empty_history():
+    h = History(("a",), every=1, capacity=2, hist_capacity=2, step_capacity=2)
+    hist, steps, max_abs = h.latest_histograms()
+    assert np.isnan(hist).all() and steps.tolist() == [-1] and np.isnan(max_abs).all()
+    h.add_sampled(0, light(rows_with([4])), np.array([True]), np.array([0]))
+    assert h.latest_histograms()[1].tolist() == [-1] and len(h.series("hist")) == 0

@@ -42,6 +42,7 @@ def test_to_dict_holds_every_field():
         "row_dtypes": (),
         "modules": (),
         "module_types": (),
+        "histogram_every": 1,
     }
 
 
@@ -93,3 +94,9 @@ def test_package_version_is_unknown_when_not_installed(monkeypatch):
 
     monkeypatch.setattr(info_module.metadata, "version", missing)
     assert package_version() == "unknown"
+
+
+def test_an_older_header_without_histogram_every_had_a_histogram_at_every_sampled_step():
+    data = make_info().to_dict()
+    del data["histogram_every"]
+    assert RunInfo.from_dict(json.loads(json.dumps(data))).histogram_every == 1

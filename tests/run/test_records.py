@@ -26,6 +26,7 @@ def sampled_records(draw):
     big = draw(st.booleans())
     counts = draw(hnp.arrays(np.int64, (n_rows, layout.NUM_BINS), elements=st.integers(0, 2**40 if big else 2**32 - 1)))
     rows = np.concatenate([scalars, counts.astype(np.float64)], axis=1)
+    rows[draw(hnp.arrays(np.bool_, (n_rows,))), layout.HIST :] = layout.NO_HISTOGRAM  # light rows
     present = draw(hnp.arrays(np.bool_, (n_rows,)))
     order = draw(hnp.arrays(np.int64, (n_rows,), elements=st.integers(-1, 10_000)))
     ranks = {}
@@ -55,6 +56,24 @@ def test_sampled_round_trip_is_bit_exact(record):
     else:
         assert same_bits(back.nonfinite_rank, record.nonfinite_rank)
         assert same_bits(back.nonfinite_ranks, record.nonfinite_ranks)
+
+
+def test_light_rows_store_no_histogram_and_say_which_rows_have_one():
+    rows = np.zeros((3, layout.ROW_WIDTH))
+    rows[:, layout.NUMEL] = 10
+    rows[:, layout.HIST + 40] = 10
+    light = rows.copy()
+    light[:, layout.HIST :] = layout.NO_HISTOGRAM
+    full_line = records.encode(records.Sampled(5, rows, np.ones(3, bool), np.arange(3)))
+    light_line = records.encode(records.Sampled(6, light, np.ones(3, bool), np.arange(3)))
+    assert [a[0] for a in json.loads(light_line)["a"]] == ["present", "order", "scalars", "hist_known"]
+    assert [a[0] for a in json.loads(full_line)["a"]] == ["present", "order", "scalars", "hist"]
+    assert len(light_line) < len(full_line)
+    mixed = light.copy()
+    mixed[1, layout.HIST :] = rows[1, layout.HIST :]
+    back = records.decode(records.encode(records.Sampled(7, mixed, np.ones(3, bool), np.arange(3))))
+    assert layout.histogram_known(back.rows).tolist() == [False, True, False]
+    assert back.rows[1, layout.HIST + 40] == 10
 
 
 @given(
@@ -194,7 +213,7 @@ def test_a_header_carries_row_dtypes_and_modules():
         module_types=("Net", "Linear"),
     )
     back = records.decode(records.encode(records.Header(info.to_dict())))
-    assert back.schema == records.SCHEMA == 4
+    assert back.schema == records.SCHEMA == 5
     assert RunInfo.from_dict(back.info) == info
 
 

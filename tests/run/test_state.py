@@ -73,7 +73,7 @@ def test_sampled_record_fills_the_row_history():
     np.testing.assert_array_equal(state.series("max_abs").values[1], [2.0, np.nan, 6.0, 8.0])
     hist = state.series("hist").values
     assert hist.shape == (2, 4, layout.NUM_BINS)
-    np.testing.assert_array_equal(hist[1, :, 47], [10, 0, 14, 16])  # absent rows' histograms are zero
+    np.testing.assert_array_equal(hist[1, :, 47], [10, np.nan, 14, 16])  # absent rows have no histogram
     assert state.nonfinite_events == [] and state.nonfinite_steps == 0
 
 

@@ -106,8 +106,10 @@ def test_explicit_triton_that_cannot_run_raises(monkeypatch):
         gradscope.grad_stats([torch.ones(2)], backend="triton")
 
 
-def test_auto_falls_back_to_the_cpu_when_the_kernels_fail(monkeypatch):
-    """A Triton failure never stops training under backend='auto': one warning, CPU numbers."""
+@pytest.mark.parametrize("histogram", [True, False])
+def test_auto_falls_back_to_the_cpu_when_the_kernels_fail(monkeypatch, histogram):
+    """A Triton failure never stops training under backend='auto': one warning, CPU numbers
+    (light ones when light statistics were asked for)."""
     # Pretend the kernels serve the CPU tensor, then make them fail.
     monkeypatch.setattr(compute, "engine_for", lambda device, backend, what, caller="grad_stats": device)
     monkeypatch.setattr(compute, "_warned_fallback", False)
@@ -118,9 +120,10 @@ def test_auto_falls_back_to_the_cpu_when_the_kernels_fail(monkeypatch):
     monkeypatch.setattr(triton_backend, "triton_rows", broken)
     x = [torch.randn(100)]
     with pytest.warns(RuntimeWarning, match="falling back to a CPU kernel"):
-        stats = gradscope.grad_stats(x)
-    cpu = gradscope.grad_stats(x, backend=host_backend.fastest_kernel())
+        stats = gradscope.grad_stats(x, histogram=histogram)
+    cpu = gradscope.grad_stats(x, backend=host_backend.fastest_kernel(), histogram=histogram)
     np.testing.assert_array_equal(stats.to_rows(), cpu.to_rows())
+    assert stats.hist_known[0] == histogram
     with pytest.raises(RuntimeError, match="no kernel image"):
         gradscope.grad_stats(x, backend="triton")
 
@@ -136,3 +139,58 @@ def test_does_not_modify_or_require_grad_inputs():
 def test_mixed_devices_and_dtypes_in_one_call():
     tensors = [torch.randn(1000, device="cuda"), torch.randn(10), torch.randn(500, device="cuda", dtype=torch.bfloat16)]
     assert_matches_reference(gradscope.grad_stats(tensors), tensors)
+
+
+def light_inputs() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    loud = torch.randn(300, generator=g)
+    loud[7] = float("nan")
+    tiny = torch.randn(20, generator=g, dtype=torch.float64) * 1e-3
+    tiny[3] = 2.0**-80
+    return [torch.randn(3000, generator=g), loud, torch.randn(4, 5, generator=g).to(torch.bfloat16), tiny]
+
+
+def test_light_statistics_on_each_cpu_kernel(kernel):
+    """histogram=False: every field but the histogram as histogram=True gives it, bit for bit;
+    the histograms of the tensors that trigger (a NaN, a value 2**-80) and no others."""
+    tensors = light_inputs()
+    light = gradscope.grad_stats(tensors, backend=kernel, histogram=False)
+    full = gradscope.grad_stats(tensors, backend=kernel)
+    assert light.hist_known.tolist() == [False, True, False, True]
+    assert full.hist_known.all()
+    for name in gradscope.layout.SCALAR_FIELDS:
+        np.testing.assert_array_equal(getattr(light, name), getattr(full, name), err_msg=name)
+    np.testing.assert_array_equal(light.hist[light.hist_known], full.hist[light.hist_known])
+    assert (light.hist[~light.hist_known] == 0).all()
+    model = trained_mlp_gradients()
+    named = gradscope.grad_stats(model, backend=kernel, histogram=False)
+    assert named.names == ("0.weight", "0.bias", "2.weight", "2.bias")
+    assert not named.hist_known.any()
+
+
+def test_light_statistics_reach_the_triton_backend(monkeypatch):
+    """grad_stats hands ``histogram`` to the kernels (here a stand-in serving CPU tensors)."""
+    monkeypatch.setattr(compute, "engine_for", lambda device, backend, what, caller="grad_stats": device)
+    asked = []
+
+    def kernels(flats, inv_scale=None, histogram=True, **tiling):
+        asked.append(histogram)
+        return host_backend.host_rows([flat.values for flat in flats], "numpy", histogram=histogram)
+
+    monkeypatch.setattr(triton_backend, "triton_rows", kernels)
+    stats = gradscope.grad_stats(light_inputs(), histogram=False)
+    assert asked == [False]
+    assert stats.hist_known.tolist() == [False, True, False, True]
+
+
+def test_triton_light_rows_in_the_interpreter_are_the_cpu_light_rows(kernel_device):
+    if kernel_device != "cpu":
+        pytest.skip("kernels are compiled for CUDA in this session")
+    tensors = [*light_inputs(), torch.randn(20, dtype=torch.float16), torch.empty(0)]
+    triton = gradscope.grad_stats(tensors, backend="triton", histogram=False)
+    numpy = gradscope.grad_stats(tensors, backend="numpy", histogram=False)
+    np.testing.assert_array_equal(triton.hist_known, numpy.hist_known)
+    np.testing.assert_array_equal(triton.hist, numpy.hist)
+    for name in ("numel", "max_abs", "zeros", "nans", "infs"):
+        np.testing.assert_array_equal(getattr(triton, name), getattr(numpy, name), err_msg=name)
+    np.testing.assert_allclose(triton.sumsq, numpy.sumsq, rtol=1e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradscope
-from gradscope.stats import host_backend, triton_backend
+from gradscope.stats import host_backend, host_kernels, triton_backend
 from gradscope.stats.dispatch import BACKENDS, check_backend, engine_for, is_host
 
 CPU = torch.device("cpu")
@@ -45,12 +45,12 @@ def test_auto_reads_cpu_tensors_with_numba_when_it_is_installed():
 
 def test_auto_reads_cpu_tensors_with_numpy_when_numba_cannot_run(monkeypatch):
     needs_numba()
-    monkeypatch.setitem(host_backend._broken, "numba", "ImportError: pretend numba is missing")
+    monkeypatch.setitem(host_kernels._broken, "numba", "ImportError: pretend numba is missing")
     assert engine_for(CPU, "auto") == "numpy"
 
 
 def test_numba_without_numba_is_an_error_that_says_how_to_install_it(monkeypatch):
-    monkeypatch.setitem(host_backend._broken, "numba", "ImportError: No module named 'numba'")
+    monkeypatch.setitem(host_kernels._broken, "numba", "ImportError: No module named 'numba'")
     with pytest.raises(ValueError, match=r"backend='numba' needs the numba package.*gradscope\[numba\].*No module"):
         engine_for(CPU, "numba", caller="watch")
 

@@ -14,32 +14,12 @@ from stats_reference import assert_matches_reference, unscaled
 from tensor_strategies import gradient_tensors, many_small_and_a_few_large
 
 from gradscope import TensorStats
-from gradscope.stats import host_backend, numpy_kernels
-
-
-@pytest.fixture(params=host_backend.KERNELS)
-def kernel(request):
-    """Each CPU kernel; numba's skips only where numba is not installed (a kernel that is
-    installed but was found broken fails here, not skips)."""
-    if request.param == "numba":
-        pytest.importorskip("numba", reason="numba is not installed (pip install 'gradscope[numba]')")
-        assert host_backend.kernel_available("numba"), host_backend.why_unavailable("numba")
-    return request.param
+from gradscope.stats import host_backend
 
 
 def cpu_stats(tensors, kernel, num_threads=None, inv_scale=None) -> TensorStats:
     rows = host_backend.host_rows(tensors, kernel, num_threads=num_threads, inv_scale=inv_scale)
     return TensorStats.from_rows(rows)
-
-
-@pytest.fixture
-def small_work_items(monkeypatch):
-    """Shrink work items so small test tensors take every code path: slices of one tensor,
-    packs of many, paired bin counting and several threads."""
-    monkeypatch.setattr(host_backend, "CHUNK", 512)
-    monkeypatch.setattr(host_backend, "PACK_BELOW", 96)
-    monkeypatch.setattr(host_backend, "PARALLEL_ABOVE", 600)
-    monkeypatch.setattr(numpy_kernels, "PAIRS_FROM", 128)
 
 
 @settings(max_examples=300)

@@ -9,35 +9,22 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from stats_reference import reference_row
-from tensor_strategies import special_values
+from tensor_strategies import kernel_runs
 
-from gradscope.stats import host_backend, layout, numpy_kernels
+from gradscope.stats import host_backend, host_kernels, layout, numpy_kernels
 
 numba_kernels = pytest.importorskip("gradscope.stats.numba_kernels", reason="numba is not installed")
+numba_loops = pytest.importorskip("gradscope.stats.numba_loops", reason="numba is not installed")
 
 EXACT = [layout.NUMEL, layout.MAX_ABS, layout.ZEROS, layout.NANS, layout.INFS, *range(layout.HIST, layout.ROW_WIDTH)]
 B, S = numba_kernels.BLOCK, numba_kernels.SMALL
 SIZES = [0, 1, 2, 7, S - 1, S, S + 1, 2 * S + 3, B - 1, B, B + 1, 2 * B + 5]
 
 
-@st.composite
-def runs(draw):
-    """float32/float64 values laid end to end in runs whose sizes sit on the kernel's
-    boundaries, with zeros, subnormals, NaN/Inf and every bin edge sprinkled in."""
-    dtype = draw(st.sampled_from([torch.float32, torch.float64]))
-    sizes = draw(st.lists(st.one_of(st.sampled_from(SIZES), st.integers(0, 3000)), min_size=1, max_size=5))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    n = sum(sizes)
-    values = torch.from_numpy(rng.standard_normal(n) * 2.0 ** draw(st.integers(-60, 20))).to(dtype)
-    specials = special_values(dtype)
-    for fraction in (draw(st.sampled_from([0.0, 1e-4, 0.01, 0.5])), draw(st.sampled_from([0.0, 0.2]))):
-        chosen = torch.from_numpy(rng.random(n) < fraction)
-        values[chosen] = specials[torch.from_numpy(rng.integers(0, specials.numel(), int(chosen.sum())))]
-    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    return values, starts
+def runs():
+    """Runs whose sizes sit on the kernel's boundaries (see ``kernel_runs``)."""
+    return kernel_runs(SIZES)
 
 
 def reference_rows(values: torch.Tensor, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,7 +77,7 @@ def test_the_input_is_not_modified():
 
 
 def test_a_failing_numba_kernel_hands_over_to_numpy_with_one_warning(monkeypatch):
-    monkeypatch.setattr(host_backend, "_broken", {})
+    monkeypatch.setattr(host_kernels, "_broken", {})
     calls = []
 
     def broken(*args):
@@ -121,10 +108,10 @@ def test_the_width_dispatchers_pick_the_same_function_in_python_as_compiled(dtyp
     bits = values.view(np.uint32 if dtype == np.float32 else np.uint64)
     width = 256 if dtype == np.float32 else 2048
     counts = np.zeros(width, dtype=np.int64)
-    numba_kernels._exponents(bits, np.zeros(8 * width, dtype=np.uint32), counts)
+    numba_loops._exponents(bits, np.zeros(8 * width, dtype=np.uint32), counts)
     assert counts.sum() == values.size
     assert counts[0] == 1  # the zero
-    top = np.array([numba_kernels._top(bits)], dtype=bits.dtype).view(dtype)[0]
+    top = np.array([numba_loops._top(bits)], dtype=bits.dtype).view(dtype)[0]
     assert top == np.abs(values).max()
     row = numba_kernels.rows(values, np.array([0, values.size]))[0]
     assert row[layout.MAX_ABS] == top

@@ -91,3 +91,45 @@ def test_from_rows_checks_shapes():
         TensorStats.from_rows(np.zeros((2, 5)))
     with pytest.raises(ValueError, match="names"):
         TensorStats.from_rows(np.zeros((2, layout.ROW_WIDTH)), names=("a",))
+
+
+def light_rows() -> np.ndarray:
+    """Rows of three tensors: a histogram known (4 values in bin 5), one unknown, and an
+    empty tensor's unknown histogram."""
+    rows = np.zeros((3, layout.ROW_WIDTH))
+    rows[:, layout.NUMEL] = [4, 2, 0]
+    rows[:, layout.SUMSQ] = [1.0, 2.0, 0.0]
+    rows[0, layout.HIST + 5] = 4
+    rows[1:, layout.HIST :] = layout.NO_HISTOGRAM
+    return rows
+
+
+def test_unknown_histograms_are_marked_and_round_trip():
+    stats = TensorStats.from_rows(light_rows())
+    assert stats.hist_known.dtype == bool
+    assert stats.hist_known.tolist() == [True, False, False]
+    assert stats.hist.dtype == np.int64 and stats.hist.shape == (3, 64)
+    assert stats.hist[0, 5] == 4 and stats.hist.sum() == 4  # unknown rows: zeros, never NaN cast to int
+    np.testing.assert_array_equal(stats.to_rows(), light_rows())  # NaN where they were
+    again = TensorStats.from_rows(stats.to_rows())
+    np.testing.assert_array_equal(again.hist_known, stats.hist_known)
+    np.testing.assert_array_equal(again.to_rows(), light_rows())
+    assert stats.to_dict()["hist_known"] == [True, False, False]
+
+
+def test_a_combined_histogram_is_known_only_if_every_part_is():
+    stats = TensorStats.from_rows(light_rows())
+    assert not stats.combined().hist_known[0]
+    assert stats.combined().sumsq[0] == 3.0
+    known_only = TensorStats.from_rows(light_rows()[:1])
+    assert known_only.combined().hist_known[0]
+
+
+def test_built_without_hist_known_every_histogram_is_known(tensors):
+    stats = gradscope.grad_stats(tensors)
+    assert stats.hist_known.tolist() == [True, True, True]
+    fields = [getattr(stats, name) for name in (*layout.SCALAR_FIELDS, "hist")]
+    built = TensorStats(*fields, names=("a", "b", "c"))
+    assert built.hist_known.tolist() == [True, True, True]
+    np.testing.assert_array_equal(built.to_rows(), stats.to_rows())
+    assert not np.isnan(built.to_rows()).any()

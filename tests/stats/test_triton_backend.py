@@ -85,18 +85,21 @@ class LaunchSpy:
     """Wraps ``kernels().grad_stats_launch``: records each launch, then calls through.
 
     ``calls`` holds each launch's dtypes, rows and ``inv_scale``; ``devices`` the device types
-    of its values, of its output buffer and of its ``inv_scale`` (None without one).
+    of its values, of its output buffer and of its ``inv_scale`` (None without one);
+    ``histograms`` its ``histogram`` argument.
     """
 
     def __init__(self, monkeypatch):
         self.calls = []
         self.devices = []
+        self.histograms = []
         module = triton_backend.kernels()
         self._real = module.grad_stats_launch
         monkeypatch.setattr(module, "grad_stats_launch", self)
 
     def __call__(self, values, out, out_rows, **kwargs):
         inv_scale = kwargs.get("inv_scale")
+        self.histograms.append(kwargs.get("histogram"))
         self.calls.append(([v.dtype for v in values], list(out_rows), inv_scale))
         self.devices.append(
             (
@@ -188,6 +191,23 @@ def test_launch_rows_with_inv_scale_passes_it_to_every_launch(monkeypatch, kerne
     written = out.cpu().numpy()
     np.testing.assert_array_equal(written[:, layout.MAX_ABS], [3.0, 3.0])
     np.testing.assert_array_equal(written[:, layout.SUM], [6.0, 12.0])
+
+
+@pytest.mark.parametrize("histogram", [True, False])
+def test_histogram_reaches_every_launch_and_light_rows_differ_only_there(monkeypatch, kernel_device, histogram):
+    """``triton_rows(..., histogram=False)`` passes it to every launch (each dtype group): the
+    rows of tensors that trigger their histogram (a NaN, an Inf) are complete, the others'
+    histograms NaN; every other column equals the complete rows'."""
+    tensors = mixed_tensors(kernel_device)
+    complete = triton_backend.triton_rows([flat_elements(t) for t in tensors])
+    spy = LaunchSpy(monkeypatch)
+    rows = triton_backend.triton_rows([flat_elements(t) for t in tensors], histogram=histogram)
+    assert spy.histograms == [histogram] * 4  # float32, float16, bfloat16, float64
+    np.testing.assert_array_equal(rows[:, : layout.HIST], complete[:, : layout.HIST])
+    known = layout.histogram_known(rows)
+    assert known.tolist() == ([True] * 6 if histogram else [True, True, False, False, False, False])
+    np.testing.assert_array_equal(rows[known], complete[known])
+    assert np.isnan(rows[~known, layout.HIST :]).all()
 
 
 def test_serves_the_kernels_device_only_and_never_meta(kernel_device):

@@ -51,12 +51,13 @@ def _below_normal_fraction(hist: np.ndarray, max_abs: float, fmt: formats.Number
 
 
 def subnormal_rows(view: RunView, t: Thresholds) -> dict[int, float]:
-    """Rows whose latest histogram has at least ``underflow_fraction`` of its finite non-zero
-    values below their low-precision format's smallest normal: ``{row: fraction}``."""
+    """Rows whose newest histogram has at least ``underflow_fraction`` of its finite non-zero
+    values below their low-precision format's smallest normal: ``{row: fraction}`` (the
+    histogram's step is ``view.latest_hist_step[row]``)."""
     out = {}
     if view.latest_hist is None or len(view.sampled_steps) == 0:
         return out
-    max_abs = view.latest(view.max_abs)
+    max_abs = view.latest_hist_max_abs
     for r, fmt in enumerate(_formats(view)):
         fraction = _below_normal_fraction(view.latest_hist[r], max_abs[r], fmt) if fmt is not None else None
         if fraction is not None and fraction >= t.underflow_fraction:
@@ -98,12 +99,13 @@ def _gradient_underflow(view: RunView, t: Thresholds) -> list[Finding]:
         rows = sorted(subnormal, key=lambda r: -subnormal[r])
         names = [view.rows[r] for r in rows]
         fmt = fmts[rows[0]]
+        seen_at = int(view.latest_hist_step[rows[0]])  # the histogram's step (a cadence)
         root = Finding(
             kind="underflow",
             severity="warning",
             layer=names[0],
-            step=last,
-            since_step=last,
+            step=seen_at,
+            since_step=seen_at,
             message=(
                 f"{100 * subnormal[rows[0]]:.0f}% of the non-zero gradient values of '{names[0]}' are below "
                 f"{fmt.name}'s smallest normal number ({fmt.min_normal:.3g}): they are losing precision and "
@@ -115,6 +117,7 @@ def _gradient_underflow(view: RunView, t: Thresholds) -> list[Finding]:
                 "dtype": fmt.name,
                 "below_normal_fraction": {view.rows[r]: subnormal[r] for r in rows},
                 "min_normal": fmt.min_normal,
+                "hist_step": {view.rows[r]: int(view.latest_hist_step[r]) for r in rows},
             },
             layers=tuple(names),
         )

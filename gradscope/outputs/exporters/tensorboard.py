@@ -76,8 +76,10 @@ class TensorBoardExporter(ScalarExporter):
         log_dir: directory of the event files (ignored when ``writer`` is given).
         writer: an existing ``torch.utils.tensorboard.SummaryWriter`` to write into (it stays
             open at close; gradscope only flushes it).
-        histogram_every: write histograms for one layer step in this many (0: never).
-            Histograms cost about 20 times a scalar on disk.
+        histogram_every: write histograms at one in this many of the layer steps that have
+            them (0: never). The monitor computes histograms at one sampled step in
+            ``watch(histogram_every=)`` (default 16) and where gradients trigger them; a
+            histogram costs about 20 times a scalar on disk.
         budget: fraction of wall time the exporter may spend (``add_scalar`` costs about
             100 µs per value); None: every layer at every sampled step.
         prefix: put before every tag, e.g. ``"gradscope/"``.
@@ -88,7 +90,7 @@ class TensorBoardExporter(ScalarExporter):
         log_dir: str | os.PathLike | None = None,
         *,
         writer=None,
-        histogram_every: int = 10,
+        histogram_every: int = 1,
         budget: float | None = EXPORT_BUDGET,
         prefix: str = "",
     ) -> None:
@@ -114,10 +116,13 @@ class TensorBoardExporter(ScalarExporter):
             self.writer.add_scalar(self.prefix + tag, value, global_step=step)
 
     def write_histograms(self, record: records.Sampled) -> None:
+        rows = np.flatnonzero(record.present & layout.histogram_known(record.rows))
+        if not rows.size:  # light rows: no histogram at this step
+            return
         self._sampled += 1
         if not self.histogram_every or (self._sampled - 1) % self.histogram_every:
             return
-        for r in np.flatnonzero(record.present):
+        for r in rows:
             hist = log2_histogram(record.rows[r, layout.HIST :], record.rows[r, layout.MAX_ABS])
             if hist is not None:
                 tag = f"{self.prefix}grad_log2_abs/{self.info.rows[r]}"

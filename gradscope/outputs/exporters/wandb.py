@@ -52,7 +52,9 @@ class WandbExporter(ScalarExporter):
 
     Args:
         run: the W&B run to log into; default: the active one (``wandb.init()`` first).
-        histogram_every: histograms for one layer step in this many (0: never).
+        histogram_every: histograms at one in this many of the layer steps that have them
+            (0: never); the monitor computes them at one sampled step in
+            ``watch(histogram_every=)`` (default 16) and where gradients trigger them.
         budget: fraction of wall time the exporter may spend in this process (W&B's service
             process spends about as much again); None: every layer at every sampled step.
         prefix: put before every name (e.g. ``"model_a/"`` for two watched models in one run).
@@ -62,7 +64,7 @@ class WandbExporter(ScalarExporter):
     """
 
     def __init__(
-        self, run=None, *, histogram_every: int = 10, budget: float | None = EXPORT_BUDGET, prefix: str = ""
+        self, run=None, *, histogram_every: int = 1, budget: float | None = EXPORT_BUDGET, prefix: str = ""
     ) -> None:
         try:
             import wandb
@@ -120,7 +122,9 @@ class WandbExporter(ScalarExporter):
         return values
 
     def write_histograms(self, record: records.Sampled) -> None:
-        present = np.flatnonzero(record.present)
+        present = np.flatnonzero(record.present & layout.histogram_known(record.rows))
+        if not present.size:  # light rows: no histogram at this step
+            return
         self._sampled += 1
         if not self.histogram_every or (self._sampled - 1) % self.histogram_every:
             return

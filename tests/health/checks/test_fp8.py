@@ -124,7 +124,8 @@ def test_layers_e5m2_would_flush_most_affected_first():
     assert finding.layers == ("b", "d", "a", "f")
     assert finding.step == finding.since_step == 0
     assert finding.evidence == {
-        field: {name: expected[name][field] for name in ("b", "d", "a", "f")} for field in formats.FP8_FIELDS
+        **{field: {name: expected[name][field] for name in ("b", "d", "a", "f")} for field in formats.FP8_FIELDS},
+        "hist_step": dict.fromkeys(("b", "d", "a", "f"), 0),  # the histograms' step
     }
     e4m3 = round(100 * expected["b"]["fp8_e4m3_zero"])
     assert finding.message == (

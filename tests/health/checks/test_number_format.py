@@ -83,6 +83,7 @@ def test_subnormal_float16_gradients():
         "dtype": "float16",
         "below_normal_fraction": {"b": fraction},
         "min_normal": F16_MIN_NORMAL,
+        "hist_step": {"b": 1},  # the histogram the fraction was read from
     }
     assert finding.message.startswith("60% of the non-zero gradient values of 'b' are below float16's smallest normal")
     assert finding.suggestion == SUGGESTIONS["underflow"] and finding.cause is None
@@ -127,9 +128,10 @@ def test_several_subnormal_rows_most_affected_first():
 def test_only_the_latest_histogram_counts():
     assert detect(state_of([[subnormal(90)], [HEALTHY]], ["float16"])) == []
     assert len(detect(state_of([[HEALTHY], [subnormal(90)]], ["float16"]))) == 1
-    # A row without gradient at the latest step is judged by its own latest step.
+    # A row without gradient at the latest step is judged by its own latest histogram, and the
+    # finding says which step that is.
     (finding,) = detect(state_of([[subnormal(90), HEALTHY], [None, HEALTHY]], ["float16"] * 2))
-    assert finding.layer == "a" and finding.step == 1
+    assert finding.layer == "a" and finding.step == 0 and finding.evidence["hist_step"] == {"a": 0}
 
 
 def test_bfloat16_rows_never_get_the_subnormal_rule():

@@ -46,7 +46,10 @@ def exported(tmp_path_factory):
     model = TinyTransformer()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     exporter = TensorBoardExporter(directory, histogram_every=2, budget=None)
-    with gradscope.watch(model, every=2, optimizer=opt, track_updates=True, exporters=[exporter]) as mon:
+    # histogram_every=1: every sampled step has histograms, the exporter's own cadence is tested
+    with gradscope.watch(
+        model, every=2, histogram_every=1, optimizer=opt, track_updates=True, exporters=[exporter]
+    ) as mon:
         train(mon, model, opt, 9)
     return mon, read_events(directory)
 
@@ -178,3 +181,29 @@ def test_the_controllers_changes_reach_tensorboard(tmp_path):
     (change,) = mon.report().actions
     assert [(e.step, e.value) for e in read_events(tmp_path).Scalars("lr_scale")] == [(change["step"], 0.5)]
     assert change["step"] == 20
+
+
+def test_histograms_follow_the_monitors_cadence_and_its_triggered_rows(tmp_path):
+    """With the defaults (exporter: every step that has histograms; monitor: one sampled step in
+    ``histogram_every``, and rows that trigger one), histograms are written exactly where the
+    monitor computed them, never for a light row."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    exporter = TensorBoardExporter(tmp_path, budget=None)
+    with gradscope.watch(model, histogram_every=3, granularity="parameter", mode="step", exporters=[exporter]) as mon:
+        for step in range(7):
+            model(torch.randn(5, 4)).square().mean().backward()
+            if step == 4:  # a NaN in one gradient: that parameter's histogram is computed
+                model[2].weight.grad[0, 0] = math.nan
+            mon.step()
+            opt.zero_grad()
+    events = read_events(tmp_path)
+    hist = mon.history("hist")
+    assert hist.steps.tolist() == [0, 3, 4, 6]
+    for r, row in enumerate(mon.rows):
+        written = [e.step for e in events.Histograms(f"grad_log2_abs/{row}")]
+        assert written == ([0, 3, 4, 6] if row == "2.weight" else [0, 3, 6]), row
+        for event in events.Histograms(f"grad_log2_abs/{row}"):
+            counts = hist.values[hist.steps.tolist().index(event.step), r]
+            assert event.histogram_value.num == np.nansum(counts) > 0

@@ -114,7 +114,10 @@ def exported(tmp_path_factory):
     flush_every(patch, 3600.0)
     try:
         exporter = WandbExporter(histogram_every=2, budget=None)
-        with gradscope.watch(model, every=2, optimizer=opt, track_updates=True, exporters=[exporter]) as mon:
+        # histogram_every=1: every sampled step has histograms, the exporter's own cadence is tested
+        with gradscope.watch(
+            model, every=2, histogram_every=1, optimizer=opt, track_updates=True, exporters=[exporter]
+        ) as mon:
             layers = {row: model.get_submodule(row) for row in mon.rows}
             g = torch.Generator().manual_seed(3)
             for step in range(STEPS):
@@ -232,7 +235,7 @@ def test_nan_inf_and_huge_values_are_counted_and_binned(tmp_path, flush_at_close
     run = offline_run(tmp_path)
     try:
         exporter = WandbExporter(histogram_every=1, budget=None)
-        with gradscope.watch(model, mode="step", exporters=[exporter]) as mon:
+        with gradscope.watch(model, mode="step", histogram_every=1, exporters=[exporter]) as mon:
             layers = {row: model.get_submodule(row) for row in mon.rows}
             g = torch.Generator().manual_seed(5)
             for step in range(3):
@@ -440,8 +443,8 @@ def test_the_reader_reads_back_what_was_logged(tmp_path):
         run.log({"h": wandb.Histogram(np_histogram=([1, 2, 3], [-2.0, -1.0, 0.0, 1.0]))})
     finally:
         run.finish()
+    logged = read(tmp_path)  # first: it waits until W&B's service has written the whole file
     assert max(len(r) for r in raw_records(run_file(tmp_path))) > 2 * 32768
-    logged = read(tmp_path)
     assert len(logged.rows) == len(texts) + 1
     assert [row["a/x"] for row in logged.rows[:-1]] == [i / 4 for i in range(len(texts))]
     assert [row["text"] for row in logged.rows[:-1]] == [big if i == 700 else t for i, t in enumerate(texts)]
