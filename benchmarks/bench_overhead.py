@@ -158,6 +158,69 @@ def method_none(work: Workload):
     return (lambda step, loss: None), contextlib.nullcontext, lambda: None
 
 
+class Breakdown:
+    """gradscope's own share of a step, apart from the step's wall time.
+
+    * host: seconds of the training thread spent in gradscope's calls: its backward hooks,
+      its end-of-backward callback and ``mon.step()`` (each call timed with ``perf_counter``);
+    * GPU (CUDA): seconds of its kernels, from CUDA events recorded on the stream right before
+      and after each of its launches (the stream runs them in order, so the time between a
+      pair is theirs alone).
+
+    The monitor's methods are wrapped on the instance (the hooks look them up at each call).
+    """
+
+    def __init__(self, mon) -> None:
+        from gradscope.monitor.capture import KernelCapture
+
+        self.mon = mon
+        self.host = 0.0
+        self.steps = 0
+        self.events: list = []
+        for name in ("_on_grad", "_on_first_arrival", "_on_backward_end"):
+            setattr(mon, name, self._timed(getattr(mon, name)))
+        for capture in mon._engines.captures.values():
+            if isinstance(capture, KernelCapture) and capture.device.type == "cuda":
+                flush = self._evented(capture.flush, capture.device)
+                capture.flush = capture.end_backward = flush
+
+    def _timed(self, call):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.host += time.perf_counter() - start
+
+        return timed
+
+    def _evented(self, flush, device):
+        def evented():
+            if not flush.__self__._pending:
+                return flush()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(torch.cuda.current_stream(device))
+            flush()
+            stop.record(torch.cuda.current_stream(device))
+            self.events.append((start, stop))
+
+        return evented
+
+    def step(self, loss) -> None:
+        """``mon.step(loss=loss)``, timed as gradscope's host time."""
+        self._timed(self.mon.step)(loss=loss)
+        self.steps += 1
+
+    def reset(self) -> None:
+        self.host, self.steps, self.events = 0.0, 0, []
+
+    def per_step(self) -> dict:
+        """Host and GPU milliseconds per step since :meth:`reset` (after a device sync)."""
+        steps = max(self.steps, 1)
+        gpu = sum(start.elapsed_time(stop) for start, stop in self.events) if self.events else None
+        return {"host_ms": 1e3 * self.host / steps, "gpu_ms": None if gpu is None else gpu / steps}
+
+
 def method_gradscope(
     every: int, mode: str = "backward", forward: bool = False, acting: bool = False, histogram_every: int | None = None
 ):
@@ -176,7 +239,8 @@ def method_gradscope(
         if histogram_every is not None:
             actions["histogram_every"] = histogram_every
         mon = gradscope.watch(work.model, every=every, mode=mode, forward=forward, **actions)
-        return (lambda step, loss: mon.step(loss=loss)), contextlib.nullcontext, lambda: None, mon.close
+        breakdown = Breakdown(mon)
+        return (lambda step, loss: breakdown.step(loss)), contextlib.nullcontext, lambda: None, mon.close, breakdown
 
     return make
 
@@ -265,11 +329,16 @@ def train_step(work: Workload, after, context, step: int) -> None:
     work.optimizer.step()
 
 
-def timed_steps(work: Workload, after, context, steps: int, warmup: int) -> tuple[list[float], list[float]]:
-    """(host time to enqueue each step, synchronised time of each step), warm-up steps dropped."""
+def timed_steps(
+    work: Workload, after, context, steps: int, warmup: int, measuring=None
+) -> tuple[list[float], list[float]]:
+    """(host time to enqueue each step, synchronised time of each step), warm-up steps dropped;
+    ``measuring()`` is called when the first measured step begins."""
     enqueue, total = [], []
     for step in range(warmup + steps):
         work.sync()
+        if step == warmup and measuring is not None:
+            measuring()
         start = time.perf_counter()
         train_step(work, after, context, step)
         queued = time.perf_counter()
@@ -280,17 +349,21 @@ def timed_steps(work: Workload, after, context, steps: int, warmup: int) -> tupl
     return enqueue, total
 
 
-def run_steps(work: Workload, make, steps: int, warmup: int) -> list[float]:
-    """Each measured step's time, the method's drain (see Methods above) spread over them."""
-    after, context, teardown, *drain = make(work)
+def run_steps(work: Workload, make, steps: int, warmup: int) -> tuple[list[float], dict | None]:
+    """Each measured step's time, the method's drain (see Methods above) spread over them, and
+    for gradscope's methods its :class:`Breakdown` per step (before the drain)."""
+    after, context, teardown, *extra = make(work)
+    drain = extra[0] if extra else None
+    breakdown = extra[1] if len(extra) > 1 else None
     try:
-        total = timed_steps(work, after, context, steps, warmup)[1]
-        if drain:
+        total = timed_steps(work, after, context, steps, warmup, breakdown.reset if breakdown else None)[1]
+        share = breakdown.per_step() if breakdown is not None else None
+        if drain is not None:
             start = time.perf_counter()
-            drain[0]()
+            drain()
             work.sync()
             total = [t + (time.perf_counter() - start) / len(total) for t in total]
-        return total
+        return total, share
     finally:
         teardown()
 
@@ -305,6 +378,7 @@ def profile_model(name: str, device: str, steps: int, only: list[str] | None, to
     run_steps(work, method_none, steps=1, warmup=2)
     for label, make in chosen_methods(only):
         after, context, teardown, *drain = make(work)
+        drain = drain[:1]
         try:
             enqueue, total = timed_steps(work, after, context, steps, warmup=2)
             print(
@@ -331,41 +405,52 @@ def run_model(
     work = Workload(name, device)
     methods = chosen_methods(only)
     print(f"\n{name}: {work.description}, {work.parameters / 1e6:.1f}M parameters, on {device}")
-    # times[label][round] = step times of that method in that round
+    # times[label][round] = step times of that method in that round; shares: its Breakdown
     times: dict[str, list[list[float]]] = {label: [] for label, _ in methods}
+    shares: dict[str, list[dict]] = {label: [] for label, _ in methods}
     run_steps(work, method_none, steps=1, warmup=2)  # warm up kernels and allocator
     for round_ in range(rounds):
         # Rotate the order each round so that no method always runs first or after the heaviest.
         shift = round_ % len(methods)
         for label, make in methods[shift:] + methods[:shift]:
-            times[label].append(run_steps(work, make, steps=steps, warmup=2))
+            total, share = run_steps(work, make, steps=steps, warmup=2)
+            times[label].append(total)
+            if share is not None:
+                shares[label].append(share)
     # Each round's medians are compared with the same round's unmonitored median, so that
     # the machine's drift over minutes cancels; the ratio reported is the median over rounds.
     base_rounds = [statistics.median(r) for r in times["no monitoring"]]
     results = []
-    print(f"  {'method':<38} {'median step ms':>15} {'x plain step':>13} {'rounds min..max':>17}")
+    print(f"  {'method':<46} {'median step ms':>15} {'x plain step':>13} {'rounds min..max':>17}")
     for label, _ in methods:
         ratios = [statistics.median(r) / b for r, b in zip(times[label], base_rounds, strict=True)]
         median_ms = statistics.median([t for r in times[label] for t in r]) * 1e3
         ratio = statistics.median(ratios)
-        results.append(
-            {
-                "method": label,
-                "median_ms": median_ms,
-                "steps": sum(len(r) for r in times[label]),
-                "x_plain": ratio,
-                "x_plain_rounds": ratios,
-            }
-        )
-        print(f"  {label:<38} {median_ms:>15.1f} {ratio:>13.3f} {min(ratios):>8.3f}..{max(ratios):.3f}")
+        result = {
+            "method": label,
+            "median_ms": median_ms,
+            "steps": sum(len(r) for r in times[label]),
+            "x_plain": ratio,
+            "x_plain_rounds": ratios,
+        }
+        line = f"  {label:<46} {median_ms:>15.1f} {ratio:>13.3f} {min(ratios):>8.3f}..{max(ratios):.3f}"
+        for part in ("host_ms", "gpu_ms"):  # gradscope's own time per step, median (min..max) over rounds
+            values = [share[part] for share in shares[label] if share[part] is not None]
+            if values:
+                result[part] = statistics.median(values)
+                result[f"{part}_rounds"] = values
+                spread = f"{statistics.median(values):.3f} ({min(values):.3f}..{max(values):.3f})"
+                line += f"  {part.split('_')[0]} {spread} ms"
+        results.append(result)
+        print(line)
     entry = {"model": name, "description": work.description, "parameters": work.parameters, "results": results}
     if integrations:
         entry["lightning"] = rows = integration_methods.run(work, rounds, steps)
-        print(f"  {'inside Lightning Trainer.fit':<38} {'median step ms':>15} {'x plain fit':>13}")
+        print(f"  {'inside Lightning Trainer.fit':<46} {'median step ms':>15} {'x plain fit':>13}")
         for row in rows:
             ratios = row["x_plain_rounds"]
             line = f"{row['median_ms']:>15.1f} {row['x_plain']:>13.3f} {min(ratios):>8.3f}..{max(ratios):.3f}"
-            print(f"  {row['method']:<38} {line}")
+            print(f"  {row['method']:<46} {line}")
     return entry
 
 

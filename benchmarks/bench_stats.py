@@ -48,6 +48,7 @@ import torch
 from model_shapes import gpt2_shapes, llama_1b_shapes, mlp_gradients, small_model_shapes, synthetic_gradients
 
 import gradscope
+from gradscope.monitor.options import HISTOGRAM_EVERY
 from gradscope.stats import host_backend, layout, triton_backend
 from gradscope.stats.inputs import flat_elements
 
@@ -263,6 +264,13 @@ def run_set(name: str, device: str, repeats: int, with_slow: bool) -> dict:
                 repeats,
             )
         )
+        methods.append(
+            (
+                "gradscope light launch (no sync, monitor path)",
+                lambda: triton_backend.launch_rows(flats, out, range(len(flats)), histogram=False),
+                repeats,
+            )
+        )
     tensorboard_dir = None
     if with_slow and numel > 200_000_000:
         print(f"  ({name}: tensorboard add_histogram not measured over 200M elements; its CPU histogram takes minutes)")
@@ -312,10 +320,47 @@ def run_set(name: str, device: str, repeats: int, with_slow: bool) -> dict:
         "bytes": nbytes,
         "dtype": str(grads[0].dtype),
         "results": results,
+        "light_matches_full_bitwise": light_matches_full(grads),
+        "amortised": amortised(results),
     }
     if device == "cpu":
         entry["python_thread_speed_during_gradscope"] = python_progress_while(lambda: gradscope.grad_stats(grads))
     return entry
+
+
+def light_matches_full(grads) -> bool:
+    """Whether light rows (``histogram=False``) hold the full rows' scalar columns bit for bit
+    (the histogram columns aside: unknown in light rows unless a tensor triggers one)."""
+    full = gradscope.grad_stats(grads).to_rows()[:, : layout.HIST]
+    light = gradscope.grad_stats(grads, histogram=False).to_rows()[:, : layout.HIST]
+    return full.tobytes() == light.tobytes()
+
+
+def light_label(label: str) -> str:
+    """The light method measured beside the full method ``label``."""
+    fixed = {
+        "gradscope (grad_stats)": "gradscope light (histogram=False)",
+        "gradscope (grad_stats, to host)": "gradscope light (histogram=False, to host)",
+        "gradscope launch (no sync, monitor path)": "gradscope light launch (no sync, monitor path)",
+    }
+    if label in fixed:
+        return fixed[label]
+    head, comma, tail = label.partition(",")  # "gradscope numba, 1 thread" -> "gradscope numba light, 1 thread"
+    return f"{head} light{comma}{tail}"
+
+
+def amortised(results: list[dict], every: int = HISTOGRAM_EVERY) -> dict:
+    """Per full method with a light one in this run: the cost per sampled step of watch's
+    histogram cadence (one full step in ``every``, light ones between), in ms and as a
+    multiple of the light method alone."""
+    by_label = {r["method"]: r["median_ms"] for r in results}
+    out = {}
+    for label, full in by_label.items():
+        light = by_label.get(light_label(label)) if " light" not in label else None
+        if light:
+            cost = (full + (every - 1) * light) / every
+            out[label] = {"histogram_every": every, "ms": cost, "x_light": cost / light}
+    return out
 
 
 def print_set(entry: dict) -> None:
@@ -329,6 +374,12 @@ def print_set(entry: dict) -> None:
         print(
             f"  {r['method']:<42} {r['median_ms']:>10.2f} {r['gb_per_s']:>8.1f} {r['x_floor']:>8.1f} {spread:>16} "
             f"{r['x_gradscope']:>12.2f}"
+        )
+    print(f"  light rows equal the full rows' scalar columns bit for bit: {entry['light_matches_full_bitwise']}")
+    for label, cost in entry["amortised"].items():
+        print(
+            f"  {label}, amortised at histogram_every={cost['histogram_every']}: {cost['ms']:.2f} ms, "
+            f"{cost['x_light']:.3f}x its light rows"
         )
     if "python_thread_speed_during_gradscope" in entry:
         print(

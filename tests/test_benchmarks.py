@@ -48,6 +48,11 @@ def test_writes_results_with_environment(bench_stats, tmp_path, capsys):
     floor = entry["results"][0]
     assert floor["x_floor"] == 1.0
     assert all(r["median_ms"] > 0 for r in entry["results"])
+    assert entry["light_matches_full_bitwise"] is True
+    cost = entry["amortised"]["gradscope (grad_stats)"]
+    median = {r["method"]: r["median_ms"] for r in entry["results"]}
+    full, light = median["gradscope (grad_stats)"], median["gradscope light (histogram=False)"]
+    assert cost["histogram_every"] == 32 and cost["ms"] == pytest.approx((full + 31 * light) / 32)
     assert "gradscope (grad_stats)" in capsys.readouterr().out
 
 
@@ -133,6 +138,9 @@ def test_gpu_check_refuses_without_a_gpu_and_dry_run_lists_every_step(gpu_check,
     for step, script in [("tests", "pytest"), ("stats", "bench_stats.py"), ("launch", "bench_launch.py")]:
         assert f"{step} (limit" in listed and script in listed
     assert "overhead (limit" in listed and "--device cuda" in listed
+    assert "--rounds 5 --steps 30" in listed  # the floor: 5 interleaved rounds x 30 steps
+    limits = [int(line.split("(limit ")[1].split(" s)")[0]) for line in listed.splitlines() if "(limit" in line]
+    assert sum(limits) <= 8 * 60  # the whole check fits in 8 minutes
     assert gpu_check.main(["--dry-run", "--quick", "--only", "stats"]) == 0
     quick = capsys.readouterr().out
     assert quick.count("(limit") == 1 and "--repeats" in quick

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gradscope import demo
+from gradscope.monitor.options import HISTOGRAM_EVERY
 
 GRADIENT_KINDS = {"nonfinite", "exploding", "vanishing", "dead", "stalled_updates", "overflow"}
 
@@ -64,9 +65,9 @@ def test_the_fp16_fault_underflows_every_gradient_and_kills_no_unit(reports):
     (finding,) = [f for f in report.findings if f.kind == "underflow"]
     assert finding.evidence["pass"] == "backward" and finding.evidence["dtype"] == "float16"
     assert finding.evidence["below_normal_fraction"] == {layer.name: 1.0 for layer in report.layers}
-    # the newest histogram's step (one sampled step in 16 has one): still underflowing there
+    # the newest histogram's step (the default cadence): still underflowing there
     assert set(finding.evidence["hist_step"].values()) == {finding.step}
-    assert finding.step % 16 == 0 and 0 <= report.step - finding.step < 16
+    assert finding.step % HISTOGRAM_EVERY == 0 and 0 <= report.step - finding.step < HISTOGRAM_EVERY
     assert not [f for f in report.findings if f.kind in ("dead", "vanishing", "nonfinite")]
 
 

@@ -27,15 +27,17 @@ MODES = ("backward", "step")
 """When gradients are measured: as each becomes final during backward, or all at ``mon.step()``."""
 
 
-HISTOGRAM_EVERY = 16
-"""Default of ``watch(histogram_every=)``: the 64-bin histogram at one sampled step in 16.
+HISTOGRAM_EVERY = 32
+"""Default of ``watch(histogram_every=)``: the 64-bin histogram at one sampled step in 32.
 
-Chosen from measurements (README, "Light statistics and the histogram cadence"): the light
-statistics cost a fraction of the full row (on a GPU under Triton 3.6 the histogram was most
-of the kernel's instructions), and at one histogram step in 16 the amortised cost stays
-within 1.15x the light statistics' alone, while format findings still see a histogram of
-every layer at least every 16 sampled steps (and at once where NaN/Inf, tiny or huge values
-appear)."""
+Chosen so that the histogram's amortised cost stays within 1.15x the light statistics' alone
+(README, "Histograms on a cadence"): on this project's CPU machines a light row costs about
+half a full one (numba 0.47-0.51x, 2026-12-07), so one step in 32 costs 1.03x the light rows;
+on the one GPU measured (H200, Triton 3.6) the full kernel took 3.84x the read floor, and a
+light kernel at best at the floor then needs one step in 19 or more for 1.15x: 32 leaves room
+for a light kernel slower than the floor. Format findings still see a histogram of every
+layer at least every 32 sampled steps, and at once where NaN/Inf, tiny or huge values appear.
+"""
 
 
 def _positive_int(value, name: str) -> None:

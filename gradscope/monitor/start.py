@@ -51,7 +51,7 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         hist_history: sampled steps with histograms whose histograms are kept (the newest).
         histogram_every: compute the 64-bin histogram (and what is read from it: FP8
             readiness, underflow, the exporters' histograms) at one sampled step in this many
-            (default 16): steps ``0, every * histogram_every, ...``. Other sampled steps get
+            (default 32): steps ``0, every * histogram_every, ...``. Other sampled steps get
             *light statistics*, every other column of the row at a fraction of the cost,
             and still a histogram for each gradient that holds NaN/Inf, a non-zero value
             below 2**-63 or one from 2**56 up (decided on the device, no host sync). Findings

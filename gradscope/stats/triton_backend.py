@@ -69,6 +69,7 @@ def launch_rows(
             [out_rows[i] for i in members],
             inv_scale=inv_scale,
             histogram=histogram,
+            checked=False,  # flat_elements made them 1-D and contiguous; grouped by dtype above
             **tiling,
         )
 

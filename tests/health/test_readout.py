@@ -32,7 +32,7 @@ def test_latest_is_the_newest_sampled_step_with_its_rows(tmp_path):
         first_layer_sumsq = float((sampled_grads[0] ** 2).sum() + (sampled_grads[1] ** 2).sum())
         assert np.isclose(rows[0, layout.SUMSQ], first_layer_sumsq, rtol=1e-6)
         assert rows[0, layout.NUMEL] == 4 * 8 + 8
-        # step 6 is a light step (histograms at one sampled step in 16: step 0): no histogram
+        # step 6 is a light step (the default cadence gives step 0 a histogram): no histogram
         assert not layout.histogram_known(rows).any() and np.isnan(rows[:, layout.HIST :]).all()
         assert layout.histogram_known(mon.stats(0).to_rows()).all()
         stats = mon.stats(6)

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from training_runs import train
 
 from gradscope.health.findings import SUGGESTIONS
+from gradscope.monitor.options import HISTOGRAM_EVERY
 
 
 def first_nonfinite(losses) -> int:
@@ -77,9 +78,10 @@ def test_float16_gradients_of_a_small_loss_are_subnormal_not_dead():
     assert set(finding.layers) == set(fractions) == {row.name for row in report.layers}, str(report)
     assert fractions[finding.layer] == max(fractions.values())  # the worst layer is named first
     assert finding.evidence["pass"] == "backward" and finding.evidence["dtype"] == "float16"
-    # underflowing at the newest histogram's step (one sampled step in 16 has one), and it says so
-    assert finding.step == finding.since_step == 16
-    assert set(finding.evidence["hist_step"].values()) == {16}
+    # underflowing at the newest histogram's step (default cadence; 20 steps), and it says so
+    newest = 19 // HISTOGRAM_EVERY * HISTOGRAM_EVERY
+    assert finding.step == finding.since_step == newest
+    assert set(finding.evidence["hist_step"].values()) == {newest}
     assert not [f for f in report.findings if f.kind in ("dead", "vanishing")], str(report)
 
 

@@ -17,6 +17,8 @@ from torch import nn
 from torch.nn import functional as F
 from training_runs import train
 
+from gradscope.monitor.options import HISTOGRAM_EVERY
+
 
 def regression(g, inputs=8, batch=64):
     """A smooth regression target of the first three inputs."""
@@ -194,9 +196,9 @@ def train_tabular(seed, normalised, steps=20):
     on them. A per-tensor FP8 scale is set by the large ones, so those flush to zero."""
     torch.manual_seed(seed)
     model = nn.Sequential(OrderedDict(hidden=nn.Linear(16, 32), relu=nn.ReLU(), out=nn.Linear(32, 1)))
-    last = {}
-    model.hidden.weight.register_hook(lambda grad: last.__setitem__("weight", grad))
-    model.hidden.bias.register_hook(lambda grad: last.__setitem__("bias", grad))
+    seen = {"weight": [], "bias": []}  # the first layer's gradients, step by step
+    model.hidden.weight.register_hook(seen["weight"].append)
+    model.hidden.bias.register_hook(seen["bias"].append)
     units = torch.cat([torch.ones(8), torch.full((8,), 1e-12)])
     g = torch.Generator().manual_seed(seed + 1)
 
@@ -206,7 +208,9 @@ def train_tabular(seed, normalised, steps=20):
         return F.mse_loss(model(x if normalised else x * units), y)
 
     report, _ = train(model, torch.optim.Adam(model.parameters(), lr=1e-3), steps, loss_at)
-    return report, e5m2_flushed_fraction([last["weight"], last["bias"]])
+    # the gradients of the newest step with a histogram (watch's default cadence)
+    step = (steps - 1) // HISTOGRAM_EVERY * HISTOGRAM_EVERY
+    return report, e5m2_flushed_fraction([seen["weight"][step], seen["bias"][step]])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -215,8 +219,9 @@ def test_inputs_of_very_different_scales_make_the_first_layer_fp8_unfriendly(see
     assert report.status == "healthy", str(report)  # advice, not a fault
     (finding,) = [f for f in report.findings if f.kind == "fp8_range"]
     assert (finding.severity, finding.layer, finding.layers) == ("info", "hidden", ("hidden",))
-    assert finding.step == finding.since_step == 16  # the newest histogram's step (one in 16 has one)
-    assert finding.evidence["hist_step"] == {"hidden": 16}
+    newest = 19 // HISTOGRAM_EVERY * HISTOGRAM_EVERY  # the newest histogram's step (20 steps)
+    assert finding.step == finding.since_step == newest
+    assert finding.evidence["hist_step"] == {"hidden": newest}
     assert finding.evidence["fp8_e5m2_zero"]["hidden"] == pytest.approx(flushed, abs=1e-3)
     assert flushed > 0.4  # the small features' 8 of the 16 weight columns
 

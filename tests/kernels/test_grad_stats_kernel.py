@@ -211,6 +211,79 @@ def test_no_host_sync_on_cuda():
     assert_matches_reference(TensorStats.from_rows(out.cpu().numpy()), tensors)
 
 
+def test_a_repeated_launch_reuses_its_work_table_and_reads_the_new_values(kernel_device):
+    """The table cache keys the tensors' layout (addresses, sizes, rows), never their values:
+    the second launch of the same gradients builds nothing and sees what they hold now."""
+    from gradscope.kernels import launch as k
+
+    k._tables.clear()
+    grads = [torch.randn(700, device=kernel_device), torch.randn(33, device=kernel_device)]
+    flats = [flat_elements(g) for g in grads]
+    out = torch.empty((2, layout.ROW_WIDTH), dtype=torch.float64, device=kernel_device)
+    triton_backend.launch_rows(flats, out, [0, 1], **SMALL_TILES)
+    assert len(k._tables) == 1
+    (cached,) = k._tables.values()
+    grads[0].mul_(-3.0)
+    grads[1][5] = float("nan")
+    triton_backend.launch_rows(flats, out, [0, 1], **SMALL_TILES)
+    assert len(k._tables) == 1 and next(iter(k._tables.values()))[1] is cached[1]  # the same device table
+    assert_matches_reference(TensorStats.from_rows(out.cpu().numpy()), [g.cpu() for g in grads])
+    # another layout (rows swapped; a shorter view at the same address) is another table
+    triton_backend.launch_rows(flats, out, [1, 0], **SMALL_TILES)
+    triton_backend.launch_rows([flat_elements(grads[0][:500]), flats[1]], out, [0, 1], **SMALL_TILES)
+    assert len(k._tables) == 3
+    assert_matches_reference(TensorStats.from_rows(out.cpu().numpy()), [grads[0][:500].cpu(), grads[1].cpu()])
+
+
+def test_the_table_cache_is_bounded(kernel_device, monkeypatch):
+    from gradscope.kernels import launch as k
+
+    k._tables.clear()
+    monkeypatch.setattr(k, "TABLE_CACHE", 3)
+    grad = torch.randn(64, device=kernel_device)
+    out = torch.empty((1, layout.ROW_WIDTH), dtype=torch.float64, device=kernel_device)
+    for n in range(5, 10):
+        triton_backend.launch_rows([flat_elements(grad[:n])], out, [0], **SMALL_TILES)
+        assert out[0, layout.NUMEL] == n
+    assert len(k._tables) == 3
+
+
+def test_unchecked_launches_still_refuse_a_dtype_the_kernel_lacks(kernel_device):
+    from gradscope.kernels import launch as k
+
+    out = torch.empty((1, layout.ROW_WIDTH), dtype=torch.float64, device=kernel_device)
+    with pytest.raises(TypeError, match=r"dtype torch\.int32"):
+        k.grad_stats_launch([torch.zeros(3, dtype=torch.int32, device=kernel_device)], out, [0], checked=False)
+
+
+@requires_cuda
+@pytest.mark.parametrize("histogram", [True, False], ids=["full", "light"])
+def test_the_monitors_launch_can_be_captured_in_a_cuda_graph(histogram):
+    """No sync, no allocation, no copy once the table is cached: a captured launch, replayed
+    after the gradients changed in place, gives the rows of the new values."""
+    grads = [torch.randn(300_000, device="cuda"), torch.randn(5000, device="cuda", dtype=torch.bfloat16)]
+    flats = [flat_elements(g) for g in grads]
+    out = torch.zeros((2, layout.ROW_WIDTH), dtype=torch.float64, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile, cache the table) on the stream that captures
+        triton_backend.launch_rows(flats, out, [0, 1], histogram=histogram)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        triton_backend.launch_rows(flats, out, [0, 1], histogram=histogram)
+    with torch.no_grad():
+        grads[0].mul_(2.0)
+        grads[1][7] = float("inf")  # triggers its histogram in the light launch too
+    graph.replay()
+    torch.cuda.synchronize()
+    rows = out.cpu().numpy()
+    expected = triton_backend.triton_rows(flats, histogram=histogram)
+    assert rows[:, : layout.HIST].tobytes() == expected[:, : layout.HIST].tobytes()
+    np.testing.assert_array_equal(rows[:, layout.HIST :], expected[:, layout.HIST :])
+    assert layout.histogram_known(rows).tolist() == [histogram, True]
+
+
 @requires_cuda
 def test_tensor_over_2_31_elements_on_cuda():
     free, _ = torch.cuda.mem_get_info()

@@ -56,7 +56,7 @@ def test_defaults():
     assert options.params is None
     assert options.backend == "auto"
     assert options.hist_history == 1_000
-    assert options.histogram_every == 16
+    assert options.histogram_every == 32
     assert options.thresholds == gradscope.Thresholds()
     assert options.log_dir is None
     assert options.exporters == ()

@@ -78,7 +78,7 @@ class TensorBoardExporter(ScalarExporter):
             open at close; gradscope only flushes it).
         histogram_every: write histograms at one in this many of the layer steps that have
             them (0: never). The monitor computes histograms at one sampled step in
-            ``watch(histogram_every=)`` (default 16) and where gradients trigger them; a
+            ``watch(histogram_every=)`` (default 32) and where gradients trigger them; a
             histogram costs about 20 times a scalar on disk.
         budget: fraction of wall time the exporter may spend (``add_scalar`` costs about
             100 µs per value); None: every layer at every sampled step.

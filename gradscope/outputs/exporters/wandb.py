@@ -54,7 +54,7 @@ class WandbExporter(ScalarExporter):
         run: the W&B run to log into; default: the active one (``wandb.init()`` first).
         histogram_every: histograms at one in this many of the layer steps that have them
             (0: never); the monitor computes them at one sampled step in
-            ``watch(histogram_every=)`` (default 16) and where gradients trigger them.
+            ``watch(histogram_every=)`` (default 32) and where gradients trigger them.
         budget: fraction of wall time the exporter may spend in this process (W&B's service
             process spends about as much again); None: every layer at every sampled step.
         prefix: put before every name (e.g. ``"model_a/"`` for two watched models in one run).
