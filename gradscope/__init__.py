@@ -36,6 +36,7 @@ from gradscope.run.info import package_version
 from gradscope.run.logfile import RunLogError
 from gradscope.stats import BACKENDS, TensorStats, grad_stats, layout
 from gradscope.stats.layout import HIST_EDGES, HIST_MIN_EXPONENT, NUM_BINS
+from gradscope.stats.reporting import GradscopeWarning
 
 __version__ = package_version()
 
@@ -54,6 +55,7 @@ __all__ = [
     "AdaptiveLR",
     "EarlyStopping",
     "Finding",
+    "GradscopeWarning",
     "HealthReport",
     "LayerHealth",
     "Monitor",

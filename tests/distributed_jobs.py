@@ -281,3 +281,28 @@ def rank_rows_job(rank: int, world: int, root, steps: list) -> list:
         combined = combiner.decode(wire.numpy())
         out.append(None if combined is None else (combined.rows, combined.first_bad, combined.nonfinite_rank))
     return out
+
+
+def fsdp_nan_batch_job(rank: int, world: int, root, nan_rank: int, nan_step: int) -> dict:
+    """FSDP2 with a NaN in one rank's batch at ``nan_step``, without and with forward
+    statistics: each rank's own loss and gradient go NaN there, and the reduce-scatter
+    spreads the NaN into every rank's shard. Returns each scenario's report."""
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+    for forward in (False, True):
+        torch.manual_seed(0)
+        model = Net()
+        for layer in (model.inp, model.hidden, model.out):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        mon = gradscope.watch(model, forward=forward)
+        for step in range(nan_step + 2):
+            x, y = batch(step, world, rank, nan=rank == nan_rank and step == nan_step)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            mon.step(loss=loss)
+            model.zero_grad()
+        out[forward] = mon.report(wait=True).to_dict()
+        assert mon.errors == []
+        mon.close()
+    return out

@@ -19,6 +19,7 @@ from distributed_jobs import Net
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import gradscope
 from gradscope.integrations.lightning import GradscopeCallback
 
 FIELDS = ("numel", "norm", "max_abs", "zeros", "nans", "present")
@@ -208,7 +209,8 @@ def measure_job(rank: int, world: int, root, port: int, ddp: tuple, fsdp: tuple)
 
 
 def halt_job(rank: int, world: int, root, port: int, steps: int, nan_at: tuple[int, int]) -> dict:
-    """``halt_on="nonfinite"`` under DDP with a NaN in one rank's batch at one step."""
+    """``halt_on="nonfinite"`` under DDP with a NaN in one rank's batch at one step; the result
+    also says at which step ``fit`` raised ``TrainingHalted`` (``halted_at``; None if not)."""
     from lightning.pytorch.strategies import DDPStrategy
 
     _as_launched_externally(rank, world, port)
@@ -217,7 +219,12 @@ def halt_job(rank: int, world: int, root, port: int, steps: int, nan_at: tuple[i
     callback = GradscopeCallback(log_dir=None, report=False, halt_on="nonfinite")
     trainer = _trainer(root / "halt", DDPStrategy(process_group_backend="gloo"), world, callback, max_steps=steps)
     data = DataLoader(dataset(steps * world * PER_RANK, seed=2), batch_size=PER_RANK)
-    trainer.fit(module, data)
+    halted_at = None
+    try:
+        trainer.fit(module, data)
+    except gradscope.TrainingHalted as halted:  # raised before that step's optimizer.step()
+        halted_at = halted.step
     result = _result(trainer, callback, module)
     result.pop("recorded")
+    result["halted_at"] = halted_at
     return result

@@ -13,6 +13,8 @@ independent of gradscope and is what the callback tests compare gradscope's numb
   ``optimizer.step`` instead of inside it); ``stepped`` the global steps at which the
   optimizer stepped (the scaler skips ``optimizer.step`` when a gradient is not finite);
 * ``losses``: ``(global_step, loss)`` of every training micro-batch, as float64;
+* ``weights_at``: per global step, a copy of every weight as the step's first micro-batch
+  begins (``on_train_batch_start``), i.e. the weights before that step's update;
 * ``val_losses``: per validation (sanity checks excluded), the values logged as ``val_loss``.
 """
 
@@ -90,6 +92,7 @@ class Recording:
         self.stepped: list[int] = []
         self.losses: list[tuple[int, float]] = []
         self.val_losses: list[list[float]] = []
+        self.weights_at: dict[int, dict[str, torch.Tensor]] = {}
         self._validations = 0
 
     def forward(self, x):
@@ -99,6 +102,10 @@ class Recording:
             poison[0, 0] = float("nan")
             h = h + poison
         return self.net[2](h).nan_to_num()
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.global_step not in self.weights_at:
+            self.weights_at[self.global_step] = {name: p.detach().clone() for name, p in self.named_parameters()}
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -182,6 +182,7 @@ class LrController:
     # ---- the optimizer step -------------------------------------------------------------
 
     def _pre_step(self, optimizer, args, kwargs) -> None:
+        self._restore()  # a step that began and never finished (its closure raised) left lr scaled
         if self.scale != 1.0:
             self._saved = [group["lr"] for group in optimizer.param_groups]
             for group, lr in zip(optimizer.param_groups, self._saved, strict=True):
@@ -190,11 +191,15 @@ class LrController:
             with torch.no_grad():
                 self._before = {r: [p.detach().clone() for p in self._row_params[r]] for r in self.layer_scale}
 
-    def _post_step(self, optimizer, args, kwargs) -> None:
+    def _restore(self) -> None:
+        """Put back the learning rates a step scaled (if one is scaled now)."""
         if self._saved is not None:
-            for group, lr in zip(optimizer.param_groups, self._saved, strict=True):
+            for group, lr in zip(self._optimizer.param_groups, self._saved, strict=True):
                 group["lr"] = lr
             self._saved = None
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        self._restore()
         if self._before:
             with torch.no_grad():
                 for r, before in self._before.items():
@@ -327,6 +332,7 @@ class LrController:
         self._changed_at = state["changed_at"]
 
     def close(self) -> None:
+        self._restore()  # halted inside an optimizer step (Lightning's closure): the rate stays the user's
         for handle in self._handles:
             handle.remove()
         self._handles = []

@@ -77,7 +77,13 @@ class HaltRule:
         lowest = min(severities, key=SEVERITIES.index) if severities else None
         return cls(frozenset(kinds), lowest)
 
+    @property
+    def halts_on_nonfinite(self) -> bool:
+        """Whether a NaN/Inf finding (``nonfinite``, critical) halts: then the step it appears in
+        must be judged before its optimizer update."""
+        return "nonfinite" in self.kinds or self.min_severity is not None
+
     def matches(self, finding: Finding) -> bool:
         if finding.kind in self.kinds:
             return True
-        return self.min_severity is not None and finding.rank >= SEVERITIES.index(self.min_severity)
+        return self.min_severity is not None and finding.severity_level >= SEVERITIES.index(self.min_severity)

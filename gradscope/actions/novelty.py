@@ -31,7 +31,7 @@ def identity(finding: Finding) -> tuple:
 
 @dataclass
 class _Seen:
-    rank: int  # highest severity announced in the current episode
+    level: int  # highest severity level announced in the current episode
     step: int  # the finding's latest step when last judged
     active: bool  # present at the latest judgement
 
@@ -52,11 +52,11 @@ class NewFindings:
             now.add(key)
             seen = self._seen.get(key)
             if seen is None or (not seen.active and finding.since_step > seen.step):
-                self._seen[key] = _Seen(finding.rank, finding.step, True)
+                self._seen[key] = _Seen(finding.severity_level, finding.step, True)
                 out.append(finding)
                 continue
-            if finding.rank > seen.rank:
-                seen.rank = finding.rank
+            if finding.severity_level > seen.level:
+                seen.level = finding.severity_level
                 out.append(finding)
             seen.step, seen.active = max(seen.step, finding.step), True
         for key, seen in self._seen.items():

@@ -11,11 +11,18 @@ unknown after combining unless every shard that contributes computed it.
 Wire format of one sampled step (``P`` watched parameters, float64; ``S = len(SUM_COLUMNS)``,
 ``M = len(MAX_COLUMNS)``)::
 
-    [ P x S summed columns | P non-finite flags (sum) | P x M maximised columns | P rank codes (max) ]
+    [ P x S summed columns | failed (sum) | P x M maximised columns ]
 
-The flag counts the ranks whose shard of a parameter holds NaN/Inf (NaN on every entry when
-a rank could not measure the step: the step is void everywhere); the rank code is
-``world - rank`` on such ranks (0 elsewhere), so its maximum names the lowest such rank.
+``failed`` is NaN from a rank that could not measure the step, which voids the step on
+every rank (0 otherwise).
+
+**The rank a NaN/Inf came from is not known here.** Under FSDP2 each rank's own (unsharded)
+gradient is reduce-scattered — summed into every rank's shard — before gradscope sees the
+shard, so a NaN in one rank's batch reaches every rank's shard of every parameter it
+touches: the ranks whose shard holds NaN/Inf tell where it *landed* (which rows of the
+parameter they own), not whose batch or backward pass it came from. :class:`CombinedRows`
+therefore names no rank; per-rank forward statistics (``watch(forward=True)``,
+:mod:`gradscope.distributed.rank_rows`) do, for a NaN/Inf born in a forward pass.
 """
 
 from __future__ import annotations
@@ -29,16 +36,21 @@ from gradscope.distributed.collectives import all_reduce_sum_max
 from gradscope.distributed.topology import Topology
 from gradscope.stats import layout
 
-SUM_WIDTH = len(layout.SUM_COLUMNS) + 1
+SUM_WIDTH = len(layout.SUM_COLUMNS)
 """float64 values per parameter in the summed part of the wire buffer."""
 
-MAX_WIDTH = len(layout.MAX_COLUMNS) + 1
+MAX_WIDTH = len(layout.MAX_COLUMNS)
 """float64 values per parameter in the maximised part of the wire buffer."""
+
+
+def wire_numel(params: int) -> int:
+    """float64 values all-reduced per sampled step for ``params`` sharded parameters."""
+    return params * (SUM_WIDTH + MAX_WIDTH) + 1
 
 
 def wire_bytes(params: int) -> int:
     """Bytes all-reduced per sampled step for ``params`` sharded parameters (both collectives)."""
-    return 8 * params * (SUM_WIDTH + MAX_WIDTH)
+    return 8 * wire_numel(params)
 
 
 @dataclass
@@ -47,8 +59,10 @@ class CombinedRows:
 
     Attributes:
         rows: float64 ``(P, ROW_WIDTH)``, as if each parameter were unsharded.
-        nonfinite_rank: int ``(P,)``, the lowest rank whose part held NaN/Inf (-1: none).
-        nonfinite_ranks: int ``(P,)``, how many ranks' parts held NaN/Inf.
+        nonfinite_rank: int64 ``(P,)``, the rank a NaN/Inf came from: -1 (unknown) for every
+            parameter, since a shard holding NaN/Inf says where it landed, not where it came
+            from (module docstring).
+        nonfinite_ranks: int64 ``(P,)``, how many ranks it came from: 0 (unknown).
     """
 
     rows: np.ndarray
@@ -68,8 +82,6 @@ class ShardedRows:
 
     def __init__(self, topology: Topology, members: np.ndarray, device: torch.device) -> None:
         self.group = topology.group
-        self.rank = topology.rank
-        self.world = topology.world
         self.count = len(members)
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         self._contributes = torch.tensor(topology.contributes[members], dtype=torch.bool, device=self.device)
@@ -79,43 +91,39 @@ class ShardedRows:
     @property
     def numel(self) -> int:
         """float64 values in one wire buffer."""
-        return self.count * (SUM_WIDTH + MAX_WIDTH)
+        return wire_numel(self.count)
 
     def issue(self, rows: torch.Tensor, failed: bool = False) -> tuple[torch.Tensor, list]:
         """Start combining ``rows`` (float64 ``(P, ROW_WIDTH)`` on ``device``); returns the wire
         buffer and the collectives' work handles. Never synchronises the host on CUDA.
 
         ``failed``: this rank could not measure the step; it still takes part (every rank
-        must issue the same collectives) with its flags NaN, which voids the step everywhere.
+        must issue the same collectives) with ``failed`` NaN, which voids the step everywhere.
         """
         count = self.count
+        split = count * SUM_WIDTH + 1
         wire = torch.empty(self.numel, dtype=torch.float64, device=self.device)
         summed = wire[: count * SUM_WIDTH].view(count, SUM_WIDTH)
-        maxed = wire[count * SUM_WIDTH :].view(count, MAX_WIDTH)
+        maxed = wire[split:].view(count, MAX_WIDTH)
         if failed:
             summed.zero_()
-            summed[:, -1] = float("nan")  # poisons the step on every rank
             maxed.zero_()
+            wire[split - 1] = float("nan")  # voids the step on every rank
         else:
-            bad = ((rows[:, layout.NANS] + rows[:, layout.INFS]) > 0) & self._contributes
             # Replicas of a parameter that is not sharded add once: only the first contributes
             # (a select, not a product: a light row's NaN histogram times 0 would still be NaN).
-            summed[:, :-1] = torch.where(self._contributes[:, None], rows.index_select(1, self._sum_columns), 0.0)
-            summed[:, -1] = bad
-            maxed[:, :-1] = rows.index_select(1, self._max_columns)
-            maxed[:, -1] = bad * float(self.world - self.rank)
-        return wire, all_reduce_sum_max(wire, count * SUM_WIDTH, self.group)
+            summed.copy_(torch.where(self._contributes[:, None], rows.index_select(1, self._sum_columns), 0.0))
+            maxed.copy_(rows.index_select(1, self._max_columns))
+            wire[split - 1] = 0.0
+        return wire, all_reduce_sum_max(wire, split, self.group)
 
     def decode(self, wire: np.ndarray) -> CombinedRows | None:
         """Combined rows from a reduced wire buffer (host, float64); None when a rank failed."""
         count = self.count
-        summed = wire[: count * SUM_WIDTH].reshape(count, SUM_WIDTH)
-        maxed = wire[count * SUM_WIDTH :].reshape(count, MAX_WIDTH)
-        if count and np.isnan(summed[:, -1]).any():
+        split = count * SUM_WIDTH + 1
+        if np.isnan(wire[split - 1]):
             return None
         rows = np.empty((count, layout.ROW_WIDTH))
-        rows[:, layout.SUM_COLUMNS] = summed[:, :-1]
-        rows[:, layout.MAX_COLUMNS] = maxed[:, :-1]
-        code = maxed[:, -1]
-        first = np.where(code > 0, self.world - code, -1).astype(np.int64)
-        return CombinedRows(rows, first, summed[:, -1].astype(np.int64))
+        rows[:, layout.SUM_COLUMNS] = wire[: split - 1].reshape(count, SUM_WIDTH)
+        rows[:, layout.MAX_COLUMNS] = wire[split:].reshape(count, MAX_WIDTH)
+        return CombinedRows(rows, np.full(count, -1, dtype=np.int64), np.zeros(count, dtype=np.int64))

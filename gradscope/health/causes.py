@@ -256,7 +256,9 @@ def link(findings: list[Finding], view: RunView, thresholds: Thresholds) -> list
         elif f.cause is None and i in events:
             f = replace(f, cause=events[i])
         linked.append(f)
-    heads = sorted((i for i in root if root[i] == i), key=lambda i: (-findings[i].rank, findings[i].since_step, i))
+    heads = sorted(
+        (i for i in root if root[i] == i), key=lambda i: (-findings[i].severity_level, findings[i].since_step, i)
+    )
     ordered = []
     for head in heads:
         ordered.append(linked[head])

@@ -160,8 +160,9 @@ class Finding:
             object.__setattr__(self, "layers", (self.layer,))
 
     @property
-    def rank(self) -> int:
-        """0 for info, 1 for warning, 2 for critical."""
+    def severity_level(self) -> int:
+        """The severity's order: 0 for info, 1 for warning, 2 for critical. (Not a process rank:
+        the rank a non-finite gradient came from is ``evidence["rank"]``.)"""
         return SEVERITIES.index(self.severity)
 
     def to_dict(self) -> dict:

@@ -203,7 +203,7 @@ def build(
     findings, notes = judge(view, thresholds)
     if waiting:
         notes.append(waiting)
-    worst = max((f.rank for f in findings), default=0)
+    worst = max((f.severity_level for f in findings), default=0)
     status = STATUSES[worst] if worst > 0 else "healthy"
     gradients = [f for f in findings if f.kind == "nonfinite" and f.layer is not None]
     first = min(gradients, key=lambda f: f.since_step, default=None)
@@ -236,7 +236,7 @@ def judge(view: RunView, thresholds: Thresholds) -> tuple[list[Finding], list[st
             failed.append(f"{check.__module__.rsplit('.', 1)[-1]}: {type(error).__name__}: {error}")
     if failed:
         notes.append("checks that failed: " + "; ".join(failed))
-    findings.sort(key=lambda f: (-f.rank, f.since_step))
+    findings.sort(key=lambda f: (-f.severity_level, f.since_step))
     try:
         findings = link(findings, view, thresholds)
     except Exception as error:  # as for a check: the findings stand without their causes
@@ -266,10 +266,10 @@ def _in_flight_note(steps: tuple[int, ...]) -> str | None:
 def _layers(view: RunView, findings: list[Finding]) -> tuple[LayerHealth, ...]:
     status = {}
     for f in findings:
-        if f.rank == 0:
+        if f.severity_level == 0:
             continue
         for name in f.layers:
-            if SEVERITIES.index(status.get(name, "info")) < f.rank:
+            if SEVERITIES.index(status.get(name, "info")) < f.severity_level:
                 status[name] = f.severity
     if len(view.sampled_steps) == 0:
         return tuple(

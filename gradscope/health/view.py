@@ -50,6 +50,7 @@ class RunView:
     desync_events: tuple[Desync, ...] = ()  # DDP replicas that disagreed, as recorded
     desync_steps: int = 0
     world: int = 1  # ranks of a distributed run
+    topology: str = "single"  # how the model is spread over them: "single", "replicated" (DDP), "sharded" (FSDP2)
     first_bad_loss: tuple[int, float] | None = None
     initial_loss: float | None = None  # mean loss of the run's first steps
     initial_grad_norm: float | None = None  # largest total gradient norm of the run's first sampled steps
@@ -174,6 +175,7 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         desync_events=tuple(state.desync_events),
         desync_steps=state.desync_steps,
         world=int(info.extra.get("distributed", {}).get("world", 1)),
+        topology=str(info.extra.get("distributed", {}).get("kind", "single")),
         first_bad_loss=state.first_bad_loss,
         actions=tuple(state.actions),
         initial_loss=float(np.mean(initial)) if initial else None,

@@ -13,6 +13,15 @@ gradients of an ordinary optimizer and *before* it clips them. A fused optimizer
 are still scaled there (Lightning leaves unscaling to its ``step``): gradscope reads the
 GradScaler's state and unscales in the same pass when, and only when, the gradients are
 still scaled. Either way the numbers are of the unscaled, unclipped gradient.
+
+Halting (``halt_on``): the hook is also the last moment before ``optimizer.step()`` applies
+the update (Lightning calls it from the optimizer's closure, or just before the GradScaler's
+step). A ``TrainingHalted`` from ``mon.step()`` is raised from it: the update is never
+applied, Lightning ends ``fit`` (its ``on_exception`` hooks run: gradscope closes the run
+log and writes the report there) and ``fit`` raises the ``TrainingHalted``, with its
+``finding`` and ``report``. Setting ``trainer.should_stop`` instead would stop only after the
+batch, once the optimizer had written the NaN into the weights. Early stopping is graceful
+(``trainer.should_stop``): nothing in its step is wrong.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from gradscope.actions.halting import TrainingHalted
 from gradscope.integrations.session import SessionCallback, TrainerSession
 from gradscope.monitor.scaler import scale_tensor
 
@@ -59,6 +69,10 @@ class LightningHooks(SessionCallback):
     Attributes:
         monitor: the :class:`gradscope.Monitor` of the current (or last) fit; None before.
         stop_reason: why gradscope stopped training (``halt_on`` or early stopping), or None.
+
+    Raises:
+        gradscope.TrainingHalted: from ``trainer.fit``, when a finding named by ``halt_on``
+            appears: at that step's ``on_before_optimizer_step``, so its update is never applied.
     """
 
     def __init__(self, *, log_layers: bool = False, report: bool = True, out_dir=None, **watch_options) -> None:
@@ -95,7 +109,12 @@ class LightningHooks(SessionCallback):
             return  # several optimizers (manual optimization): one gradscope step per step of the first
         per_pass = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         self._stepped = True
-        if self.session.step(steps_done=trainer.global_step, loss_scale=per_pass) is not None:
+        try:
+            stop = self.session.step(steps_done=trainer.global_step, loss_scale=per_pass)
+        except TrainingHalted:
+            self._log_scalars(trainer)  # the halting step's, as Lightning logs a stopping step
+            raise  # before optimizer.step(): Lightning ends fit (on_exception closes the session)
+        if stop is not None:
             trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -107,7 +126,13 @@ class LightningHooks(SessionCallback):
         every = trainer.log_every_n_steps
         # Lightning logs this batch's metrics when its count of stepped batches, counting
         # this one, is a multiple of log_every_n_steps (global_step counts it already).
-        if not trainer.loggers or not every or (trainer.global_step % every and not trainer.should_stop):
+        if not every or (trainer.global_step % every and not trainer.should_stop):
+            return
+        self._log_scalars(trainer)
+
+    def _log_scalars(self, trainer) -> None:
+        """The newest sampled step's scalars, through every logger of the trainer."""
+        if not trainer.loggers:
             return
         got = self.session.scalars()
         if got is not None:

@@ -8,8 +8,10 @@ happens at each event is here, once:
   trainer knows (its optimizer, its GradScaler, when a backward pass is an optimizer step's
   last), the run log in a new directory under the trainer's output directory, and the state
   of a resumed run (:meth:`gradscope.Monitor.load_state_dict`);
-* **each optimizer step**: ``mon.step(loss)``; a ``TrainingHalted`` becomes a stop request
-  (the trainer stops gracefully), never an exception through the trainer;
+* **each optimizer step** (after the step's last backward pass, before ``optimizer.step()``):
+  ``mon.step(loss)``; a ``TrainingHalted`` is recorded (:attr:`TrainerSession.stop_reason`)
+  and raised on, so that the callback ends the trainer's run before the optimizer applies
+  the step: the update that carried the NaN (``halt_on``) never reaches the weights;
 * **evaluation**: every finite scalar metric into ``mon.log``;
 * **logging**: the newest sampled step that has reached the host, as a few whole-model
   scalars (:func:`gradscope.outputs.exporters.base.summary_scalars`) or, on request, every
@@ -39,6 +41,7 @@ from gradscope.monitor.start import watch
 from gradscope.outputs import report_files
 from gradscope.outputs.exporters.base import SUMMARY_PREFIX, layer_scalars, summary_scalars
 from gradscope.run.history import BUILT_IN_FIELDS
+from gradscope.stats.reporting import GradscopeWarning
 
 log = logging.getLogger("gradscope")
 
@@ -168,27 +171,39 @@ class TrainerSession:
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._losses += 1
 
-    def step(self, loss=None, *, steps_done: int | None = None, loss_scale: float = 1.0) -> str | None:
-        """Close one optimizer step; returns why training should stop now (None: go on).
+    def step(
+        self, loss=None, *, steps_done: int | None = None, loss_scale: float = 1.0, summed: bool = False
+    ) -> str | None:
+        """Close one optimizer step; returns why training should stop after it (early
+        stopping; None: go on).
 
         Args:
             loss: the step's loss; default: the mean of the losses given to :meth:`add_loss`
                 since the last step, times ``loss_scale`` (a trainer that divided each pass's
-                loss by the number of passes undoes it so).
+                loss by the number of passes undoes it so); with ``summed``, their sum.
             steps_done: the trainer's count of optimizer steps before this one; the first
                 step of the run is numbered so (:meth:`begin_at`).
+            loss_scale: see ``loss``.
+            summed: each loss given to :meth:`add_loss` is already its pass's share of the
+                step's loss (a Hugging Face model given ``num_items_in_batch`` normalises its
+                loss over the whole accumulated batch): the step's loss is their sum.
+
+        Raises:
+            gradscope.TrainingHalted: ``halt_on`` matched (:attr:`stop_reason` says so): the
+                caller ends the run before ``optimizer.step()``.
         """
         if self.monitor is None:
             return None
         if not self._begun and steps_done is not None:
             self.begin_at(steps_done)
         if loss is None and self._loss_sum is not None:
-            loss = self._loss_sum * (loss_scale / self._losses)
+            loss = self._loss_sum * (loss_scale if summed else loss_scale / self._losses)
         self._loss_sum, self._losses = None, 0
         try:
             self.monitor.step(loss=loss)
         except TrainingHalted as halted:
             self._stop(f"gradscope halted training: {halted}")
+            raise
         return self.check_stop()
 
     def evaluated(self, metrics: Mapping) -> str | None:
@@ -274,7 +289,7 @@ class TrainerSession:
                 self.files = report_files.write_reports(mon, report, directory, title)
                 print(f"{self.owner}: run log and reports in {directory}")
         except Exception as error:
-            warnings.warn(f"{self.owner}: could not write the health report ({error})", stacklevel=2)
+            warnings.warn(f"{self.owner}: could not write the health report ({error})", GradscopeWarning, stacklevel=2)
         return self.files
 
 

@@ -9,14 +9,22 @@ is final, before clipping. Which micro-batch is last is what Accelerate says
 for an epoch's shorter last window). Under ``fp16`` the gradients are scaled during backward:
 gradscope reads Accelerate's GradScaler and measures the unscaled gradient in the same pass.
 
-The training loss is the ``loss`` the model returns (a forward hook reads it on the device,
-averaged over the step's micro-batches, no sync); a Trainer that computes its loss outside
-the model gives the logged ``loss`` as the metric ``train_loss`` instead. ``on_evaluate``
-metrics (``eval_loss``...) go to ``mon.log``. Whole-model scalars (and with
+The training loss is the Trainer's own: the ``loss`` the model returns (a forward hook reads
+it on the device, no sync), combined over the step's micro-batches as the Trainer combines it
+for its logged ``loss``: summed when the Trainer handed the model ``num_items_in_batch`` (the
+model then normalised its loss over the whole accumulated batch, as causal LMs do), averaged
+otherwise (the Trainer divides each by the number of micro-batches). A Trainer that computes
+its loss outside the model gives the logged ``loss`` as the metric ``train_loss`` instead.
+``on_evaluate`` metrics (``eval_loss``...) go to ``mon.log``. Whole-model scalars (and with
 ``log_layers=True`` every layer's) join the Trainer's log dictionary at each logging step,
-so every ``report_to`` tracker receives them. A halt (``halt_on``) or early stop sets
-``control.should_training_stop``. The run log and reports go under
+so every ``report_to`` tracker receives them. The run log and reports go under
 ``<output_dir>/gradscope/``.
+
+Halting (``halt_on``): the Trainer calls ``on_pre_optimizer_step`` just before
+``optimizer.step()`` and reads ``control`` only after the step, too late to keep the update
+out of the weights. So a ``TrainingHalted`` from ``mon.step()`` is raised from that event,
+after gradscope has closed its run (run log, report): ``train()`` ends with it, the update
+never applied. Early stopping sets ``control.should_training_stop``.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ except ImportError:
     ) from None
 
 from gradscope.actions.early_stopping import EarlyStopping
+from gradscope.actions.halting import TrainingHalted
 from gradscope.integrations.session import SessionCallback, TrainerSession
+from gradscope.stats.reporting import GradscopeWarning
 
 __all__ = ["GradscopeCallback"]
 
@@ -81,6 +91,10 @@ class GradscopeCallback(SessionCallback, TrainerCallback):
     Attributes:
         monitor: the :class:`gradscope.Monitor` of the current (or last) training run.
         stop_reason: why gradscope stopped training, or None.
+
+    Raises:
+        gradscope.TrainingHalted: from ``trainer.train()``, when a finding named by ``halt_on``
+            appears: at that step's ``on_pre_optimizer_step``, so its update is never applied.
     """
 
     def __init__(self, *, log_layers: bool = False, report: bool = True, out_dir=None, **watch_options) -> None:
@@ -90,6 +104,7 @@ class GradscopeCallback(SessionCallback, TrainerCallback):
         self._loss_hook = None
         self._first = False
         self._model_loss = False
+        self._loss_summed = False  # this step's losses are shares of its loss (num_items_in_batch)
 
     def _go_first(self) -> None:
         """Run first at every event, so that the scalars this callback adds to a log
@@ -110,6 +125,7 @@ class GradscopeCallback(SessionCallback, TrainerCallback):
             warnings.warn(
                 f"{NAME}: the Trainer hands callbacks the unwrapped model, so in this multi-process run "
                 "gradscope measures each rank's own gradient, before the ranks average it",
+                GradscopeWarning,
                 stacklevel=2,
             )
         scaler = getattr(optimizer, "scaler", None)  # Accelerate's optimizer wrapper holds it
@@ -125,18 +141,28 @@ class GradscopeCallback(SessionCallback, TrainerCallback):
         )
         if self._loss_hook is not None:
             self._loss_hook.remove()
-        self._loss_hook = model.register_forward_hook(self._take_loss)
+        self._loss_hook = model.register_forward_hook(self._take_loss, with_kwargs=True)
 
-    def _take_loss(self, module, args, output) -> None:
+    def _take_loss(self, module, args, kwargs, output) -> None:
         if not (module.training and torch.is_grad_enabled()):
             return
         loss = _output_loss(output)
         if loss is not None:
             self._model_loss = True
+            # The Trainer's rule (Trainer.training_step): a model handed num_items_in_batch
+            # returns its share of the step's loss, which the Trainer adds up; otherwise the
+            # Trainer divides each micro-batch's loss by their number.
+            self._loss_summed = kwargs.get("num_items_in_batch") is not None
             self.session.add_loss(loss)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.session.step(steps_done=state.global_step) is not None:
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        summed, self._loss_summed = self._loss_summed, False
+        try:
+            stop = self.session.step(steps_done=state.global_step, summed=summed)
+        except TrainingHalted:
+            self._end(model, " (halted)")  # on_train_end will not come
+            raise  # before optimizer.step(): train() ends with it, the update never applied
+        if stop is not None:
             control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -153,7 +179,11 @@ class GradscopeCallback(SessionCallback, TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._end(model)
+
+    def _end(self, model, note: str = "") -> None:
+        """Remove the loss hook; close the run, print and write the report."""
         if self._loss_hook is not None:
             self._loss_hook.remove()
             self._loss_hook = None
-        self.session.finish(f"gradscope: {type(model).__name__ if model is not None else 'model'}")
+        self.session.finish(f"gradscope: {type(model).__name__ if model is not None else 'model'}{note}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import warnings
 
 from gradscope.run import records
+from gradscope.stats.reporting import GradscopeWarning
 
 MAX_ERRORS = 100
 """Messages kept in ``mon.errors``."""
@@ -44,4 +45,4 @@ class FailureReporting:
         if key not in self._warned:
             self._warned.add(key)
             if self.is_logging_rank:  # other ranks of a distributed run stay silent
-                warnings.warn(message, RuntimeWarning, stacklevel=3)
+                warnings.warn(message, GradscopeWarning, stacklevel=3)

@@ -191,8 +191,7 @@ def failure_reporter(monitor) -> Callable[[BaseException], None]:
 
 
 def release(handles: list, forward=None) -> None:
-    """Remove a monitor's backward hooks and, if it has forward statistics, its module hooks
-    (what a dropped monitor's finalizer does)."""
+    """Remove a monitor's backward hooks and, if it has forward statistics, its module hooks."""
     remove_handles(handles)
     if forward is not None:
         forward.remove()

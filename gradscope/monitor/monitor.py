@@ -51,6 +51,18 @@ from gradscope.stats import layout
 from gradscope.stats.dispatch import is_host
 
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
+
+
+def shut_down(handles: list, forward, engines: Engines, pump: RecordPump | None, steps_done: list[int]) -> None:
+    """End what a monitor started: its hooks, its capture workers and its pump, which delivers
+    what is queued, writes the closing record and closes every exporter (the run log's file).
+    Run once, by ``close()`` or, for a monitor dropped without it, by its finalizer."""
+    hooks.release(handles, forward)
+    engines.close()
+    if pump is not None:
+        pump.close(steps_done[0])
+
+
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
 STEP_BATCH = 16
 """Between sampled steps, the values of up to this many steps (loss, step time...) wait to be
@@ -138,12 +150,20 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
         self._failed_steps: set[int] = set()  # their measurements are not trusted: recorded as absent
 
         self._install_grad_hooks()
+        rule = options.halt_rule
+        self._halt_at_once = rule is not None and rule.halts_on_nonfinite
         self._start_acting()  # before the update tracker (see Acting._start_acting)
         self._updates = None
         if options.track_updates:
             self._updates = UpdateTracker(options.optimizer, self._watched.params, self._update_step)
         _WATCHED[target] = weakref.ref(self)
-        self._finalizer = weakref.finalize(self, hooks.release, self._handles, self._forward)
+        # What close() must end, also for a monitor dropped without it (as DataLoader's
+        # iterator shuts its workers down): hooks, capture workers, the pump (which writes the
+        # closing record and closes the log). Parts only: a reference to self would keep it alive.
+        self._steps_done = [0]
+        self._finalizer = weakref.finalize(
+            self, shut_down, self._handles, self._forward, self._engines, self._pump, self._steps_done
+        )
 
     # ---- measuring ----------------------------------------------------------------------
 
@@ -191,12 +211,14 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
                 if step % _CHECK_NEW_PARAMS_EVERY == 1:
                     self._check_new_params()
                 wait_for = 1 if self._responder is not None or step % self.every == 0 else STEP_BATCH
-                self._collect(block=False, steps_at_least=wait_for)
+                # halt_on a NaN: judge this step before its optimizer update (on CUDA, a host sync)
+                self._collect(block=self._halt_at_once and step % self.every == 0, steps_at_least=wait_for)
         except Exception as error:
             self._fail(error)
         finally:
             with self._lock:
                 self._step += 1
+                self._steps_done[0] = self._step
                 self._passes.reset()
                 self._engines.reset()
                 self._engines.histogram = self.histogram_step(self._step)
@@ -357,18 +379,16 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
             except Exception as error:
                 self._fail(error)
             self._closed = True
-            hooks.remove_handles(self._handles)
             if self._forward is not None:
                 self._forward.close()
             if self._updates is not None:
                 self._updates.close()
             if self._responder is not None:
                 self._responder.close()
-            self._engines.close()
             if self._ddp is not None:
                 self._ddp.close()
+            self._finalizer()  # hooks, capture workers, the pump: see __init__
             if self._pump is not None:
-                self._pump.close(self._step)
                 self.errors.extend(self._pump.errors)
             self._pending.clear()
             self._watched = None

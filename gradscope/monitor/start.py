@@ -89,8 +89,10 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
             "divergence")``, ``"critical"``): ``mon.step()`` raises
             :class:`gradscope.TrainingHalted` (with the finding and the report) at the first
             step at which such a finding is seen. NaN/Inf and spikes are judged at the step
-            their statistics reach the host: on CPU the step itself; on CUDA when the step's
-            event has completed, usually one step later. Slower findings (vanishing,
+            their statistics reach the host: on CPU the step itself; on CUDA usually one step
+            later, except that a rule matching NaN/Inf (``"nonfinite"`` or a severity) makes
+            ``mon.step()`` wait for each sampled step's statistics (one host sync per sampled
+            step), so it raises before the NaN step's ``optimizer.step()``. Slower findings (vanishing,
             plateau, divergence...) are judged within about a second of wall time (judging
             is kept under 1% of the run's time; :mod:`gradscope.actions.cadence`). In a
             distributed run the log rank decides and every rank acts one step later, together

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 from gradscope.outputs.exporters.base import Exporter
 from gradscope.run import records
+from gradscope.stats.reporting import GradscopeWarning
 
 FLUSH_SECONDS = 2.0
 QUEUE_LIMIT = 4096  # records waiting; putting more waits for the pump (it is far faster than training)
@@ -60,7 +61,7 @@ class RecordPump:
             self._exporters.remove(exporter)
             message = f"{type(exporter).__name__}.{method} failed ({type(error).__name__}: {error}); it is dropped"
             self.errors.append(message)
-            warnings.warn(f"gradscope: exporter {message}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"gradscope: exporter {message}", GradscopeWarning, stacklevel=2)
 
     def _each(self, method: str, *args) -> None:
         for exporter in list(self._exporters):

@@ -21,6 +21,7 @@ from gradscope.run import records
 from gradscope.run.info import RunInfo
 from gradscope.run.state import RunState
 from gradscope.stats import layout
+from gradscope.stats.reporting import GradscopeWarning
 
 SEGMENT_BYTES = 64 << 20
 """Bytes after which the log continues in a new file."""
@@ -115,7 +116,7 @@ def read_log(path: str | os.PathLike) -> LoggedRun:
                 # header of a segment it had just begun (the earlier segments hold the run).
                 if last_file and lineno == len(lines) and (lineno > 1 or state is not None):
                     warnings.warn(
-                        f"gradscope: skipping the torn last line of {where} ({error})", RuntimeWarning, stacklevel=2
+                        f"gradscope: skipping the torn last line of {where} ({error})", GradscopeWarning, stacklevel=2
                     )
                     break
                 if lineno == 1:
@@ -133,7 +134,7 @@ def read_log(path: str | os.PathLike) -> LoggedRun:
                     warnings.warn(
                         f"gradscope: {file.name} is segment {record.segment} but segment {segments[-1] + 1} is "
                         f"missing: the records in between are lost",
-                        RuntimeWarning,
+                        GradscopeWarning,
                         stacklevel=2,
                     )
                 segments.append(record.segment)

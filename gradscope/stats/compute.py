@@ -10,6 +10,7 @@ import torch
 from gradscope.stats import host_backend, layout, triton_backend
 from gradscope.stats.dispatch import check_backend, engine_for, is_host
 from gradscope.stats.inputs import add_implicit_zeros, check_tensor, collect_tensors, describe, flat_elements
+from gradscope.stats.reporting import GradscopeWarning
 from gradscope.stats.tensor_stats import TensorStats
 
 _warned_fallback = False
@@ -22,8 +23,11 @@ def grad_stats(tensors, backend: str = "auto", histogram: bool = True) -> Tensor
         tensors: a list (any iterable) of tensors, a single tensor, or an ``nn.Module``, in
             which case its parameters' ``.grad`` are used (parameters without a gradient are
             skipped, shared parameters counted once) and ``TensorStats.names`` holds the
-            parameter names. Tensors may be float16, bfloat16, float32 or float64, of any
-            shape or strides, dense or sparse, on CPU or CUDA.
+            parameter names. As in ``clip_grad_norm_``, parameters stand for their gradients
+            (``grad_stats(model.parameters())`` measures the gradients; a parameter without
+            one is skipped): any ``nn.Parameter`` or leaf tensor that requires grad. Pass
+            ``p.detach()`` to measure a parameter's values. Tensors may be float16, bfloat16,
+            float32 or float64, of any shape or strides, dense or sparse, on CPU or CUDA.
         backend: ``"auto"`` (default): the Triton kernels for CUDA tensors when Triton
             works, the fastest CPU kernel installed otherwise (numba, else NumPy).
             ``"triton"``: the kernels for every tensor; CUDA tensors, or CPU tensors when
@@ -104,6 +108,6 @@ def _warn_fallback(error: Exception) -> None:
         _warned_fallback = True
         warnings.warn(
             f"gradscope: the Triton kernels failed ({type(error).__name__}: {error}); falling back to a CPU kernel",
-            RuntimeWarning,
+            GradscopeWarning,
             stacklevel=3,
         )

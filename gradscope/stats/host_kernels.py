@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 
 from gradscope.stats import numpy_kernels
+from gradscope.stats.reporting import GradscopeWarning
 
 KERNELS = ("numba", "numpy")
 """The CPU kernels, fastest first."""
@@ -58,7 +59,7 @@ def mark_broken(kernel: str, error: Exception, stacklevel: int) -> None:
     _broken[kernel] = f"{type(error).__name__}: {error}"
     warnings.warn(
         f"gradscope: the {kernel} kernel failed ({_broken[kernel]}); the NumPy kernel takes over",
-        RuntimeWarning,
+        GradscopeWarning,
         stacklevel=stacklevel + 1,
     )
 

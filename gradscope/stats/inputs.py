@@ -44,13 +44,24 @@ def add_implicit_zeros(rows, implicit_zeros):
     return rows
 
 
+def is_parameter(tensor) -> bool:
+    """True for a tensor whose gradient, not its values, ``grad_stats`` reads: an
+    ``nn.Parameter``, or any leaf tensor that requires grad (what ``clip_grad_norm_`` and
+    optimizers take as parameters)."""
+    return isinstance(tensor, torch.Tensor) and tensor.requires_grad and tensor.is_leaf
+
+
 def collect_tensors(tensors) -> tuple[list[torch.Tensor], tuple[str, ...] | None]:
     """Turn ``grad_stats``'s argument into a list of tensors and, for modules, their names.
+
+    Parameters stand for their gradients, as in ``torch.nn.utils.clip_grad_norm_``: passing
+    ``model.parameters()`` measures the gradients, never the weights.
 
     Args:
         tensors: an ``nn.Module`` (its parameters' ``.grad``, skipping parameters whose
             gradient is None; shared parameters once), a single tensor, or an iterable of
-            tensors.
+            tensors. A parameter (:func:`is_parameter`) given alone or in the iterable stands
+            for its ``.grad`` (skipped when None); other tensors are measured as they are.
 
     Returns:
         ``(tensors, names)``; ``names`` holds parameter names for a module, else None.
@@ -59,10 +70,17 @@ def collect_tensors(tensors) -> tuple[list[torch.Tensor], tuple[str, ...] | None
         named = [(name, p.grad) for name, p in tensors.named_parameters() if p.grad is not None]
         return [g for _, g in named], tuple(name for name, _ in named)
     if isinstance(tensors, torch.Tensor):
-        return [tensors], None
-    if isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
+        tensors = [tensors]
+    elif isinstance(tensors, (str, bytes)) or not isinstance(tensors, Iterable):
         raise TypeError(f"grad_stats expects an nn.Module, a tensor or a list of tensors, got {type(tensors).__name__}")
-    return list(tensors), None
+    out = []
+    for tensor in tensors:
+        if is_parameter(tensor):
+            if tensor.grad is not None:
+                out.append(tensor.grad)
+        else:
+            out.append(tensor)
+    return out, None
 
 
 def describe(index: int, names: tuple[str, ...] | None) -> str:

@@ -285,6 +285,31 @@ def test_closing_the_controller_removes_its_hooks():
         torch.testing.assert_close(param.detach(), old - 0.1 * grad, rtol=1e-12, atol=1e-15)
 
 
+def test_a_step_that_never_finished_leaves_the_users_rate(monkeypatch):
+    """Lightning (no GradScaler) runs the optimizer's step pre-hooks, then the closure; a halt
+    raised in the closure skips the post-hook. The rate must neither stay scaled after close()
+    nor compound on the next step."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    controller = LrController(AdaptiveLR(), opt, *rows_of(model))
+    controller.scale = 0.5
+
+    def halting_closure():
+        raise RuntimeError("halted inside the closure")
+
+    with pytest.raises(RuntimeError, match="halted"):
+        opt.step(halting_closure)
+    assert opt.param_groups[0]["lr"] == 0.05  # scaled for the step that never finished
+    x = batches(1)[0]
+    objective(model, x).backward()
+    assert sgd_updates_by(model, opt, opt.step) == pytest.approx(0.05)  # 0.1 x 0.5, not 0.1 x 0.25
+    assert opt.param_groups[0]["lr"] == 0.1
+    with pytest.raises(RuntimeError, match="halted"):
+        opt.step(halting_closure)
+    controller.close()
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
 def sgd_updates_by(model, opt, step_once) -> float:
     """The learning rate the next ``opt.step()`` (inside ``step_once()``) applies (plain SGD)."""
     before = params_of(model)

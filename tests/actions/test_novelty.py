@@ -174,7 +174,10 @@ def test_on_finding_is_called_exactly_once_per_finding_across_1000_steps():
     for key, announced in by_identity.items():
         # Announced again only when its severity rose, or when it had ended and came back.
         for before, after in itertools.pairwise(announced):
-            assert after.rank > before.rank or after.since_step > before.step, (key, keys(announced))
+            assert after.severity_level > before.severity_level or after.since_step > before.step, (
+                key,
+                keys(announced),
+            )
     starved = ["input", "blocks.0.linear", "blocks.1.linear", "blocks.2.linear", "blocks.3.linear"]
     for layer in starved:
         assert len(by_identity.get(identity(finding(layer=layer)), [])) == 1, (layer, keys(calls))

@@ -60,9 +60,12 @@ def test_evidence_defaults_to_a_fresh_dict():
     assert first.evidence == {} and first.evidence is not second.evidence
 
 
-def test_rank_orders_severities():
-    ranks = {severity: make(severity=severity).rank for severity in ("info", "warning", "critical")}
+def test_severity_level_orders_severities():
+    ranks = {severity: make(severity=severity).severity_level for severity in ("info", "warning", "critical")}
     assert ranks == {"info": 0, "warning": 1, "critical": 2}
+    # No attribute named like a process rank: in a distributed report ``finding.rank == 2``
+    # read as "rank 2" while it meant "critical". The rank a NaN came from is evidence["rank"].
+    assert not hasattr(make(severity="critical"), "rank")
     assert SEVERITIES == ("info", "warning", "critical")
 
 

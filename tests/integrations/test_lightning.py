@@ -222,23 +222,75 @@ def test_nan_under_amp_is_recorded_not_dropped(tmp_path, forward):
         assert root.evidence["nans"] == 1
 
 
-def test_halt_on_nonfinite_stops_training_gracefully(tmp_path):
+def _fit_until_halted(trainer, module) -> gradscope.TrainingHalted | None:
+    """``trainer.fit``; the ``TrainingHalted`` that ended it (None if it ended otherwise)."""
+    try:
+        trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    except gradscope.TrainingHalted as halted:
+        return halted
+    return None
+
+
+@pytest.mark.parametrize(
+    ("namespace", "optimizer", "accumulate"),
+    [
+        ("lightning", "sgd", 1),
+        ("lightning", "fused-adam", 1),
+        ("pytorch_lightning", "sgd", 1),
+        ("pytorch_lightning", "fused-adam", 1),
+        ("lightning", "sgd", 2),
+    ],
+    ids=["lightning-sgd", "lightning-fused-adam", "pytorch_lightning-sgd", "pytorch_lightning-fused-adam", "acc2"],
+)
+def test_halt_on_nonfinite_keeps_the_nan_steps_update_out_of_the_weights(tmp_path, namespace, optimizer, accumulate):
+    """Full precision (no GradScaler to skip the step): net.2.weight's gradient has a NaN at
+    step NAN_AT; the optimizer never applies it, and fit ends with gradscope's TrainingHalted."""
+    pl, callback_class = _namespace(namespace)
+    module = module_class(pl)(nan_at=NAN_AT, fused=optimizer == "fused-adam", lr=0.01)
+    callback = callback_class(halt_on=("nonfinite",))
+    trainer = make_trainer(pl, tmp_path, [callback], max_epochs=3, accumulate_grad_batches=accumulate)
+    halted = _fit_until_halted(trainer, module)
+    # The weights are those from before the NaN step: finite, and exactly as they were.
+    before = module.weights_at[NAN_AT]
+    assert not torch.equal(before["net.2.weight"], module.weights_at[0]["net.2.weight"])  # earlier steps did update
+    weights = {name: weight.detach() for name, weight in module.named_parameters()}
+    assert [name for name, w in weights.items() if not torch.isfinite(w).all()] == [], "NaN/Inf in the weights"
+    assert [name for name, w in weights.items() if not torch.equal(w, before[name])] == [], "updated at the NaN step"
+    if optimizer == "fused-adam":
+        assert trainer.optimizers[0].defaults["fused"]
+    # The NaN was there (the callback saw it), and ended fit before the step completed.
+    assert halted is not None, "fit ended without TrainingHalted"
+    assert halted is callback.monitor.halted
+    assert halted.finding.kind == "nonfinite" and halted.step == NAN_AT
+    assert halted.report.findings and halted.finding in halted.report.findings
+    assert callback.monitor.history("nans").values[NAN_AT].sum() == 1
+    assert trainer.global_step == NAN_AT and trainer.interrupted
+    assert callback.stop_reason is not None and "nonfinite" in callback.stop_reason
+    report = (callback.session.run_dir / "report.txt").read_text(encoding="utf-8")
+    assert "nonfinite" in report and report == str(callback.monitor.report()) + "\n"
+
+
+def test_halt_on_nonfinite_under_amp_ends_fit_with_training_halted(tmp_path):
+    """Forward statistics name the NaN under a GradScaler (which would skip the step anyway):
+    the halt ends fit at that step, and the loggers get gradscope's scalars of that step."""
     module = module_class(L)(nan_at=NAN_AT)
     callback = GradscopeCallback(halt_on="nonfinite", forward=True)
     logger = CSVLogger(tmp_path, name="csv")
     trainer = make_trainer(
         L, tmp_path, [callback], max_epochs=10, plugins=[scaler_plugin(L)], logger=logger, log_every_n_steps=50
     )
-    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))  # no exception escapes
-    assert trainer.global_step == NAN_AT + 1  # the halting step completes, then Lightning stops
+    halted = _fit_until_halted(trainer, module)
+    assert halted is not None and halted.finding.kind == "nonfinite"
+    assert trainer.global_step == NAN_AT  # the halting step's optimizer step never ran
+    assert module.stepped == list(range(NAN_AT))
     assert callback.stop_reason is not None
     assert "halted" in callback.stop_reason and "nonfinite" in callback.stop_reason
-    assert callback.monitor.halted is not None and callback.monitor.halted.finding.kind == "nonfinite"
+    assert callback.monitor.halted is halted
     assert callback.monitor.history("nans").values[NAN_AT].sum() == 1
-    assert (callback.session.run_dir / "report.txt").is_file()  # fit ended normally: reports written
-    # Lightning logs the stopping step whatever log_every_n_steps says; so does gradscope.
+    assert (callback.session.run_dir / "report.txt").is_file()  # written on the way out
+    # Whatever log_every_n_steps says, the halting step's scalars reach the loggers.
     rows = read_csv_rows(tmp_path / "csv" / "version_0" / "metrics.csv")
-    assert sorted(logged_at(rows, "train_loss")) == sorted(logged_at(rows, "gradscope/grad_norm")) == [NAN_AT]
+    assert logged_at(rows, "gradscope/grad_nonfinite") == {NAN_AT: 1.0}
 
 
 def test_halt_on_nonfinite_ignores_gradscaler_overflow(tmp_path):

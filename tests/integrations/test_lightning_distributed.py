@@ -191,9 +191,9 @@ def test_fsdp2_model_parallel_strategy_measures_the_full_gradient(measured):
 
 def test_ddp_halt_on_nonfinite_stops_both_ranks_at_the_same_step(tmp_path):
     """A NaN in rank 1's batch at step 2 (NaN everywhere once DDP averages it): gradscope's
-    consensus halts both ranks at the same ``mon.step`` (Lightning does not reconcile
-    ``trainer.should_stop`` across ranks itself), so both leave ``fit`` at the same
-    global_step; a rank left behind would wait in DDP's next all-reduce until the deadline."""
+    consensus halts both ranks at the same ``mon.step``, so both leave ``fit`` with
+    ``TrainingHalted`` at the same step, before its optimizer step; a rank left behind would
+    wait in DDP's next all-reduce until the deadline."""
     max_steps, nan_step = 8, 2
     results = run_ranks(
         lightning_jobs.halt_job, WORLD, tmp_path, free_port(), max_steps, (1, nan_step), deadline=DEADLINE_S
@@ -202,12 +202,14 @@ def test_ddp_halt_on_nonfinite_stops_both_ranks_at_the_same_step(tmp_path):
     assert len(stopped) == 1, f"ranks stopped at different steps: {[r['global_step'] for r in results]}"
     (global_step,) = stopped
     # The halt is decided from statistics that reach the host after the step and is applied
-    # by every rank one step after the decision: a step or two after the NaN.
+    # by every rank one step after the decision: a step or two after the NaN (whose update
+    # has then been applied: in DDP, halting keeps only the later updates out).
     assert nan_step < global_step < max_steps
     assert_same_on_both_ranks(results)
     for result in results:
         assert result["errors"] == []
-        assert result["step_index"] == global_step
+        assert result["halted_at"] == global_step  # raised before the halting step's update
+        assert result["step_index"] == global_step + 1  # the halting step was measured
         reason = result["stop_reason"]
         assert reason is not None and "halted" in reason and "nonfinite" in reason, reason
         assert f"since step {nan_step}" in reason and "on rank 1" in reason, reason

@@ -1,8 +1,9 @@
 """``TrainerSession``: what every trainer callback does at each event, without a trainer.
 
 A plain loop plays the trainer: the session watches, steps, takes evaluations, hands out the
-scalars for the loggers (only steps not handed out before), stops on a halt or early stop
-without raising, numbers steps from a resumed count, and writes its reports at the end.
+scalars for the loggers (only steps not handed out before), raises a halt on before the
+optimizer step and turns early stopping into a stop reason, numbers steps from a resumed
+count, and writes its reports at the end.
 """
 
 from __future__ import annotations
@@ -90,14 +91,33 @@ def test_evaluations_reach_the_monitor_without_trainer_bookkeeping(tmp_path):
     session.finish("t")
 
 
-def test_a_halt_becomes_a_stop_reason_and_never_an_exception(tmp_path):
+def test_a_halt_is_raised_before_the_optimizer_step_with_a_stop_reason(tmp_path):
     model, opt = model_and_opt()
     session = TrainerSession("Cb", {"halt_on": "nonfinite", "backend": "numpy"}, report=False)
     session.start(model, tmp_path, optimizer=opt, mode="step")
     assert one_step(session, model, opt, 0) is None
-    reason = one_step(session, model, opt, 1, nan=True)
-    assert reason is not None and "nonfinite" in reason and reason == session.stop_reason
-    assert one_step(session, model, opt, 2) == reason  # asked again: the same reason
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(gradscope.TrainingHalted) as halted:
+        one_step(session, model, opt, 1, nan=True)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))  # opt.step never ran
+    reason = session.stop_reason
+    assert reason is not None and "nonfinite" in reason and str(halted.value) in reason
+    assert halted.value is session.monitor.halted
+    opt.zero_grad()
+    assert one_step(session, model, opt, 2) == reason  # a caller that goes on: not halted again, same reason
+    session.finish("t")
+
+
+def test_summed_losses_are_shares_of_the_steps_loss(tmp_path):
+    model, _ = model_and_opt()
+    session = TrainerSession("Cb", {"backend": "numpy"}, report=False)
+    session.start(model, tmp_path, mode="step")
+    for summed, scale in ((False, 1.0), (True, 1.0), (False, 3.0)):
+        model(torch.randn(2, 4)).sum().backward()
+        for value in (0.25, 0.5, 2.0):
+            session.add_loss(torch.tensor(value))
+        session.step(summed=summed, loss_scale=scale)
+    np.testing.assert_allclose(session.monitor.history("loss").values, [2.75 / 3, 2.75, 2.75])
     session.finish("t")
 
 

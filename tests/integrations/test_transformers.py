@@ -27,6 +27,7 @@ from transformers import (
     GPT2LMHeadModel,
     PrinterCallback,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -81,6 +82,11 @@ def tiny_bert() -> BertForSequenceClassification:
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
     return GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2))
+
+
+def one_layer_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
 
 
 class ReferenceTrainer(Trainer):
@@ -235,14 +241,20 @@ def test_total_norm_reaches_tensorboard_and_equals_the_trainers_grad_norm(fp16_r
         np.testing.assert_allclose([logged[s] for s in sorted(logged)], reference[:, j], rtol=1e-5, err_msg=row)
 
 
-def test_loss_is_the_mean_of_the_steps_micro_batch_losses(fp16_run):
+def test_loss_is_the_trainers_logged_loss_under_fp16(fp16_run):
     run = fp16_run
-    expected = [float(np.mean(np.asarray(losses, dtype=np.float64))) for losses in run.trainer.losses]
     loss = run.mon.history("loss")
     np.testing.assert_array_equal(loss.steps, np.arange(run.trainer.state.global_step))
+    logged = [h["loss"] for h in run.trainer.state.log_history if "loss" in h]  # logging_steps=1
+    np.testing.assert_allclose(loss.values, logged, rtol=1e-6)
+    # The Trainer's rule, from the micro-batch losses the model returned: a model whose forward
+    # takes **kwargs (BERT does) is handed num_items_in_batch and its losses are added up;
+    # otherwise each is divided by the number of micro-batches (their mean).
+    combine = np.sum if run.trainer.model_accepts_loss_kwargs else np.mean
+    expected = [float(combine(np.asarray(losses, dtype=np.float64))) for losses in run.trainer.losses]
     np.testing.assert_allclose(loss.values, expected, rtol=1e-6)
-    if run.accumulation > 1:  # the mean, not the last micro-batch's loss
-        assert any(abs(np.mean(losses) - losses[-1]) > 1e-4 for losses in run.trainer.losses)
+    if run.accumulation > 1:  # every micro-batch counts, not only the last one
+        assert any(abs(combine(losses) - losses[-1]) > 1e-4 for losses in run.trainer.losses)
 
 
 def test_eval_loss_is_a_metric_and_eval_runtime_is_not(fp16_run):
@@ -292,28 +304,86 @@ def test_bf16_gpt2_numbers_without_a_scaler(tmp_path):
 # ---- actions: halting and early stopping -----------------------------------------------------
 
 
-def test_nonfinite_gradients_halt_training_without_an_exception(tmp_path):
-    max_steps, poisoned = 8, 2  # the forward of optimizer step 2 (no accumulation) returns NaN
-    callback = GradscopeCallback(halt_on="nonfinite", report=False)
-    args = arguments(tmp_path, max_steps=max_steps)
-    model = tiny_bert()
+class WeightsAtStepBegin(TrainerCallback):
+    """Records a copy of every weight at each optimizer step's first micro-batch (before its
+    update), keyed by ``state.global_step``."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.weights[state.global_step] = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_halt_on_nonfinite_keeps_the_nan_steps_update_out_of_the_weights(tmp_path, accumulation):
+    """One micro-batch of optimizer step 2 turns NaN in GPT-2's MLP: the NaN reaches the loss
+    and every gradient. No GradScaler would skip the step; gradscope ends ``train()`` with
+    ``TrainingHalted`` before ``optimizer.step()``, so the weights are those before step 2."""
+    max_steps, poisoned = 8, 2
+    callback = GradscopeCallback(halt_on=("nonfinite",))
+    weights = WeightsAtStepBegin()
+    args = arguments(tmp_path, max_steps=max_steps, gradient_accumulation_steps=accumulation, max_grad_norm=1.0)
+    model = one_layer_gpt2()
     forwards = []
 
     def poison(module, inputs, output):
         if module.training:
             forwards.append(None)
-            if len(forwards) == poisoned + 1:
+            if len(forwards) == poisoned * accumulation + 1:  # the first micro-batch of step 2
                 return output * math.nan
         return None
 
-    model.classifier.register_forward_hook(poison)
-    trainer = make_trainer(args, model, Tokens(40, seed=1), callback)
-    trainer.train()  # no exception escapes
-    assert trainer.state.global_step == poisoned + 1 < max_steps
-    assert callback.stop_reason is not None and "nonfinite" in callback.stop_reason
-    assert callback.stop_reason.startswith("gradscope halted training")
+    model.transformer.h[0].mlp.register_forward_hook(poison)
+    trainer = make_trainer(args, model, Tokens(64, seed=1, lm=True), callback)
+    trainer.add_callback(weights)
+    try:
+        trainer.train()
+        halted = None
+    except gradscope.TrainingHalted as error:
+        halted = error
+    before = weights.weights[poisoned]
+    assert not torch.equal(
+        before["transformer.wte.weight"], weights.weights[0]["transformer.wte.weight"]
+    )  # earlier steps did update
+    after = {name: p.detach() for name, p in model.named_parameters()}
+    assert [name for name, w in after.items() if not torch.isfinite(w).all()] == [], "NaN/Inf in the weights"
+    assert [name for name, w in after.items() if not torch.equal(w, before[name])] == [], "updated at the NaN step"
+    assert halted is not None, "train() ended without TrainingHalted"
+    assert halted is callback.monitor.halted and halted.finding.kind == "nonfinite" and halted.step == poisoned
+    assert trainer.state.global_step == poisoned  # the halting step never completed
+    assert callback.stop_reason is not None and callback.stop_reason.startswith("gradscope halted training")
     nonfinite = callback.monitor.history("nonfinite").values
     assert (nonfinite[:poisoned] == 0).all() and (nonfinite[poisoned] > 0).any()
+    # The run was ended on the way out: run log closed, report written, no hook left on the model.
+    report = (callback.session.run_dir / "report.txt").read_text(encoding="utf-8")
+    assert "nonfinite" in report and report == str(callback.monitor.report()) + "\n"
+    assert gradscope.load_run(callback.session.run_dir).closed
+    assert not model._forward_hooks
+
+
+# ---- the loss: the Trainer's own, under accumulation -----------------------------------------
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_loss_is_the_trainers_logged_loss(tmp_path, name, accumulation):
+    """``mon.history("loss")`` equals the ``loss`` the Trainer logs at every step
+    (``logging_steps=1``): for GPT-2, whose loss the Trainer normalises over the whole
+    accumulated batch (``num_items_in_batch``), and for BERT; 5 micro-batches, so with
+    accumulation 2 the last window has one."""
+    callback = GradscopeCallback(report=False, log_dir=None)
+    args = arguments(tmp_path, gradient_accumulation_steps=accumulation, num_train_epochs=1, max_grad_norm=1.0)
+    lm = name == "gpt2"
+    model = one_layer_gpt2() if lm else tiny_bert()
+    trainer = make_trainer(args, model, Tokens(TRAIN_SIZE, seed=4, lm=lm), callback)
+    trainer.train()
+    logged = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    assert [step for step, _ in logged] == list(range(1, trainer.state.global_step + 1))
+    assert trainer.state.global_step == math.ceil(TRAIN_SIZE / BATCH / accumulation)
+    loss = callback.monitor.history("loss")
+    np.testing.assert_array_equal(loss.steps, np.arange(trainer.state.global_step))
+    np.testing.assert_allclose(loss.values, [value for _, value in logged], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize(

@@ -402,6 +402,50 @@ def test_a_monitor_dropped_without_close_goes_at_once_and_takes_its_hooks():
     gradscope.watch(model).close()  # the model is free to be watched again
 
 
+def _open_files() -> set[str]:
+    import os
+
+    fds = "/proc/self/fd"
+    if not os.path.isdir(fds):
+        pytest.skip("needs /proc to list open files")
+    found = set()
+    for fd in os.listdir(fds):
+        try:
+            found.add(os.readlink(os.path.join(fds, fd)))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("worker", [True, False])
+def test_dropped_monitors_stop_their_threads_and_close_their_logs(monkeypatch, tmp_path, worker):
+    """A monitor dropped without close() shuts down as close() would (as DataLoader's iterator
+    stops its workers): no gradscope thread left, every log file closed, and each log ends
+    with its closing record giving the steps done."""
+    import threading
+
+    monkeypatch.setattr(engines, "spare_cores", lambda: worker)  # worker: a gradscope-capture thread
+    before = {t.name for t in threading.enumerate()}
+    for i in range(3):
+        model = make("mlp")
+        mon = gradscope.watch(model, log_dir=tmp_path / f"run{i}")
+        train("mlp", model, mon, steps=2 + i)
+        assert any(t.name == "gradscope-pump" for t in threading.enumerate())
+        assert worker == any(t.name == "gradscope-capture" for t in threading.enumerate())
+        del mon, model
+    gc.collect()
+    left = [t.name for t in threading.enumerate() if t.name.startswith("gradscope-") and t.name not in before]
+    assert not [name for name in left if name in ("gradscope-pump", "gradscope-capture")], left
+    logs = sorted(tmp_path.glob("run*/*.jsonl"))
+    assert len(logs) == 3
+    assert not {str(path) for path in logs} & _open_files(), "a log file left open"
+    for i, path in enumerate(logs):
+        last = records.decode(path.read_text().splitlines()[-1])
+        assert last == records.Closed(2 + i), last
+        run = gradscope.load_run(path.parent)
+        assert run.closed and list(run.history("loss").steps) == list(range(2 + i))
+
+
 @pytest.mark.parametrize("worker", [True, False])
 def test_exception_in_a_hook_never_stops_training(monkeypatch, worker):
     """Whichever way gradients reach the capture: one by one, or together at the pass's end."""
@@ -428,6 +472,38 @@ def test_exception_in_a_hook_never_stops_training(monkeypatch, worker):
         present = mon.history("present").values
         assert not present[1].any(), "a failed step's measurements are not recorded as zeros"
         assert present[2].all()  # later steps are measured again
+
+
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_a_failure_on_any_gradient_voids_the_whole_step(monkeypatch, kernel_device, backend):
+    """A capture that fails on the third gradient of a step, after two were measured, must not
+    leave those two as a (healthy-looking) layer: the whole step reads as absent and failed."""
+    monkeypatch.setattr(engines, "spare_cores", lambda: True)  # CPU: one gradient at a time
+    device = kernel_device if backend == "triton" else "cpu"
+    model = make("mlp").to(device)
+    with gradscope.watch(model, backend=backend, granularity="parameter") as mon:
+        capture = next(iter(mon._engines.captures.values()))
+        calls = []
+        original = capture.add
+
+        def third_fails(index, grad):
+            if mon.step_index == 1:
+                calls.append(index)
+                if len(calls) == 3:
+                    raise RuntimeError("fails on the third gradient")
+            return original(index, grad)
+
+        monkeypatch.setattr(capture, "add", third_fails)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            train("mlp", model, mon, steps=3)
+        assert len(calls) >= 3
+        assert mon.history("failed").values.tolist() == [False, True, False]
+        present = mon.history("present").values
+        assert not present[1].any(), "gradients measured before the failure were recorded"
+        assert present[0].all() and present[2].all()
+        assert np.isnan(mon.history("norm").values[1]).all()
+        assert mon.report().layers  # the report still reads
 
 
 def test_parameters_added_after_watch_are_reported():

@@ -15,6 +15,7 @@ import pytest
 from gradscope.outputs.exporters.base import Exporter
 from gradscope.outputs.pump import RecordPump
 from gradscope.run import records
+from gradscope.stats.reporting import GradscopeWarning
 
 HEADER = records.Header(info={"rows": ["a"]}, thresholds={"x": 1.0})
 LONG = 60.0  # flush_seconds that never elapse during a test: only close() flushes
@@ -184,7 +185,7 @@ def test_an_exporter_failing_elsewhere_is_dropped_too(method):
     assert broken.methods().count(method) == 1
     assert good.methods() == ["start", "write", "write", "flush", "close"]
     assert pump.errors == [f"FailsOn.{method} failed (ValueError: boom in {method}); it is dropped"]
-    assert [w.category for w in caught if "gradscope" in str(w.message)] == [RuntimeWarning]
+    assert [w.category for w in caught if "gradscope" in str(w.message)] == [GradscopeWarning]
 
 
 def test_every_exporter_failing_leaves_the_pump_working():

@@ -194,3 +194,25 @@ def test_triton_light_rows_in_the_interpreter_are_the_cpu_light_rows(kernel_devi
     for name in ("numel", "max_abs", "zeros", "nans", "infs"):
         np.testing.assert_array_equal(getattr(triton, name), getattr(numpy, name), err_msg=name)
     np.testing.assert_allclose(triton.sumsq, numpy.sumsq, rtol=1e-6)
+
+
+def test_parameters_stand_for_their_gradients_as_in_clip_grad_norm():
+    """``grad_stats(model.parameters())`` is what users pass (as to ``clip_grad_norm_``): it must
+    measure the gradients, never the weights."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    frozen = torch.nn.Parameter(torch.ones(3))  # no gradient: skipped, as clip_grad_norm_ does
+    (model(torch.randn(4, 8)) * 1000).square().mean().backward()
+    reference = torch.nn.utils.clip_grad_norm_([*model.parameters(), frozen], float("inf"))
+    for given in (model.parameters(), [*model.parameters(), frozen]):
+        stats = gradscope.grad_stats(given)
+        assert len(stats) == 4
+        assert float(np.sqrt(stats.sumsq.sum())) == pytest.approx(float(reference), rel=1e-6)
+    weights = [p.detach() for p in model.parameters()]  # the values, when that is what is wanted
+    expected = float(torch.sqrt(sum(w.double().square().sum() for w in weights)))
+    assert float(np.sqrt(gradscope.grad_stats(weights).sumsq.sum())) == pytest.approx(expected, rel=1e-6)
+    single = next(model.parameters())
+    np.testing.assert_array_equal(gradscope.grad_stats(single).to_rows(), gradscope.grad_stats(single.grad).to_rows())
+    # activations (non-leaf tensors that require grad) are measured as they are
+    hidden = model[0](torch.ones(1, 8))
+    assert gradscope.grad_stats([hidden]).numel.tolist() == [16]

@@ -39,6 +39,13 @@ def _ranks(event) -> str:
     return f"; on rank {event.rank}" + (f" and {others} more rank{'s' if others > 1 else ''}" if others > 0 else "")
 
 
+_SHARDED_ORIGIN = (
+    "; the rank it came from cannot be known under sharding: each rank's gradient is reduce-scattered (summed "
+    "into every rank's shard) before gradscope sees its shard, so the shards that hold NaN/Inf tell where it "
+    "landed, not whose batch it came from"
+)
+
+
 def _cause(finding: Finding) -> dict:
     return {"kind": finding.kind, "layer": finding.layer, "step": finding.since_step}
 
@@ -127,16 +134,23 @@ def _gradient_finding(view: RunView, event, how: str, cause: Finding | None, aff
     )
     if how == "backward":
         message += "; the forward pass " + ("was finite" if view.modules else "gave a finite loss") + " at that step"
-    elif how == "unknown" and view.world > 1:
+    # Sharded: the shards say where a NaN/Inf landed, not where it came from (unless the root names the rank).
+    sharded = view.topology == "sharded" and event.rank < 0 and not (cause is not None and "rank" in cause.evidence)
+    if sharded:
+        message += _SHARDED_ORIGIN
+    if how == "unknown" and view.world > 1:
+        too, name = (" too", ", and name the rank whose forward pass went non-finite") if sharded else ("", "")
         message += (
-            "; whether it was born in forward or backward is unknown: each rank sees only its own loss, and "
-            "watch(..., forward=True) (forward statistics are combined over the ranks) would tell"
+            f"; whether it was born in forward or backward is unknown{too}: each rank sees only its own loss, and "
+            f"watch(..., forward=True) (forward statistics are combined over the ranks) would tell{name}"
         )
     elif how == "unknown":
         message += (
             "; whether it was born in forward or backward is unknown: pass the loss to mon.step(loss=...) "
             "or watch(..., forward=True) to tell"
         )
+    elif sharded and not view.modules:
+        message += "; watch(..., forward=True) names the rank whose forward pass went non-finite, if one did"
     suggestion = SUGGESTIONS["nonfinite_backward"] if how == "backward" else SUGGESTIONS["nonfinite"]
     return Finding(
         kind="nonfinite",

@@ -63,8 +63,10 @@ SUMMARY_SCALARS = (
 def summary_scalars(rows: np.ndarray, present: np.ndarray) -> dict[str, float]:
     """Whole-model scalars of one sampled step: a handful of charts instead of several per layer.
 
-    ``grad_norm`` (L2 norm of every finite gradient element of the model, as
-    ``clip_grad_norm_`` would compute it before clipping), ``grad_max_abs``,
+    ``grad_norm`` (L2 norm of every finite gradient element of the model: the norm
+    ``clip_grad_norm_`` computes before clipping while every element is finite; where some
+    are NaN/Inf, ``clip_grad_norm_``'s norm is NaN/Inf, and this one stays the finite
+    elements' norm, their count going to ``grad_nonfinite``), ``grad_max_abs``,
     ``grad_zero_frac`` (exact zeros over all elements), ``grad_nonfinite`` (NaN + Inf count,
     0 included, so a chart shows when it stops being 0), and ``layer_grad_norm_min`` /
     ``layer_grad_norm_max`` (the smallest and largest layer norm: vanishing and exploding

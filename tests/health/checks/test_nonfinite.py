@@ -135,6 +135,20 @@ def test_distributed_events_name_the_rank():
     assert "; on rank 1 and 1 more rank;" in detect(state)[0].message
 
 
+def test_sharded_runs_say_the_rank_cannot_be_known():
+    """FSDP2 shards name no rank (where a NaN landed is not where it came from): the finding
+    says so, and that forward statistics would name the rank of a forward-born NaN."""
+    state = run_builders.run_state(NAMES, numel=10, extra={"distributed": {"kind": "sharded", "world": 2}})
+    state.apply(sampled(0, nans=(0, 2, 0), nonfinite_rank=np.full(3, -1), nonfinite_ranks=np.zeros(3, int)))
+    (finding,) = detect(state)
+    assert "rank" not in finding.evidence and "on rank" not in finding.message
+    assert "; the rank it came from cannot be known under sharding: " in finding.message
+    assert finding.message.endswith(
+        "watch(..., forward=True) (forward statistics are combined over the ranks) would tell, and name the rank "
+        "whose forward pass went non-finite"
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Non-finite losses
 # --------------------------------------------------------------------------------------

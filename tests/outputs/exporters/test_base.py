@@ -12,6 +12,7 @@ import pytest
 import run_builders
 import torch
 
+import gradscope
 from gradscope.outputs.exporters.base import SUMMARY_SCALARS, Exporter, ScalarExporter, layer_scalars, summary_scalars
 from gradscope.run import records
 from gradscope.run.info import RunInfo
@@ -461,3 +462,21 @@ def test_values_of_steps_that_are_not_sampled_go_out_within_the_budget(budget):
     losses = [step for step, values in capture.scalars if "loss" in values]
     assert losses == ([0, 3, 6] if budget else list(range(7)))  # sampled steps always; others as paid for
     assert [step for step, values in capture.scalars if "val_loss" in values] == list(range(7))
+
+
+def test_grad_norm_is_clip_grad_norms_while_finite_and_the_finite_elements_norm_after():
+    """What the docstring says ``grad_norm`` is, checked against torch itself."""
+    finite = [torch.tensor([3.0, 4.0, 0.0]), torch.tensor([12.0])]
+    rows = gradscope.grad_stats(finite).to_rows()
+    summary = summary_scalars(rows, np.ones(2, dtype=bool))
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in finite]
+    for p, g in zip(params, finite, strict=True):
+        p.grad = g.clone()
+    assert summary["grad_norm"] == pytest.approx(float(torch.nn.utils.clip_grad_norm_(params, float("inf"))))
+    assert summary["grad_norm"] == pytest.approx(13.0) and summary["grad_nonfinite"] == 0
+    broken = [torch.tensor([3.0, 4.0, float("nan"), 0.0])]
+    summary = summary_scalars(gradscope.grad_stats(broken).to_rows(), np.ones(1, dtype=bool))
+    param = torch.nn.Parameter(torch.zeros(4))
+    param.grad = broken[0].clone()
+    assert torch.isnan(torch.nn.utils.clip_grad_norm_([param], float("inf")))
+    assert summary["grad_norm"] == 5.0 and summary["grad_nonfinite"] == 1

@@ -93,6 +93,33 @@ def test_an_explicit_run_id_needs_no_active_run(store):
     assert set(client.get_run(run_id).data.metrics) >= {"gs/loss", "gs/grad_norm/_root_"}
 
 
+def test_an_experiment_gets_a_run_of_its_own(store):
+    """``experiment=``: a new run in that experiment (created), started with the monitor and
+    finished at close(); no run exists before watch()."""
+    client = MlflowClient(store)
+    exporter = MLflowExporter(experiment="gradscope-own", budget=None)
+    assert exporter.run_id is None and client.get_experiment_by_name("gradscope-own") is None
+    model = torch.nn.Linear(3, 1)
+    with gradscope.watch(model, exporters=[exporter]) as mon:
+        for _ in range(2):
+            loss = model(torch.randn(2, 3)).sum()
+            loss.backward()
+            mon.step(loss=loss)
+    assert mon.errors == []
+    run = client.get_run(exporter.run_id)
+    assert run.info.experiment_id == client.get_experiment_by_name("gradscope-own").experiment_id
+    assert run.info.status == "FINISHED" and mlflow.active_run() is None
+    assert history(client, exporter.run_id, "loss").keys() == {0, 1}
+    again = MLflowExporter(experiment="gradscope-own")  # the experiment exists now: reused
+    with gradscope.watch(model, exporters=[again]) as mon:
+        model(torch.randn(2, 3)).sum().backward()
+        mon.step()
+    assert again.run_id != exporter.run_id
+    assert client.get_run(again.run_id).info.experiment_id == run.info.experiment_id
+    with pytest.raises(ValueError, match="not both"):
+        MLflowExporter("some-run", experiment="gradscope-own")
+
+
 def test_no_active_run_is_a_clear_error(store):
     with pytest.raises(ValueError, match="no active MLflow run"):
         MLflowExporter()
