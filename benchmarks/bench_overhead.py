@@ -167,7 +167,8 @@ class Breakdown:
       and after each of its launches (the stream runs them in order, so the time between a
       pair is theirs alone).
 
-    The monitor's methods are wrapped on the instance (the hooks look them up at each call).
+    The backward receiver's methods are wrapped on the instance (the hooks look them up at
+    each call).
     """
 
     def __init__(self, mon) -> None:
@@ -177,8 +178,9 @@ class Breakdown:
         self.host = 0.0
         self.steps = 0
         self.events: list = []
-        for name in ("_on_grad", "_on_first_arrival", "_on_backward_end"):
-            setattr(mon, name, self._timed(getattr(mon, name)))
+        receiver = mon._backward
+        for name in ("on_grad", "on_first_arrival", "_on_backward_end"):
+            setattr(receiver, name, self._timed(getattr(receiver, name)))
         for capture in mon._engines.captures.values():
             if isinstance(capture, KernelCapture) and capture.device.type == "cuda":
                 flush = self._evented(capture.flush, capture.device)

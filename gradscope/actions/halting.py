@@ -20,7 +20,8 @@ class TrainingHalted(RuntimeError):
 
     Attributes:
         finding: the :class:`~gradscope.Finding` that halted the run.
-        report: the :class:`~gradscope.HealthReport` at that step.
+        report: the :class:`~gradscope.HealthReport` at that step (None when gradscope's health
+            checks themselves failed and it halted on the NaN/Inf it saw arrive).
         step: the step whose ``mon.step()`` raised (the finding's evidence may be a step or
             two older on CUDA, where statistics reach the host asynchronously).
     """

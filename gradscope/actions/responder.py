@@ -30,7 +30,7 @@ from gradscope.actions.consensus import BEST_STEP, BEST_VALUE, FIXED, HALT, SCAL
 from gradscope.actions.early_stopping import EarlyStopper, EarlyStopping
 from gradscope.actions.halting import HaltRule, TrainingHalted
 from gradscope.actions.novelty import NewFindings
-from gradscope.health.findings import Finding
+from gradscope.health.findings import SUGGESTIONS, Finding
 from gradscope.health.report import judge
 from gradscope.health.thresholds import Thresholds
 from gradscope.health.view import RunView
@@ -144,9 +144,34 @@ class Responder:
                 actions += self.lr.decide(findings, view, self.thresholds, self.screen.loss_spike, step)
         except Exception as error:
             self._report_error("responder", f"gradscope: acting on findings failed ({type(error).__name__}: {error})")
+            halt = halt or self._halt_without_findings(step, error)
         finally:
             self.cadence.judged(started)
         return actions, halt
+
+    def _halt_without_findings(self, step: int, error: Exception) -> TrainingHalted | None:
+        """Judging failed (a bug in gradscope's checks): the halt the user asked for on NaN/Inf
+        must not silently lapse. The screen saw NaN/Inf arrive on its own (no checks needed):
+        halt with a plain ``nonfinite`` finding, and whatever report can still be made."""
+        rule, episode = self.halt_rule, self.screen.episode
+        if rule is None or not rule.halts_on_nonfinite or episode is None:
+            return None
+        if self.halted is not None and episode <= self.halted.step:
+            return None  # the loop caught that halt and went on; a new NaN episode halts again
+        finding = Finding(
+            kind="nonfinite",
+            severity="critical",
+            layer=None,
+            step=step,
+            since_step=episode,
+            message=(
+                f"NaN/Inf appeared at step {episode} (the health checks failed, {type(error).__name__}: {error}, "
+                "so which layer is not known; halting as halt_on asks)"
+            ),
+            suggestion=SUGGESTIONS["nonfinite"],
+            evidence={"checks_failed": f"{type(error).__name__}: {error}"},
+        )
+        return TrainingHalted(finding, None, step)
 
     def _halt_again(self, findings, step: int, report_of) -> TrainingHalted | None:
         """NaN/Inf again after a halt the loop caught and went on from, with finite gradients in

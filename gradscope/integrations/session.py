@@ -253,7 +253,7 @@ class TrainerSession:
                 values.update(layer_scalars(rows, present, mon.rows))
             return step, values
         except Exception as error:
-            mon._report_error("scalars", f"gradscope: could not read the statistics for the loggers ({error})")
+            mon._failures.report_error("scalars", f"gradscope: could not read the statistics for the loggers ({error})")
             return None
 
     # ---- checkpoints ----------------------------------------------------------------------

@@ -7,17 +7,22 @@ hands on records (:mod:`gradscope.run.records`) to its run state, run log and ex
 * ``watched``: which parameters, grouped into which reported rows;
 * ``hooks``: backward-pass hooks, the end of backward, gradient-accumulation counting;
 * ``scaler``: unscaling under a GradScaler (the only place that knows its internals);
-* ``capture``: the capture engines per device (Triton launches, NumPy worker);
+* ``engines``, ``capture``: the capture engines per device (Triton launches, NumPy worker);
 * ``forward``, ``forward_rows``: forward statistics (``watch(..., forward=True)``): module
   hooks on sampled steps, and the per-step rows of every module's inputs and outputs;
 * ``aggregate``: per-parameter rows into per-layer rows (pure functions);
 * ``replicated``: DDP's extras (communication hook, noise scale, replica check);
 * ``resources``: step time, memory, energy; ``updates``: update/weight norms around
   ``optimizer.step()``;
+* ``schedule``: the open step (sampled or not, histograms or not), which only the monitor moves;
 * ``failures``: a failure inside gradscope recorded and warned about, never raised into training;
+* ``backward``: the receiver backward's hooks call (per gradient, or at the pass's end);
+* ``recorder``: results in flight collected into records, and where records go;
 * ``acting``: the monitor's responder (:mod:`gradscope.actions`): ``on_finding``, halting,
   early stopping, the learning-rate controller;
-* ``monitor``: :class:`Monitor`, the life of one watched model and its steps.
+* ``checkpoint``: what a resumed run needs of a monitor (``state_dict``), and its format;
+* ``monitor``: :class:`Monitor`, the life of one watched model and its steps, made of the
+  parts above, each built with what it touches.
 """
 
 from gradscope.monitor.monitor import Monitor

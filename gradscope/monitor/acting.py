@@ -1,77 +1,129 @@
 """The monitor's side of acting on findings: its responder, and what it exposes to the loop.
 
-:class:`Acting` is a part of :class:`gradscope.Monitor`: it builds the
-:class:`~gradscope.actions.responder.Responder` from the watch options, feeds it records,
-has it respond at the end of each ``mon.step()`` (raising
-:class:`~gradscope.actions.halting.TrainingHalted` when asked to), and reads out early
-stopping and the learning-rate controller (``should_stop``, ``best_step``, ``lr_scale``...).
+:class:`Acting` is a part of :class:`gradscope.Monitor`. Built from the watch options, the
+watched rows and their parameters, the thresholds and the run's state, it builds the
+:class:`~gradscope.actions.responder.Responder` (when the options ask for any action), lets
+it see each record as it reaches the host (:meth:`Acting.observe`), has it respond at the
+end of each ``mon.step()`` (:meth:`Acting.respond`, which returns the
+:class:`~gradscope.actions.halting.TrainingHalted` to raise) and reads out early stopping
+and the learning-rate controller (``should_stop``, ``best_step``, ``lr_scale``...).
+
+It is given two callables: ``publish``, where the records of its actions go (the monitor
+gives its run state and exporters), and ``report_error`` (the monitor's
+:class:`~gradscope.monitor.failures.Failures`), for its own failures, which never reach
+training. The health report a halt carries is asked for at each :meth:`Acting.respond`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch.distributed as dist
 
 from gradscope.actions.halting import TrainingHalted
 from gradscope.actions.responder import Responder
+from gradscope.health.report import HealthReport
+from gradscope.health.thresholds import Thresholds
 from gradscope.health.view import view_of
+from gradscope.monitor.options import WatchOptions
+from gradscope.monitor.watched import WatchedParams
 from gradscope.run import records
+from gradscope.run.state import RunState
 
 
 class Acting:
-    """Acting on findings, for :class:`gradscope.Monitor` (see the module docstring)."""
+    """Acting on findings, for one monitor (module docstring).
 
-    _responder: Responder | None = None
+    Build it before the update tracker (:mod:`gradscope.monitor.updates`): the responder's
+    optimizer hooks must run first, so that tracked updates are the ones applied.
 
-    def _start_acting(self) -> None:
-        """Build the responder (before the update tracker: its optimizer hooks must run first,
-        so that tracked updates are the ones applied)."""
-        options = self.options
+    Args:
+        options: the watch options (``on_finding``, ``halt_on``, ``early_stopping``,
+            ``adapt_lr``, ``optimizer``, ``log_rank``).
+        watched: the watched parameters and their rows (per-layer learning-rate control).
+        thresholds: the run's thresholds (what the responder judges with).
+        run: the run's state, from which the responder's view is cut.
+        publish: called with each action record (a halt, a stop, a rate change).
+        report_error: ``(key, message)``: a failure of acting on findings (one warning per key).
+
+    Attributes:
+        responder: the :class:`~gradscope.actions.responder.Responder`, None when the
+            options ask for no action (every read-out then has its neutral value).
+    """
+
+    def __init__(
+        self,
+        options: WatchOptions,
+        watched: WatchedParams,
+        thresholds: Thresholds,
+        run: RunState,
+        publish: Callable[[records.Record], None],
+        report_error: Callable[[str, str], None],
+    ) -> None:
+        self._thresholds = thresholds
+        self._run = run
+        self._publish = publish
+        self._report_error = report_error
+        self.responder: Responder | None = None
         if not options.acts:
             return
-        params, row_of = self._watched.params, self._watched.row_of
-        row_params = [[] for _ in self._watched.row_names]
-        for param, row in zip(params, row_of, strict=True):
+        row_params = [[] for _ in watched.row_names]
+        for param, row in zip(watched.params, watched.row_of, strict=True):
             row_params[int(row)].append(param)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         decider = (options.log_rank or 0) if distributed else None
-        self._responder = Responder(
+        self.responder = Responder(
             options.on_finding,
             options.halt_rule,
             options.early_stopping,
             options.adapt_lr,
             options.optimizer,
-            self._watched.row_names,
+            watched.row_names,
             row_params,
-            self.thresholds,
-            self._report_error,
+            thresholds,
+            report_error,
             decider,
         )
 
-    def _observe(self, record: records.Record) -> None:
-        if self._responder is not None and not isinstance(record, records.Action):
-            for action in self._responder.observe(record):
-                self._emit(action)
+    @property
+    def acts(self) -> bool:
+        """Whether there is anything to act with (else the monitor need not call in)."""
+        return self.responder is not None
 
-    def _act(self, step: int) -> None:
-        """Respond after ``mon.step()`` closed ``step``; raises the run's ``TrainingHalted``
-        (and nothing else: a failure of the responder itself is reported, never raised)."""
+    def observe(self, record: records.Record) -> None:
+        """A record reached the host: the responder screens it; the actions it causes (an
+        early stop) are published."""
+        if self.responder is not None and not isinstance(record, records.Action):
+            for action in self.responder.observe(record):
+                self._publish(action)
+
+    def respond(self, step: int, report_of: Callable[[], HealthReport]) -> TrainingHalted | None:
+        """After ``mon.step()`` closed ``step``: judge if due and act, publishing the action
+        records. Returns the run's ``TrainingHalted`` to raise, or None (a failure of the
+        responder itself is reported, never raised). ``report_of``: the run's health report
+        now (what a halt carries)."""
+        if self.responder is None:
+            return None
         try:
-            with self._lock:
-                actions, halt = self._responder.respond(
-                    step, lambda: view_of(self._run, self.thresholds), lambda: self.report()
-                )
-                for action in actions:
-                    self._emit(action)
+            actions, halt = self.responder.respond(step, lambda: view_of(self._run, self._thresholds), report_of)
+            for action in actions:
+                self._publish(action)
         except Exception as error:
             self._report_error("responder", f"gradscope: acting on findings failed ({type(error).__name__}: {error})")
-            return
-        if halt is not None:
-            raise halt
+            return None
+        return halt
+
+    def close(self) -> None:
+        if self.responder is not None:
+            self.responder.close()
 
     # ---- checkpoints --------------------------------------------------------------------
 
-    def _actions_state(self) -> dict:
-        responder = self._responder
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps: early stopping's best value and patience (and in a
+        distributed run the decision every rank received), the learning-rate controller's
+        scales; empty without them."""
+        responder = self.responder
         if responder is None:
             return {}
         state = {}
@@ -82,8 +134,9 @@ class Acting:
             state["lr"] = responder.lr.state_dict()
         return state
 
-    def _load_actions_state(self, state: dict) -> None:
-        responder = self._responder
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (what this monitor does not act with is ignored)."""
+        responder = self.responder
         if responder is None:
             return
         if responder.stopper is not None and "early_stopping" in state:
@@ -98,7 +151,7 @@ class Acting:
     def _early_stop(self) -> tuple[bool, int | None, float | None, str | None]:
         """(should stop, best step, best value, reason); in a distributed run, the deciding
         rank's, as every rank received it at the same step (gradscope.actions.consensus)."""
-        responder = self._responder
+        responder = self.responder
         stopper = responder.stopper if responder is not None else None
         if stopper is None:
             return False, None, None, None
@@ -135,10 +188,10 @@ class Acting:
     @property
     def halted(self) -> TrainingHalted | None:
         """The latest :class:`TrainingHalted` raised by ``mon.step()`` (None if none)."""
-        return self._responder.halted if self._responder is not None else None
+        return self.responder.halted if self.responder is not None else None
 
     @property
     def lr_scale(self) -> float:
         """The learning-rate controller's scale of the optimizer's rate (1.0 without it)."""
-        controller = self._responder.lr if self._responder is not None else None
+        controller = self.responder.lr if self.responder is not None else None
         return controller.scale if controller is not None else 1.0

@@ -1,8 +1,9 @@
 """The monitor's side of the backward pass: gradients arriving, and the end of each pass.
 
-Two ways to hear of gradients (:mod:`gradscope.monitor.hooks` registers the hooks):
+:class:`BackwardReceiver` is the part of :class:`gradscope.Monitor` that backward's hooks
+call. Two ways to hear of gradients (:mod:`gradscope.monitor.hooks` registers the hooks):
 
-* **per gradient** (:meth:`BackwardReceiver._on_grad`): each final gradient is handed to its
+* **per gradient** (:meth:`BackwardReceiver.on_grad`): each final gradient is handed to its
   capture as it arrives — the Triton kernels launch buckets of them while backward still
   runs, a CPU worker measures them beside autograd, and DDP's are noted until averaging ends;
 * **at the end of the pass** (:class:`gradscope.monitor.hooks.Arrivals`), when every capture
@@ -14,67 +15,123 @@ Two ways to hear of gradients (:mod:`gradscope.monitor.hooks` registers the hook
 
 Both record the order in which gradients became final (where a NaN first appeared in
 backward) and measure only the last pass of an optimisation step under gradient accumulation.
+
+The receiver is given what it touches: the watched parameters, the capture engines, the
+backward-pass counter, the open step (read, never moved), the failures part (a failure in a
+hook voids the open step), the monitor's lock, and the mode and DDP flags. The hooks hold it
+weakly, and it holds nothing that leads back to the monitor: a monitor dropped without
+``close()`` is freed at once and its finalizer removes the hooks (:attr:`handles`).
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
+
 import torch
 
 from gradscope.monitor import hooks
+from gradscope.monitor.engines import Engines
+from gradscope.monitor.failures import Failures
+from gradscope.monitor.schedule import OpenStep
 
 
 class BackwardReceiver:
-    """Hook callbacks of :class:`gradscope.Monitor` (a part of it, like ``Acting``)."""
+    """Backward's hook callbacks for one monitor (module docstring); registers the hooks.
 
-    def _install_grad_hooks(self) -> None:
-        """Register the backward hooks that fit the captures (see the module docstring)."""
-        self._arrivals = None
-        if self.mode != "backward":
-            self._handles = []
-        elif self._engines.gathers_at_end and not self._replicated:
-            self._arrivals = hooks.Arrivals(self, self._watched.params)
-            self._handles = self._arrivals.handles
+    Args:
+        params: the watched parameters (hook indices are positions in this sequence).
+        engines: the captures the gradients are handed to.
+        passes: the open step's backward passes (which one is measured, the arrival order).
+        open_step: the monitor's open step (sampled or not; which step a failure voids).
+        failures: where a failure in a hook goes.
+        lock: the monitor's lock, held while a hook touches the captures.
+        mode: ``"backward"`` registers hooks; ``"step"`` none (everything is measured at
+            ``mon.step()``).
+        replicated: DDP: gradients are measured when averaging has finished, at the end of
+            backward, not as they arrive.
+
+    Attributes:
+        arrivals: the :class:`~gradscope.monitor.hooks.Arrivals` hooks when every gradient
+            is taken at the end of the pass; None when they are handed over one by one.
+        handles: the hook handles (emptied when the hooks are removed).
+        closed: hooks that still fire after the monitor closed do nothing.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        engines: Engines,
+        passes: hooks.BackwardPasses,
+        open_step: OpenStep,
+        failures: Failures,
+        lock: threading.RLock,
+        mode: str,
+        replicated: bool,
+    ) -> None:
+        self._params = params
+        self._engines = engines
+        self._passes = passes
+        self._open = open_step
+        self._failures = failures
+        self._lock = lock
+        self._replicated = replicated  # read in every hook call
+        self.closed = False
+        self.arrivals: hooks.Arrivals | None = None
+        if mode != "backward":
+            self.handles: list = []
+        elif engines.gathers_at_end and not replicated:
+            self.arrivals = hooks.Arrivals(self, params)
+            self.handles = self.arrivals.handles
         else:
-            self._handles = hooks.register_grad_hooks(self, self._watched.params)
+            self.handles = hooks.register_grad_hooks(self, params)
+
+    def fail(self, error: BaseException) -> None:
+        """A failure inside a hook (backward's, or forward statistics'): the open step is void."""
+        with self._lock:
+            self._failures.fail(self._open.index, error)
 
     def _open_pass(self) -> None:
         """A pass's first gradient arrived: arrange to hear of the pass's end."""
         if self._passes.begin() and not hooks.queue_end_of_backward(self._on_backward_end):
-            self._warn_once("callback", "gradscope: cannot detect the end of backward; measuring at mon.step()")
+            self._failures.warn_once(
+                "callback", "gradscope: cannot detect the end of backward; measuring at mon.step()"
+            )
 
-    def _on_grad(self, index: int, param: torch.Tensor) -> None:
-        if self._closed or self._step % self.every:  # unsampled step: nothing to do
+    def on_grad(self, index: int, param: torch.Tensor) -> None:
+        """:class:`~gradscope.monitor.hooks.GradHook`: parameter ``index``'s gradient is final."""
+        if self.closed or not self._open.sampled:  # unsampled step: nothing to do
             return
         try:
             with self._lock:
                 self._open_pass()
-                if not self._passes.measuring or self._step in self._failed_steps:
+                if not self._passes.measuring or self._failures.is_void(self._open.index):
                     return  # not measured, or void already: one failure per step is enough
                 self._passes.arrived(index)
                 if self._replicated:
                     return  # DDP has not averaged this gradient yet: measured when backward ends
                 self._engines.add(index, param.grad)
         except Exception as error:
-            self._fail(error)
+            self.fail(error)
 
-    def _on_first_arrival(self) -> None:
+    def on_first_arrival(self) -> None:
         """:class:`~gradscope.monitor.hooks.Arrivals`: the first gradient of a pass arrived."""
-        if self._closed:
+        if self.closed:
             return
         try:
             with self._lock:
-                if self._step % self.every:  # unsampled: only empty the list when the pass ends
-                    if not hooks.queue_end_of_backward(self._arrivals.clear):
-                        self._arrivals.clear()
+                if not self._open.sampled:  # unsampled: only empty the list when the pass ends
+                    if not hooks.queue_end_of_backward(self.arrivals.clear):
+                        self.arrivals.clear()
                     return
                 self._open_pass()
         except Exception as error:
-            self._fail(error)
+            self.fail(error)
 
     def _take_arrivals(self, measured: bool) -> None:
         """Hand the gradients that arrived in the pass to the captures (if ``measured``)."""
-        indices, grads = self._arrivals.take()
-        if measured and indices and self._step not in self._failed_steps:
+        indices, grads = self.arrivals.take()
+        if measured and indices and not self._failures.is_void(self._open.index):
             self._passes.arrived_all(indices)
             self._engines.add_many(indices, grads)
 
@@ -87,18 +144,26 @@ class BackwardReceiver:
                     if hooks.queue_end_of_backward(lambda: self._on_backward_end(deferred=True)):
                         return
                 measured = self._passes.end()
-                if self._arrivals is not None:
+                if self.arrivals is not None:
                     self._take_arrivals(measured)
                 if measured:
                     if self._replicated:
-                        self._engines.add_all(self._watched.params)
+                        self._engines.add_all(self._params)
                     else:
                         self._engines.end_backward()
         except Exception as error:
-            self._fail(error)
+            self.fail(error)
 
-    def _close_open_pass(self) -> None:
+    def close_open_pass(self) -> None:
         """At ``mon.step()``: a measured pass whose end was never heard of (the callback
         could not be queued) is measured now; gradients of unsampled steps are dropped."""
-        if self._arrivals is not None and len(self._arrivals):
+        if self.arrivals is not None and len(self.arrivals):
             self._take_arrivals(self._passes.open and self._passes.measuring)
+
+    def close(self) -> None:
+        """Hooks that still fire do nothing, and the parameters are let go (the monitor's
+        finalizer removes the hooks)."""
+        self.closed = True
+        self._params = ()
+        if self.arrivals is not None:
+            self.arrivals.clear()

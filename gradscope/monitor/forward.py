@@ -115,6 +115,12 @@ def _autocast_dtype(device_type: str) -> str:
     return ""
 
 
+def forward_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The modules forward statistics has rows for, in row order, with their names (the
+    model itself is ``"(root)"``); :func:`gradscope.monitor.resources.describe_run` names them."""
+    return [(name or ROOT_LAYER, module) for name, module in model.named_modules(remove_duplicate=True)]
+
+
 class _Hook:
     """A module's forward (pre-)hook calling the capture, held weakly (see ``GradHook``)."""
 
@@ -154,8 +160,8 @@ class ForwardCapture:
         group=None,
         device: torch.device | None = None,
     ) -> None:
-        named = list(model.named_modules(remove_duplicate=True))
-        self.names = tuple(name or ROOT_LAYER for name, _ in named)
+        named = forward_modules(model)
+        self.names = tuple(name for name, _ in named)
         self.types = tuple(type(module).__name__ for _, module in named)
         self._modules = [weakref.ref(module) for _, module in named]
         self._backend = backend

@@ -1,9 +1,10 @@
 """Backward-pass hooks: when each gradient is final, and when a backward pass ends.
 
 In ``mode="backward"`` a ``register_post_accumulate_grad_hook`` on every watched parameter
-hands the monitor each gradient as soon as autograd has finished accumulating it. The first
-hook of a backward pass queues a callback on the autograd engine that runs when the pass
-ends (as DDP does), which is when the monitor may stop waiting for gradients. With gradient
+hands the monitor's backward receiver (:mod:`gradscope.monitor.backward`) each gradient as
+soon as autograd has finished accumulating it. The first hook of a backward pass queues a
+callback on the autograd engine that runs when the pass ends (as DDP does), which is when
+the receiver may stop waiting for gradients. With gradient
 accumulation only the last backward pass of an optimisation step is measured, when the
 gradients are complete: :class:`BackwardPasses` knows which pass that is (the
 ``accumulation_steps``-th, or the one a trainer says is last) and the order in which the
@@ -20,28 +21,29 @@ import torch
 
 
 class GradHook:
-    """A parameter's post-accumulate-grad hook: calls ``monitor._on_grad(index, param)``.
+    """A parameter's post-accumulate-grad hook: calls ``receiver.on_grad(index, param)``.
 
-    The monitor is held weakly, so that a monitor dropped without ``close()`` does not stay
-    alive through the model that holds its hooks.
+    The receiver (:class:`gradscope.monitor.backward.BackwardReceiver`) is held weakly, so
+    that the model holding the hooks does not keep a monitor dropped without ``close()``
+    alive through it.
     """
 
-    __slots__ = ("index", "monitor")
+    __slots__ = ("index", "receiver")
 
-    def __init__(self, monitor, index: int) -> None:
-        self.monitor = weakref.ref(monitor)
+    def __init__(self, receiver, index: int) -> None:
+        self.receiver = weakref.ref(receiver)
         self.index = index
 
     def __call__(self, param: torch.Tensor) -> None:
-        monitor = self.monitor()
-        if monitor is not None:
-            monitor._on_grad(self.index, param)
+        receiver = self.receiver()
+        if receiver is not None:
+            receiver.on_grad(self.index, param)
 
 
-def register_grad_hooks(monitor, params: Sequence[torch.nn.Parameter]) -> list:
+def register_grad_hooks(receiver, params: Sequence[torch.nn.Parameter]) -> list:
     """A :class:`GradHook` on every parameter that requires grad; returns the handles."""
     return [
-        p.register_post_accumulate_grad_hook(GradHook(monitor, index))
+        p.register_post_accumulate_grad_hook(GradHook(receiver, index))
         for index, p in enumerate(params)
         if p.requires_grad
     ]
@@ -51,30 +53,31 @@ class Arrivals:
     """The cheapest backward hooks, for engines that measure everything when backward ends.
 
     Each parameter's hook only appends the parameter to a list (the order in which the
-    gradients became final); the first hook of a backward pass also calls the monitor's
-    ``_on_first_arrival()`` (which arranges to hear of the pass's end). When the pass ends
-    the monitor takes the list, and the gradients are measured together: no per-gradient
+    gradients became final); the first hook of a backward pass also calls the receiver's
+    ``on_first_arrival()`` (which arranges to hear of the pass's end). When the pass ends
+    the receiver takes the list, and the gradients are measured together: no per-gradient
     work in autograd's path but one list append.
 
     Args:
-        monitor: held weakly; its ``_on_first_arrival()`` is called on a pass's first gradient.
+        receiver: held weakly (:class:`gradscope.monitor.backward.BackwardReceiver`); its
+            ``on_first_arrival()`` is called on a pass's first gradient.
         params: the watched parameters (indices are positions in this sequence).
 
     Attributes:
         handles: the hook handles (see :func:`remove_handles`).
     """
 
-    def __init__(self, monitor, params: Sequence[torch.nn.Parameter]) -> None:
+    def __init__(self, receiver, params: Sequence[torch.nn.Parameter]) -> None:
         self._index_of = {id(p): index for index, p in enumerate(params)}
         self._log: list[torch.Tensor] = []
-        ref = weakref.ref(monitor)
+        ref = weakref.ref(receiver)
         log, append = self._log, self._log.append
 
         def hook(param: torch.Tensor) -> None:
             if not log:
                 alive = ref()
                 if alive is not None:
-                    alive._on_first_arrival()
+                    alive.on_first_arrival()
             append(param)
 
         self.handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
@@ -174,20 +177,6 @@ class BackwardPasses:
         self.order[:] = -1
         self._next = 0
         self._measured = False
-
-
-def failure_reporter(monitor) -> Callable[[BaseException], None]:
-    """``monitor._fail`` (under its lock), holding the monitor weakly: hooks must not keep a
-    dropped monitor alive."""
-    ref = weakref.ref(monitor)
-
-    def report(error: BaseException) -> None:
-        alive = ref()
-        if alive is not None:
-            with alive._lock:
-                alive._fail(error)
-
-    return report
 
 
 def release(handles: list, forward=None) -> None:

@@ -1,11 +1,23 @@
 """``Monitor``: one model's gradients measured during training, step by step, no host sync.
 
 The monitor owns the life of a watched model: it finds the parameters and their rows
-(:mod:`~gradscope.monitor.watched`), hooks backward (:mod:`~gradscope.monitor.hooks`), hands
-each final gradient to a capture engine per device (:mod:`~gradscope.monitor.capture`),
-closes each optimisation step at ``mon.step()``, and turns what reaches the host into
-records (:mod:`gradscope.run.records`) that feed its run state and its exporters. Reading
-(``history``, ``stats``, ``report``) is :class:`gradscope.health.readout.RunReadout`'s.
+(:mod:`~gradscope.monitor.watched`), hooks backward, hands each final gradient to a capture
+engine per device (:mod:`~gradscope.monitor.engines`), closes each optimisation step at
+``mon.step()``, and turns what reaches the host into records (:mod:`gradscope.run.records`)
+that feed its run state and its exporters. Reading (``history``, ``stats``, ``report``) is
+:class:`gradscope.health.readout.RunReadout`'s.
+
+It is made of parts, each built in ``__init__`` with what it touches, none holding the
+monitor (a dropped monitor is freed at once, and its finalizer ends what it started):
+
+* :class:`~gradscope.monitor.schedule.OpenStep` (``_open``): the open step, which only the
+  monitor moves;
+* :class:`~gradscope.monitor.failures.Failures` (``_failures``): its own failures and warnings;
+* :class:`~gradscope.monitor.backward.BackwardReceiver` (``_backward``): backward's hooks;
+* :class:`~gradscope.monitor.recorder.Recorder` (``_recorder``): results in flight, into records;
+* :class:`~gradscope.monitor.acting.Acting` (``_acting``): the responder and its read-outs;
+* the captures (``_engines``), forward statistics (``_forward``), DDP's extras (``_ddp``),
+  the step clock, the update tracker, the run state (``_run``) and the pump (``_pump``).
 
 In ``mode="backward"`` (the default) gradients are measured as soon as they are final,
 overlapping the rest of backward; in ``mode="step"``, all at ``mon.step()``; both give
@@ -26,41 +38,46 @@ import threading
 import weakref
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 
+from gradscope.actions.halting import TrainingHalted
 from gradscope.distributed import topology as topologies
 from gradscope.health.readout import RunReadout
-from gradscope.monitor import hooks, scaler
+from gradscope.monitor import checkpoint, hooks, scaler
 from gradscope.monitor.acting import Acting
-from gradscope.monitor.aggregate import LayerRows, RowGroups, blame_replicas
+from gradscope.monitor.aggregate import RowGroups
 from gradscope.monitor.backward import BackwardReceiver
-from gradscope.monitor.checkpoint import Checkpointing
 from gradscope.monitor.engines import Engines
-from gradscope.monitor.failures import FailureReporting
-from gradscope.monitor.forward import ForwardCapture
+from gradscope.monitor.failures import Failures
+from gradscope.monitor.forward import ForwardCapture, forward_modules
 from gradscope.monitor.options import WatchOptions
+from gradscope.monitor.recorder import Recorder, RecordSink
 from gradscope.monitor.replicated import DdpExtras
 from gradscope.monitor.resources import StepClock, as_scalar, check_metric_names, describe_run
+from gradscope.monitor.schedule import OpenStep
 from gradscope.monitor.updates import UpdateTracker
 from gradscope.monitor.watched import new_params_warning, select
 from gradscope.outputs.pump import RecordPump
 from gradscope.run import records
 from gradscope.run.state import RunState
-from gradscope.stats import layout
-from gradscope.stats.dispatch import is_host
 
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
 
 
-def shut_down(handles: list, forward, engines: Engines, pump: RecordPump | None, steps_done: list[int]) -> None:
-    """End what a monitor started: its hooks, its capture workers and its pump, which delivers
-    what is queued, writes the closing record and closes every exporter (the run log's file).
-    Run once, by ``close()`` or, for a monitor dropped without it, by its finalizer."""
+def shut_down(
+    handles: list, forward, engines: Engines, pump: RecordPump | None, open_step: OpenStep, optimizer_parts=()
+) -> None:
+    """End what a monitor started: its hooks (on the model, and the optimizer hooks of
+    ``optimizer_parts``: the update tracker, the learning-rate controller), its capture
+    workers and its pump, which delivers what is queued, writes the closing record (the steps
+    done: the open step's number) and closes every exporter (the run log's file). Run once, by
+    ``close()`` or, for a monitor dropped without it, by its finalizer."""
     hooks.release(handles, forward)
+    for part in optimizer_parts:
+        part.close()
     engines.close()
     if pump is not None:
-        pump.close(steps_done[0])
+        pump.close(open_step.index)
 
 
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
@@ -73,7 +90,7 @@ on findings (a NaN loss must halt at its step), at sampled steps, or when anythi
 run."""
 
 
-class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReporting):
+class Monitor(RunReadout):
     """Per-layer gradient statistics of a model, step by step. Create with :func:`gradscope.watch`.
 
     Attributes:
@@ -83,7 +100,6 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
         summary: parameters, trainable parameters, bytes and layers of the model.
         topology: how the model is spread over ranks (:mod:`gradscope.distributed.topology`).
         is_logging_rank: whether this rank writes the run log, feeds exporters and warns.
-        errors: messages of failures inside gradscope (training was not interrupted).
     """
 
     def __init__(self, model: torch.nn.Module, options: WatchOptions) -> None:
@@ -98,21 +114,19 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
         self.thresholds = options.thresholds
         self._model = weakref.ref(target)
         self._optimizer, self._scaler = options.optimizer, options.scaler
-        self._watched = select(model, options.params, options.granularity)
-        self.topology = topo = topologies.topology(model, self._watched.params, self._watched.names)
-        self._replicated = topo.kind == "replicated"  # read in every hook call
+        self._watched = watched = select(model, options.params, options.granularity)
+        self.topology = topo = topologies.topology(model, watched.params, watched.names)
         if options.check_consistency and topo.kind != "replicated":
             raise ValueError("watch: check_consistency=True needs a DistributedDataParallel model")
         if options.track_updates and topo.kind == "sharded":
             raise ValueError("watch: track_updates=True is not supported with sharded (DTensor) parameters yet")
         self.is_logging_rank = options.log_rank is None or topo.global_rank == options.log_rank
-        self.errors: list[str] = []
         self._lock = threading.RLock()
         self._closed = False
-        self._warned: set[str] = set()
+        self._open = OpenStep(options.every, options.histogram_every)
 
-        self._engines = Engines(
-            self._watched.params,
+        self._engines = engines = Engines(
+            watched.params,
             options.backend,
             options.mode,
             topo,
@@ -120,57 +134,110 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
             functools.partial(scaler.inv_scale_for, options.scaler, options.optimizer, options.mode),
             one_device=options.check_consistency,
         )
-        self._groups = RowGroups(self._watched.row_of)
-        self._ddp: DdpExtras | None = None
-        if topo.kind == "replicated" and topo.world > 1:
-            key = self._engines.first  # the only one when rows are hashed
-            device = torch.device("cpu") if is_host(key) else key
-            ddp = DdpExtras(model, topo, options, len(self._watched), device, self._warn_once)
-            self._ddp = ddp if ddp.active else None
-            if options.check_consistency and not is_host(key):
-                self._engines.captures[key].zero_rows = True  # hashed rows of absent parameters must be zeros
-        device = next((p.device for p in self._watched.params if p.device.type == "cuda"), torch.device("cpu"))
-        self._clock = StepClock(device)
-        self._forward = None
-        if options.forward:
-            self._forward = ForwardCapture.of(target, options.backend, topo, device, hooks.failure_reporter(self))
-            self._forward.install()  # step 0 is sampled
-        self.info = describe_run(target, options, self._watched, topo, self._forward)
+        engines.histogram = self._open.has_histograms(0)
+        self.info = describe_run(target, options, watched, topo, forward_modules(target) if options.forward else ())
         self._run = RunState(self.info)
         exporters = self.options.destinations(topo) if self.is_logging_rank else []  # silent ranks: none
         header = records.Header(self.info.to_dict(), thresholds=dataclasses.asdict(self.thresholds))
-        self._pump = RecordPump(exporters, header) if exporters else None
-
-        # The open step.
-        self._step = 0
-        self._engines.histogram = self.histogram_step(0)
-        self._passes = hooks.BackwardPasses(options.accumulation_steps, len(self._watched))
-        # Sampled steps whose results are on their way: step -> (present, order, sources, arrived).
-        self._pending: dict[int, tuple[np.ndarray, np.ndarray, set, dict]] = {}
-        self._failed_steps: set[int] = set()  # their measurements are not trusted: recorded as absent
-
-        self._install_grad_hooks()
-        rule = options.halt_rule
-        self._halt_at_once = rule is not None and rule.halts_on_nonfinite
-        self._start_acting()  # before the update tracker (see Acting._start_acting)
-        self._updates = None
-        if options.track_updates:
-            self._updates = UpdateTracker(options.optimizer, self._watched.params, self._update_step)
+        sink = RecordSink(self._run, None)  # the Failed records and the actions' go there directly
+        self._backward = self._forward = self._updates = self._acting = self._ddp = None
+        try:
+            self._build_parts(model, target, options, watched, topo, engines, sink)
+        except BaseException:  # a part refused: leave no hook behind (no thread was started yet)
+            if self._backward is not None:
+                hooks.remove_handles(self._backward.handles)
+            for part in (self._backward, self._forward, self._updates, self._acting, self._ddp):
+                if part is not None:
+                    part.close()
+            raise
+        # The pump last: its thread starts and the run log's files are made only for a monitor that exists.
+        self._pump = sink.pump = RecordPump(exporters, header) if exporters else None
         _WATCHED[target] = weakref.ref(self)
         # What close() must end, also for a monitor dropped without it (as DataLoader's
         # iterator shuts its workers down): hooks, capture workers, the pump (which writes the
         # closing record and closes the log). Parts only: a reference to self would keep it alive.
-        self._steps_done = [0]
+        on_optimizer = tuple(part for part in (self._updates, self._acting) if part is not None)
         self._finalizer = weakref.finalize(
-            self, shut_down, self._handles, self._forward, self._engines, self._pump, self._steps_done
+            self, shut_down, self._backward.handles, self._forward, self._engines, self._pump, self._open, on_optimizer
         )
+
+    def _build_parts(self, model, target, options: WatchOptions, watched, topo, engines: Engines, sink) -> None:
+        """The parts between the captures and the pump (see the module docstring), in order."""
+        self._failures = failures = Failures(options.every, self.is_logging_rank, sink.put)
+        self._ddp = DdpExtras.of(model, topo, options, engines, len(watched), failures.warn_once)
+        self._passes = hooks.BackwardPasses(options.accumulation_steps, len(watched))
+        replicated = topo.kind == "replicated"
+        self._backward = BackwardReceiver(
+            watched.params, engines, self._passes, self._open, failures, self._lock, options.mode, replicated
+        )
+        device = next((p.device for p in watched.params if p.device.type == "cuda"), torch.device("cpu"))
+        if options.forward:
+            self._forward = ForwardCapture.of(target, options.backend, topo, device, self._backward.fail)
+            self._forward.install()  # step 0 is sampled
+        self._acting = acting = Acting(options, watched, self.thresholds, self._run, sink.put, failures.report_error)
+        self._halt_at_once = options.halt_rule is not None and options.halt_rule.halts_on_nonfinite
+        if options.track_updates:  # after Acting: the responder's optimizer hooks run first
+            self._updates = UpdateTracker(options.optimizer, watched.params, self._update_step)
+        self._clock = clock = StepClock(device)
+        groups = RowGroups(watched.row_of)
+        self._recorder = Recorder(
+            engines, groups, topo, failures, sink, acting.observe, clock, self._ddp, self._forward, self._updates
+        )
+
+    # ---- the parts' handles and read-outs ------------------------------------------------
+
+    @property
+    def errors(self) -> list[str]:
+        """Messages of failures inside gradscope (training was not interrupted)."""
+        return self._failures.errors
+
+    @property
+    def _responder(self):
+        """The :class:`~gradscope.actions.responder.Responder` (None without actions)."""
+        return self._acting.responder
+
+    @property
+    def should_stop(self) -> bool:
+        """Early stopping: whether the watched metric has stopped improving (False without it).
+        In a distributed run every rank turns True at the same step."""
+        return self._acting.should_stop
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why :attr:`should_stop` turned True ("val_loss has not improved ... for 5 evaluations")."""
+        return self._acting.stop_reason
+
+    @property
+    def best_step(self) -> int | None:
+        """Early stopping: the step of the watched metric's best value (the checkpoint to keep)."""
+        return self._acting.best_step
+
+    @property
+    def best_value(self) -> float | None:
+        """Early stopping: the watched metric's best value so far."""
+        return self._acting.best_value
+
+    @property
+    def halted(self) -> TrainingHalted | None:
+        """The latest :class:`TrainingHalted` raised by ``mon.step()`` (None if none)."""
+        return self._acting.halted
+
+    @property
+    def lr_scale(self) -> float:
+        """The learning-rate controller's scale of the optimizer's rate (1.0 without it)."""
+        return self._acting.lr_scale
+
+    @property
+    def step_index(self) -> int:
+        """Steps completed so far (``mon.step()`` calls)."""
+        return self._open.index
 
     # ---- measuring ----------------------------------------------------------------------
 
     def histogram_step(self, step: int) -> bool:
         """Whether sampled ``step`` computes every row's histogram (one sampled step in
         ``histogram_every``); the others get light rows (:mod:`gradscope.stats.layout`)."""
-        return step % (self.every * self.options.histogram_every) == 0
+        return self._open.has_histograms(step)
 
     def step(self, loss=None, **metrics) -> None:
         """Mark the end of one optimisation step (call it after backward, before ``optimizer.step()``).
@@ -185,155 +252,76 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
                 (the step is complete: the monitor goes on if the loop does).
         """
         if self._closed:
-            self._warn_once("closed", "gradscope: mon.step() after close() is ignored")
+            self._failures.warn_once("closed", "gradscope: mon.step() after close() is ignored")
             return
         check_metric_names(metrics)
         given = (("loss", loss), *metrics.items())
         values = {name: as_scalar(value, name) for name, value in given if value is not None}
-        step = self._step
+        step, sampled = self._open.index, self._open.sampled
         try:
             with self._lock:
-                self._close_open_pass()
-                if step % self.every == 0:
+                self._backward.close_open_pass()
+                if sampled:
                     if self.mode == "step":
                         try:
                             self._engines.add_all(self._watched.params)
                         except Exception as error:
-                            self._fail(error)  # the step is void, but its collectives still run
-                    self._finish_sampled(step)
-                    self._finish_forward(step)
+                            self._failures.fail(step, error)  # the step is void, but its collectives still run
+                    self._recorder.finish(step, self._passes.order)
                     self._engines.raise_error()
-                    self._raise_update_error()
+                    if self._updates is not None:
+                        self._updates.raise_error()
                 scale = scaler.scale_tensor(self._scaler)
                 if scale is not None:
                     values["grad_scale"] = scale
                 self._clock.tick(step, values)
                 if step % _CHECK_NEW_PARAMS_EVERY == 1:
                     self._check_new_params()
-                wait_for = 1 if self._responder is not None or step % self.every == 0 else STEP_BATCH
+                wait_for = 1 if self._acting.acts or sampled else STEP_BATCH
                 # halt_on a NaN: judge this step before its optimizer update (on CUDA, a host sync)
-                self._collect(block=self._halt_at_once and step % self.every == 0, steps_at_least=wait_for)
+                self._recorder.collect(block=self._halt_at_once and sampled, steps_at_least=wait_for)
         except Exception as error:
-            self._fail(error)
+            self._failures.fail(step, error)
         finally:
             with self._lock:
-                self._step += 1
-                self._steps_done[0] = self._step
                 self._passes.reset()
                 self._engines.reset()
-                self._engines.histogram = self.histogram_step(self._step)
-                if self._ddp is not None:
-                    self._ddp.measuring = self._step % self.every == 0
-                if self._forward is not None:
-                    if self._step % self.every == 0:
-                        self._forward.install()
-                    else:
-                        self._forward.remove()  # unsampled steps run without forward hooks
-        if self._responder is not None:
-            self._act(step)  # may raise TrainingHalted (watch(..., halt_on=...))
+                self._open_step(step + 1)
+        if self._acting.acts:
+            with self._lock:
+                halt = self._acting.respond(step, self.report)
+            if halt is not None:
+                raise halt  # watch(..., halt_on=...)
 
-    def _finish_forward(self, step: int) -> None:
-        """Close a sampled step's forward statistics (dropped if the step failed)."""
-        if self._forward is not None:
-            self._forward.finish(step, failed=step in self._failed_steps)
-
-    def _finish_sampled(self, step: int) -> None:
-        """End a sampled step's captures and issue its collectives. In a distributed run every
-        rank issues the same collectives at every sampled step, whatever happened locally
-        (a failure here only voids the step), so that no rank waits forever."""
-        failed = step in self._failed_steps
-        errors, sources = [], set()
+    def _open_step(self, step: int) -> None:
+        """Open ``step``: the parts that work only on sampled steps are set for it."""
+        self._open.move_to(step)
+        self._engines.histogram = self._open.has_histograms(step)
         if self._ddp is not None:
-            device_rows = self._engines.device_rows if self._engines.started else None
-            error = self._ddp.issue(step, device_rows, failed)
-            if error is not None:
-                errors.append(error)
-                failed = True
-            sources.add("replicas")
-        errors += self._engines.finish(step, failed)
-        sources |= self._engines.started
-        self._pending[step] = (self._engines.present.copy(), self._passes.order.copy(), sources, {})
-        if errors:
-            raise errors[0]
+            self._ddp.measuring = self._open.sampled
+        if self._forward is not None:
+            if self._open.sampled:
+                self._forward.install()
+            else:
+                self._forward.remove()  # unsampled steps run without forward hooks
 
     def _update_step(self) -> int | None:
         """The step an optimizer step now belongs to: the one ``mon.step()`` just closed."""
-        step = self._step - 1
+        step = self._open.index - 1
         if step < 0:
-            self._warn_once("order", "gradscope: call mon.step() after backward and before optimizer.step()")
+            self._failures.warn_once("order", "gradscope: call mon.step() after backward and before optimizer.step()")
             return None
-        return step if step % self.every == 0 else None
+        return step if self._open.is_sampled(step) else None
 
     def log(self, **metrics) -> None:
         """Attach scalar metrics (numbers, or tensors read now) to the most recent step."""
         if self._closed:
-            self._warn_once("closed-log", "gradscope: mon.log() after close() is ignored")
+            self._failures.warn_once("closed-log", "gradscope: mon.log() after close() is ignored")
             return
         check_metric_names(metrics)
         values = {name: float(as_scalar(value, name)) for name, value in metrics.items()}
         with self._lock:
-            self._emit(records.Metrics(max(self._step - 1, 0), values))
-
-    # ---- collecting ---------------------------------------------------------------------
-
-    def _collect(self, block: bool, steps_at_least: int = 1) -> None:
-        for step, key, rows in self._engines.completed(block):
-            if step in self._pending:
-                self._pending[step][3][key] = rows
-        if self._ddp is not None:
-            for step, result in self._ddp.completed(block):
-                if step in self._pending:
-                    self._pending[step][3]["replicas"] = result
-        for step in sorted(self._pending):
-            present, order, sources, arrived = self._pending[step]
-            if len(arrived) < len(sources):
-                break
-            del self._pending[step]
-            self._record_sampled(step, present, order, arrived)
-        if self._forward is not None:
-            for record in self._forward.completed(block):
-                self._emit(record)
-        for record in self._clock.completed(block, steps_at_least):
-            values = {"step_time": record.step_time, "peak_memory": record.peak_memory, "energy": record.energy}
-            self._emit(records.StepValues(record.step, {**values, **record.values}))
-        if self._updates is not None:
-            for step, weight_sq, update_sq in self._updates.completed(block):
-                self._emit(records.Updates(step, self._groups.sum(weight_sq), self._groups.sum(update_sq)))
-
-    def _emit(self, record: records.Record) -> None:
-        """Apply a record to the run's state and hand it to the exporters."""
-        self._run.apply(record)
-        if self._pump is not None:
-            self._pump.put(record)
-        self._observe(record)
-
-    def _record_sampled(self, step: int, present: np.ndarray, order: np.ndarray, arrived: dict) -> None:
-        replica = arrived.pop("replicas", None)
-        if replica is not None:
-            for record in self._ddp.records(step, replica, self._watched.row_of):
-                self._emit(record)
-        if any(payload is None for payload in arrived.values()) and step not in self._failed_steps:
-            self._emit(records.Failed(step))  # another rank could not measure this step
-            self._failed_steps.add(step)
-        if step in self._failed_steps:
-            self._failed_steps.discard(step)
-            present = np.zeros_like(present)
-        param_rows, rank, ranks = self._engines.param_rows(arrived)
-        sharded = self.topology.kind == "sharded"
-        if sharded and present.any():
-            present = present | (param_rows[:, layout.NUMEL] > 0)  # another rank held this gradient
-        if not present.any():  # no gradient at all this step (e.g. mon.step() without backward)
-            n_rows = len(self.rows)
-            layer = LayerRows(np.zeros((n_rows, layout.ROW_WIDTH)), np.zeros(n_rows, bool), np.full(n_rows, -1))
-        elif sharded:
-            layer = self._groups.combine(param_rows, present, order, rank, ranks)
-        else:
-            layer = self._groups.combine(param_rows, present, order)
-            if self._replicated:
-                layer = blame_replicas(layer, replica.nonfinite_ranks if replica is not None else ())
-        self._emit(
-            records.Sampled(step, layer.rows, layer.present, layer.order, layer.nonfinite_rank, layer.nonfinite_ranks)
-        )
+            self._recorder.emit(records.Metrics(max(self._open.index - 1, 0), values))
 
     # ---- reading (history, fields, stats and report are RunReadout's) --------------------
 
@@ -341,31 +329,47 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
     def _reading(self, wait: bool) -> Iterator[RunState]:
         with self._lock:
             if not self._closed:
-                self._collect(block=wait)
+                self._recorder.collect(block=wait)
             yield self._run
 
     def _in_flight(self) -> tuple[int, ...]:
         """Sampled steps whose statistics have not all reached the host."""
-        forward = self._forward.pending if self._forward is not None else ()
-        return tuple(sorted({*self._pending, *forward}))
+        return self._recorder.in_flight()
 
-    @property
-    def step_index(self) -> int:
-        """Steps completed so far (``mon.step()`` calls)."""
-        return self._step
+    # ---- checkpoints (gradscope.monitor.checkpoint) ---------------------------------------
 
-    # ---- failures and warnings ----------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What a training checkpoint should keep of the monitor, as plain Python values: the
+        step count and the state of the actions (early stopping's best value and patience,
+        the learning-rate controller's scales). Statistics are not in it: they are in the
+        run log. Save it with the model's and optimizer's state; see :meth:`load_state_dict`."""
+        with self._lock:
+            return checkpoint.monitor_state(self._open.state_dict(), self._acting.state_dict())
 
-    def _raise_update_error(self) -> None:
-        if self._updates is not None and self._updates.error is not None:
-            error, self._updates.error = self._updates.error, None
-            raise error
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from :meth:`state_dict` in a new monitor of the resumed run, before its first
+        ``mon.step()``: step numbers continue where the checkpoint left them, early stopping
+        keeps its best value and patience, and a scaled learning rate stays scaled.
+
+        Raises:
+            RuntimeError: the monitor has already stepped.
+            ValueError: ``state`` is not a gradscope monitor state.
+        """
+        step_state, actions_state = checkpoint.parts_of(state)
+        with self._lock:
+            if self._open.index != 0 or self._recorder.in_flight():
+                raise RuntimeError("Monitor.load_state_dict: call it before the first mon.step()")
+            self._open.load_state_dict(step_state)
+            self._open_step(self._open.index)
+            self._acting.load_state_dict(actions_state)
+
+    # ---- warnings -----------------------------------------------------------------------
 
     def _check_new_params(self) -> None:
         model = self._model()
         message = new_params_warning(model, self._watched) if model is not None else None
         if message:
-            self._warn_once("new-params", message)
+            self._failures.warn_once("new-params", message)
 
     # ---- closing ------------------------------------------------------------------------
 
@@ -375,22 +379,18 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
             if self._closed:
                 return
             try:
-                self._collect(block=True)
+                self._recorder.collect(block=True)
             except Exception as error:
-                self._fail(error)
+                self._failures.fail(self._open.index, error)
             self._closed = True
-            if self._forward is not None:
-                self._forward.close()
-            if self._updates is not None:
-                self._updates.close()
-            if self._responder is not None:
-                self._responder.close()
-            if self._ddp is not None:
-                self._ddp.close()
-            self._finalizer()  # hooks, capture workers, the pump: see __init__
+            self._backward.close()
+            for part in (self._forward, self._ddp):
+                if part is not None:
+                    part.close()
+            self._finalizer()  # hooks, optimizer hooks, capture workers, the pump: see __init__
             if self._pump is not None:
-                self.errors.extend(self._pump.errors)
-            self._pending.clear()
+                self._failures.errors.extend(self._pump.errors)
+            self._recorder.close()
             self._watched = None
             self._optimizer = None
             self._scaler = None
@@ -405,5 +405,5 @@ class Monitor(RunReadout, BackwardReceiver, Acting, Checkpointing, FailureReport
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"step {self._step}"
+        state = "closed" if self._closed else f"step {self._open.index}"
         return f"<gradscope.Monitor {self.mode} mode, every={self.every}, {len(self.rows)} rows, {state}>"

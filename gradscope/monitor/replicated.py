@@ -19,8 +19,10 @@ import torch
 from gradscope.distributed.noise_scale import NoiseScale
 from gradscope.distributed.replicas import ReplicaCheck, ReplicaResult, install_hook
 from gradscope.distributed.topology import Topology, find_ddp
+from gradscope.monitor.engines import Engines
 from gradscope.monitor.options import WatchOptions
 from gradscope.run import records
+from gradscope.stats.dispatch import is_host
 
 
 class DdpExtras:
@@ -69,6 +71,27 @@ class DdpExtras:
             )
         self.active = self.check is not None
         self.measuring = True  # step 0 is sampled
+
+    @classmethod
+    def of(
+        cls,
+        model: torch.nn.Module,
+        topology: Topology,
+        options: WatchOptions,
+        engines: Engines,
+        params: int,
+        warn: Callable[[str, str], None],
+    ) -> DdpExtras | None:
+        """A monitor's DDP extras, or None when there are none (not DDP, a single rank, or
+        nothing to do). ``engines``: the monitor's captures; with ``check_consistency`` on a
+        device, its rows of absent parameters are made zeros (the rows are hashed)."""
+        if topology.kind != "replicated" or topology.world == 1:
+            return None
+        key = engines.first  # the only one when rows are hashed
+        extras = cls(model, topology, options, params, torch.device("cpu") if is_host(key) else key, warn)
+        if options.check_consistency and not is_host(key):
+            engines.captures[key].zero_rows = True
+        return extras if extras.active else None
 
     @property
     def measuring(self) -> bool:

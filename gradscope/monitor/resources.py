@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -288,10 +288,17 @@ def row_dtypes(watched: WatchedParams) -> tuple[str, ...]:
     return tuple(str(chosen[r]).removeprefix("torch.") for r in range(len(watched.row_names)))
 
 
-def describe_run(target: torch.nn.Module, options, watched: WatchedParams, topology: Topology, forward=None) -> RunInfo:
+def describe_run(
+    target: torch.nn.Module,
+    options,
+    watched: WatchedParams,
+    topology: Topology,
+    modules: Sequence[tuple[str, torch.nn.Module]] = (),
+) -> RunInfo:
     """The :class:`~gradscope.run.info.RunInfo` of a monitor of ``target`` (the unwrapped model)
-    with ``options`` (its :class:`~gradscope.monitor.options.WatchOptions`); ``forward``: its
-    :class:`~gradscope.monitor.forward.ForwardCapture`, if any."""
+    with ``options`` (its :class:`~gradscope.monitor.options.WatchOptions`); ``modules``: the
+    named modules of its forward statistics, if any
+    (:func:`gradscope.monitor.forward.forward_modules`)."""
     row_numel = np.bincount(watched.row_of, weights=watched.numel, minlength=len(watched.row_names))
     extra = {
         "gradscope": package_version(),
@@ -313,7 +320,7 @@ def describe_run(target: torch.nn.Module, options, watched: WatchedParams, topol
         row_numel=tuple(int(n) for n in row_numel),
         extra=extra,
         row_dtypes=row_dtypes(watched),
-        modules=forward.names if forward is not None else (),
-        module_types=forward.types if forward is not None else (),
+        modules=tuple(name for name, _ in modules),
+        module_types=tuple(type(module).__name__ for _, module in modules),
         histogram_every=options.histogram_every,
     )

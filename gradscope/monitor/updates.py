@@ -96,6 +96,12 @@ class UpdateTracker:
         done, self._done = self._done, []
         return done
 
+    def raise_error(self) -> None:
+        """Raise (once) an error met in the optimizer's hooks (the monitor's step is then void)."""
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()

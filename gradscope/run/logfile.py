@@ -40,13 +40,13 @@ def segment_path(directory: Path, index: int) -> Path:
 
 
 def check_log_dir(directory: str | os.PathLike) -> Path:
-    """The log directory, created if needed; raises if it already holds a run log."""
+    """The log directory, checked (not made: the run log makes it when it starts); raises if it
+    is a file or already holds a run log."""
     path = Path(directory)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"log_dir {str(path)!r} is a file, not a directory")
     if path.is_dir() and any(path.glob(PATTERN)):
         raise FileExistsError(f"log_dir {str(path)!r} already holds a gradscope run log; use a new directory")
-    path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -148,6 +148,37 @@ def test_a_nan_gradient_halts_training_at_its_own_step(mode):
     assert run.mon.halted is halted
 
 
+def test_broken_health_checks_do_not_make_halt_on_a_nan_lapse(monkeypatch):
+    """A bug in gradscope's checks must not silently end the halting the user asked for: it is
+    reported (one warning, mon.errors), and a NaN that arrives still halts at its own step,
+    with a plain finding (the layer cannot be named without the checks)."""
+    from gradscope.actions import responder
+
+    def broken(view, thresholds):
+        raise ZeroDivisionError("a check's bug")
+
+    monkeypatch.setattr(responder, "judge", broken)
+    with pytest.warns(gradscope.GradscopeWarning, match="acting on findings failed"):
+        run = NanRun(nan_from=7, halt_on="nonfinite").train(20, stop=True)
+    ((step, halted),) = run.halts
+    assert step == 7 and halted.step == 7
+    assert (halted.finding.kind, halted.finding.severity, halted.finding.layer) == ("nonfinite", "critical", None)
+    assert halted.finding.since_step == 7 and "ZeroDivisionError" in halted.finding.message
+    assert halted.report is None
+    assert run.weights_finite() and run.nonfinite_grads_applied == 0
+    assert any("acting on findings failed" in e for e in run.mon.errors)
+
+
+def test_broken_health_checks_do_not_halt_a_healthy_run(monkeypatch):
+    """...and they never halt a run that has no NaN: gradscope's own failure does not stop training."""
+    from gradscope.actions import responder
+
+    monkeypatch.setattr(responder, "judge", lambda view, thresholds: 1 / 0)
+    with pytest.warns(gradscope.GradscopeWarning, match="acting on findings failed"):
+        run = NanRun(nan_from=10**6, halt_on="nonfinite").train(12)
+    assert run.halts == []
+
+
 def test_the_halt_carries_the_report_and_is_recorded_as_an_action():
     run = NanRun(nan_from=5, halt_on=["nonfinite", "divergence"]).train(10, stop=True)
     ((_, halted),) = run.halts

@@ -1,19 +1,30 @@
 """The monitor's side of backward (``gradscope.monitor.backward``): gradients noted by the
 cheapest hooks (:class:`~gradscope.monitor.hooks.Arrivals`) and measured when the pass ends,
-against gradients handed over one by one, on real models."""
+against gradients handed over one by one, on real models; and the receiver built alone,
+with real engines on a tiny model and the parts it is given."""
 
 import gc
+import threading
 import warnings
+import weakref
 
 import numpy as np
 import pytest
 import torch
 from models import loss_of, make
-from stats_reference import assert_rows_match, reference_layers, unscaled
+from stats_reference import assert_rows_match, reference_layers, reference_row, unscaled
+from torch import nn
 
 import gradscope
+from gradscope.distributed.topology import Topology
 from gradscope.monitor import engines, hooks
+from gradscope.monitor.backward import BackwardReceiver
+from gradscope.monitor.failures import Failures
+from gradscope.monitor.schedule import OpenStep
 from gradscope.monitor.watched import layer_name
+from gradscope.run import records
+from gradscope.stats import layout
+from gradscope.stats.reporting import GradscopeWarning
 
 FIELDS = ("numel", "sum", "sumsq", "max_abs", "zeros", "nans", "infs", "hist", "present", "norm")
 
@@ -23,7 +34,7 @@ def watch(model, monkeypatch, at_end: bool, **options):
     gradient at a time on a worker (as on machines with spare cores)."""
     monkeypatch.setattr(engines, "spare_cores", lambda: not at_end)
     mon = gradscope.watch(model, **options)
-    assert (mon._arrivals is not None) is at_end
+    assert (mon._backward.arrivals is not None) is at_end
     return mon
 
 
@@ -62,7 +73,7 @@ def test_accumulation_measures_only_the_last_pass_and_orders_it(monkeypatch):
             opt.zero_grad()
             for micro in range(3):
                 (loss_of("mlp", model, 10 * step + micro) / 3).backward()
-                assert len(mon._arrivals) == 0  # every pass's list is taken (or dropped) at its end
+                assert len(mon._backward.arrivals) == 0  # every pass's list is taken (or dropped) at its end
             expected.append(layer_reference(snapshot(model)))
             mon.step()
             opt.step()
@@ -92,7 +103,7 @@ def test_a_pass_whose_end_cannot_be_heard_is_measured_at_step(monkeypatch):
         series = {f: mon.history(f) for f in FIELDS}
         for position in range(3):
             assert_rows_match(series, position, expected[position])
-        assert len(mon._arrivals) == 0
+        assert len(mon._backward.arrivals) == 0
 
 
 def test_unsampled_steps_leave_nothing_behind(monkeypatch):
@@ -102,7 +113,7 @@ def test_unsampled_steps_leave_nothing_behind(monkeypatch):
         for step in range(6):
             opt.zero_grad()
             loss_of("mlp", model, step).backward()
-            assert len(mon._arrivals) == 0, f"step {step}: the pass's arrivals were not let go"
+            assert len(mon._backward.arrivals) == 0, f"step {step}: the pass's arrivals were not let go"
             mon.step()
             opt.step()
         assert list(mon.history("norm").steps) == [0, 4]
@@ -138,3 +149,127 @@ def test_the_hooks_do_not_keep_a_dropped_monitor_alive(monkeypatch):
     gc.collect()
     assert all(not p._post_accumulate_grad_hooks for p in model.parameters())
     loss_of("mlp", model, 1).backward()  # training goes on without it
+
+
+# ---- the receiver alone: real engines, a tiny model, no monitor ---------------------------
+
+
+class Receiving:
+    """A :class:`BackwardReceiver` built alone, with the parts it is given: real NumPy
+    engines over a tiny model's parameters, a pass counter, an open step, and failures whose
+    ``Failed`` records go to a list."""
+
+    def __init__(self, monkeypatch, at_end: bool, every: int = 1, accumulation_steps: int = 1) -> None:
+        monkeypatch.setattr(engines, "spare_cores", lambda: not at_end)
+        torch.manual_seed(0)
+        self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.params = tuple(self.model.parameters())
+        self.engines = engines.Engines(self.params, "numpy", "backward", Topology("single"), lambda key: None)
+        self.passes = hooks.BackwardPasses(accumulation_steps, len(self.params))
+        self.open = OpenStep(every, 1)
+        self.emitted: list = []
+        self.failures = Failures(every, True, self.emitted.append)
+        self.receiver = BackwardReceiver(
+            self.params, self.engines, self.passes, self.open, self.failures, threading.RLock(), "backward", False
+        )
+        assert (self.receiver.arrivals is not None) is at_end
+
+    def backward(self, seed: int) -> None:
+        x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
+        self.model.zero_grad()
+        self.model(x).square().mean().backward()
+
+    def finished_rows(self, step: int) -> np.ndarray:
+        """The open step's per-parameter rows, once its capture finished."""
+        self.receiver.close_open_pass()
+        assert self.engines.finish(step, failed=self.failures.is_void(step)) == []
+        completed = self.engines.completed(block=True)
+        assert [s for s, _, _ in completed] == [step]
+        rows, _, _ = self.engines.param_rows({key: payload for _, key, payload in completed})
+        return rows
+
+    def next_step(self) -> None:
+        self.passes.reset()
+        self.engines.reset()
+        self.open.move_to(self.open.index + 1)
+
+
+@pytest.fixture
+def receiving(monkeypatch):
+    """Builds :class:`Receiving` parts; their engines are closed after the test (a capture
+    worker thread must not outlive it)."""
+    built = []
+
+    def build(**kwargs) -> Receiving:
+        built.append(Receiving(monkeypatch, **kwargs))
+        return built[-1]
+
+    yield build
+    for part in built:
+        part.engines.close()
+
+
+@pytest.mark.parametrize("at_end", [True, False])
+def test_a_receiver_hands_every_final_gradient_to_its_engines(receiving, at_end):
+    """Per gradient or at the pass's end: every parameter's gradient reaches its capture, in
+    the order it became final (the output layer first), with the reference's statistics."""
+    part = receiving(at_end=at_end)
+    part.backward(0)
+    assert part.engines.present.all()
+    order = part.passes.order  # per parameter: first Linear's weight and bias, then the last's
+    assert sorted(order) == [0, 1, 2, 3] and max(order[2:]) < min(order[:2])
+    rows = part.finished_rows(0)
+    for index, p in enumerate(part.params):
+        expected = reference_row(p.grad)
+        assert rows[index, layout.NUMEL] == expected["numel"]
+        assert rows[index, layout.MAX_ABS] == expected["max_abs"]
+        np.testing.assert_allclose(rows[index, layout.SUMSQ], expected["sumsq"], rtol=1e-6)
+        np.testing.assert_array_equal(rows[index, layout.HIST :], expected["hist"])
+    assert part.emitted == [] and part.failures.errors == []
+
+
+@pytest.mark.parametrize("at_end", [True, False])
+def test_a_receiver_ignores_unsampled_steps_and_all_but_the_last_pass(receiving, at_end):
+    part = receiving(at_end=at_end, every=2, accumulation_steps=2)
+    part.backward(0)  # step 0, first of two passes: not measured
+    assert not part.engines.present.any() and part.passes.finished == 1
+    part.backward(1)
+    assert part.engines.present.all()
+    part.finished_rows(0)
+    part.next_step()  # step 1: unsampled, the hooks return at once
+    part.backward(2)
+    part.backward(3)
+    assert not part.engines.present.any() and (part.passes.order == -1).all()
+    if at_end:
+        assert len(part.receiver.arrivals) == 0, "an unsampled pass's arrivals are let go at its end"
+
+
+@pytest.mark.parametrize("at_end", [True, False])
+def test_a_failure_in_a_hook_voids_the_open_step_through_failures(monkeypatch, receiving, at_end):
+    part = receiving(at_end=at_end)
+    part.open.move_to(4)
+    capture = next(iter(part.engines.captures.values()))
+    monkeypatch.setattr(capture, "add_all" if at_end else "add", lambda *args: (_ for _ in ()).throw(OSError("no")))
+    with pytest.warns(GradscopeWarning, match=r"monitoring failed at step 4 \(OSError: no\)"):
+        part.backward(0)  # training goes on
+    assert part.emitted == [records.Failed(4)] and part.failures.is_void(4)
+    assert part.failures.errors == ["step 4: OSError: no"]
+    if not at_end:
+        assert part.engines.present.sum() == 0, "after the failure no gradient of the step is handed over"
+
+
+def test_hooks_hold_the_receiver_weakly_and_a_closed_receiver_does_nothing(receiving):
+    part = receiving(at_end=False)
+    part.receiver.close()
+    part.backward(0)
+    assert not part.engines.present.any()
+    gc.collect()
+    gc.disable()
+    try:
+        ref = weakref.ref(part.receiver)
+        del part.receiver
+        assert ref() is None, "the model's hooks keep the receiver alive"
+    finally:
+        gc.enable()
+    part.backward(1)  # hooks left on the model find nothing and do nothing
+    assert not part.engines.present.any()

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 import gradscope
+from gradscope.monitor import checkpoint as checkpoint_format
+from gradscope.run import records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -133,3 +135,24 @@ def test_loading_is_refused_after_the_first_step_and_for_a_foreign_state():
         train(model, torch.optim.SGD(model.parameters(), lr=0.1), mon, range(1))
         with pytest.raises(RuntimeError, match=r"before the first mon\.step"):
             mon.load_state_dict({"version": 1, "step": 3, "actions": {}})
+
+
+def test_the_state_is_made_of_the_parts_states_and_a_resumed_log_closes_at_the_resumed_count(tmp_path):
+    """``state_dict`` puts the open step's and the actions' states together
+    (``gradscope.monitor.checkpoint``); a resumed monitor closed before its first step still
+    closes its log with the checkpoint's step count, as it would after more steps."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradscope.watch(model, **options(opt)) as mon:
+        train(model, opt, mon, range(6))
+        state = mon.state_dict()
+        assert state["step"] == 6 and set(state["actions"]) == {"early_stopping", "shared_stop", "lr"}
+        assert checkpoint_format.parts_of(state) == (mon._open.state_dict(), mon._acting.state_dict())
+    for log, steps in (("resumed", 0), ("resumed-then-two-steps", 2)):
+        again = tiny_model()
+        again_opt = torch.optim.SGD(again.parameters(), lr=0.1)
+        with gradscope.watch(again, **options(again_opt), log_dir=tmp_path / log) as mon:
+            mon.load_state_dict(roundtrip(state))
+            train(again, again_opt, mon, range(6, 6 + steps))
+        last = (tmp_path / log).glob("*.jsonl").__next__().read_text().splitlines()[-1]
+        assert records.decode(last) == records.Closed(6 + steps)

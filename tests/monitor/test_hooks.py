@@ -1,5 +1,5 @@
 """Backward-pass hooks (``gradscope.monitor.hooks``): pass counting, hook registration and
-removal, the weakly held monitor, and the end-of-backward callback in a real backward."""
+removal, the weakly held receiver, and the end-of-backward callback in a real backward."""
 
 import gc
 
@@ -15,13 +15,14 @@ from gradscope.monitor.hooks import (
 )
 
 
-class Recorder:
-    """Stands in for a monitor: records ``_on_grad`` calls in a list it does not own."""
+class Receiver:
+    """Stands in for a monitor's backward receiver: records ``on_grad`` calls in a list it
+    does not own."""
 
     def __init__(self, calls: list) -> None:
         self.calls = calls
 
-    def _on_grad(self, index, param) -> None:
+    def on_grad(self, index, param) -> None:
         self.calls.append((index, param))
 
 
@@ -107,8 +108,8 @@ def test_hooks_only_on_parameters_that_require_grad_and_removed_again():
     model = frozen_middle_model()
     params = list(model.parameters())
     calls = []
-    recorder = Recorder(calls)
-    handles = register_grad_hooks(recorder, params)
+    receiver = Receiver(calls)
+    handles = register_grad_hooks(receiver, params)
     assert len(handles) == 4
     assert [hooks_of(p) for p in params] == [1, 1, 0, 0, 1, 1]
 
@@ -126,23 +127,23 @@ def test_hooks_only_on_parameters_that_require_grad_and_removed_again():
     assert handles == []
 
 
-def test_grad_hook_calls_the_monitor_with_its_index():
+def test_grad_hook_calls_the_receiver_with_its_index():
     calls = []
-    recorder = Recorder(calls)
+    receiver = Receiver(calls)
     param = torch.nn.Parameter(torch.ones(2))
-    GradHook(recorder, 7)(param)
+    GradHook(receiver, 7)(param)
     assert calls == [(7, param)]
 
 
-def test_grad_hook_holds_the_monitor_weakly():
+def test_grad_hook_holds_the_receiver_weakly():
     calls = []
-    recorder = Recorder(calls)
+    receiver = Receiver(calls)
     model = torch.nn.Linear(2, 1)
-    handles = register_grad_hooks(recorder, list(model.parameters()))
-    hook = GradHook(recorder, 0)
-    del recorder
+    handles = register_grad_hooks(receiver, list(model.parameters()))
+    hook = GradHook(receiver, 0)
+    del receiver
     gc.collect()
-    assert hook.monitor() is None  # the hooks on the model did not keep it alive
+    assert hook.receiver() is None  # the hooks on the model did not keep it alive
     hook(model.weight)  # does nothing, raises nothing
     model(torch.ones(1, 2)).sum().backward()
     assert calls == []

@@ -64,7 +64,7 @@ def test_numbers_equal_reference_cpu(monkeypatch, name, mode, worker, backend):
     model = make(name)
     with gradscope.watch(model, mode=mode, backend=backend) as mon:
         assert next(iter(mon._engines.captures.values())).overlap is worker
-        assert (mon._arrivals is not None) is (mode == "backward" and not worker)
+        assert (mon._backward.arrivals is not None) is (mode == "backward" and not worker)
         grads = train(name, model, mon, steps=3)
         check_against_grads(mon, grads, [0, 1, 2])
 
@@ -402,6 +402,35 @@ def test_a_monitor_dropped_without_close_goes_at_once_and_takes_its_hooks():
     gradscope.watch(model).close()  # the model is free to be watched again
 
 
+def test_a_dropped_monitor_takes_every_part_with_it_at_once(tmp_path):
+    """The parts hold one another, never the monitor, and form no cycle among themselves:
+    with every part built (forward statistics, actions, tracked updates, a run log), dropping
+    the monitor frees each part at once, with no garbage-collector pass."""
+    model = make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gc.collect()
+    gc.disable()
+    try:
+        mon = gradscope.watch(
+            model, optimizer=opt, track_updates=True, forward=True, halt_on="nonfinite", log_dir=tmp_path / "run"
+        )
+        train("mlp", model, mon, steps=3)
+        parts = {
+            name: weakref.ref(getattr(mon, name))
+            for name in ("_backward", "_recorder", "_failures", "_acting", "_responder", "_run", "_engines", "_forward")
+        }
+        del mon
+        alive = [name for name, ref in parts.items() if ref() is not None]
+        assert not alive, f"parts left alive by a reference cycle: {alive}"
+    finally:
+        gc.enable()
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()), "hooks left behind"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()), "forward hooks left"
+    assert records.decode((tmp_path / "run").glob("*.jsonl").__next__().read_text().splitlines()[-1]) == records.Closed(
+        3
+    )
+
+
 def _open_files() -> set[str]:
     import os
 
@@ -415,6 +444,22 @@ def _open_files() -> set[str]:
         except OSError:
             pass
     return found
+
+
+def test_a_dropped_monitor_takes_its_optimizer_hooks_too():
+    """The update tracker and the learning-rate controller hook the optimizer: a monitor dropped
+    without close() must not leave them (the tracker's copy of the weights alive, the rate
+    still scaled) for as long as the optimizer lives."""
+    model = make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooked = (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks))
+    mon = gradscope.watch(model, optimizer=opt, track_updates=True, adapt_lr=True)
+    assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) > hooked
+    train("mlp", model, mon, steps=2)
+    del mon
+    gc.collect()
+    assert (len(opt._optimizer_step_pre_hooks), len(opt._optimizer_step_post_hooks)) == hooked
+    assert opt.param_groups[0]["lr"] == 0.1
 
 
 @pytest.mark.parametrize("worker", [True, False])
@@ -643,3 +688,29 @@ def test_a_nan_loss_on_an_unsampled_step_halts_at_that_step():
         with pytest.raises(gradscope.TrainingHalted) as halted:
             small_steps(mon, model, 30, nan_at=13)
     assert mon.step_index == 14 and halted.value.step == 13
+
+
+@pytest.mark.parametrize("failing", ["Acting", "UpdateTracker", "Recorder"])
+def test_a_watch_that_fails_late_leaves_no_hook_thread_or_log_behind(monkeypatch, tmp_path, failing):
+    """A part that fails after the backward and forward hooks exist must leave the model as it
+    was: no hook, no pump thread, no run log, and the model free to be watched."""
+    import threading
+
+    from gradscope.monitor import monitor as monitor_module
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError(f"{failing} refused")
+
+    monkeypatch.setattr(monitor_module, failing, refuses)
+    model = make("mlp")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [t for t in threading.enumerate() if t.name == "gradscope-pump"]
+    with pytest.raises(RuntimeError, match=f"{failing} refused"):
+        gradscope.watch(model, optimizer=opt, track_updates=True, log_dir=tmp_path / "run", forward=True)
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters()), "hooks left behind"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert [t for t in threading.enumerate() if t.name == "gradscope-pump"] == before
+    assert not (tmp_path / "run").exists()
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    monkeypatch.undo()
+    gradscope.watch(model, optimizer=opt).close()

@@ -279,9 +279,12 @@ def test_segment_path_matches_the_pattern(tmp_path):
     assert fnmatch.fnmatch(segment_path(tmp_path, 99999).name, PATTERN)
 
 
-def test_check_log_dir_creates_and_accepts_a_directory_without_a_log(tmp_path):
+def test_check_log_dir_accepts_a_new_directory_without_making_it_and_one_without_a_log(tmp_path):
+    """Checking makes nothing: a watch() that fails after the check leaves no directory behind
+    (the run log makes it when it starts)."""
     new = tmp_path / "runs" / "x"
-    assert check_log_dir(new) == new and new.is_dir()
+    assert check_log_dir(new) == new and not new.exists()
+    new.mkdir(parents=True)
     (new / "other.jsonl").write_text("{}\n")
     assert check_log_dir(str(new)) == new
 
