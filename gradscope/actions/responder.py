@@ -114,8 +114,7 @@ class Responder:
         if self.consensus is not None:
             try:
                 halt = self._agree(step, halt, report_of)  # every rank, every step: the same collectives
-            except Exception as error:
-                halt = None
+            except Exception as error:  # e.g. the process group is gone: this rank's own halt stands (fail closed)
                 message = f"gradscope: sharing a decision between ranks failed ({type(error).__name__}: {error})"
                 self._report_error("consensus", message)
         elif self.lr is not None:

@@ -131,7 +131,7 @@ def install_hook(model: torch.nn.parallel.DistributedDataParallel) -> tuple[Comm
     state = CommHookState(model.process_group, dist.get_world_size(model.process_group))
     try:
         model.register_comm_hook(state, allreduce_hook)
-    except Exception as error:  # e.g. a built-in hook registered earlier
+    except (RuntimeError, TypeError, ValueError) as error:  # e.g. a built-in hook registered earlier
         return None, f"cannot register a DDP communication hook ({error})"
     return state, None
 

@@ -8,9 +8,11 @@ Three layouts:
   holds the same (averaged) gradient, so each rank measures it whole and no collective is
   needed for the statistics (:mod:`gradscope.distributed.replicas` adds the optional
   per-rank checks).
-* ``"sharded"``: parameters that are DTensors (FSDP2's ``fully_shard``, tensor parallel).
-  Each rank measures its local shard with the same kernels, and
-  :class:`gradscope.distributed.sharded.ShardedRows` combines the rows across the mesh.
+* ``"sharded"``: parameters that are DTensors (FSDP2's ``fully_shard``, tensor parallel,
+  HSDP), on one device mesh or on submeshes of it (FSDP2 x TP on a ``(dp, tp)`` mesh, with a
+  norm on ``mesh["dp"]``). Each rank measures its local shard with the same kernels, and
+  :class:`gradscope.distributed.sharded.ShardedRows` combines the rows over the mesh's
+  ranks, each part of a parameter counted once (:func:`first_holders`).
 
 Also here: seeing through the wrappers a model may come in (``torch.compile``, DDP).
 """
@@ -100,8 +102,8 @@ def topology(model: torch.nn.Module, params: tuple[torch.Tensor, ...], names: tu
     """The layout of ``model`` (see the module docstring).
 
     Raises:
-        ValueError: DTensor parameters on different device meshes, parameters with
-            ``Partial`` placements, or a DDP model whose parameters are DTensors.
+        ValueError: DTensor parameters on meshes over different sets of ranks, parameters
+            with ``Partial`` placements, or a DDP model whose parameters are DTensors.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return Topology("single")
@@ -115,32 +117,71 @@ def topology(model: torch.nn.Module, params: tuple[torch.Tensor, ...], names: tu
         return Topology("replicated", group, dist.get_rank(group), dist.get_world_size(group), global_rank=global_rank)
     if not sharded:
         return Topology("single", None, global_rank, dist.get_world_size(), global_rank=global_rank)
-    mesh = params[sharded[0]].device_mesh
-    for i in sharded:
-        if params[i].device_mesh != mesh:
-            raise ValueError(
-                f"watch: parameters '{names[sharded[0]]}' and '{names[i]}' are sharded over different device "
-                "meshes; watch each part of the model separately (params=...)"
-            )
     for i in sharded:
         if any(p.is_partial() for p in params[i].placements):
             raise ValueError(f"watch: parameter '{names[i]}' has a Partial placement {params[i].placements}")
-    if mesh.ndim == 1:
-        group = mesh.get_group()
-    elif mesh.size() == dist.get_world_size():
-        group = None
-    else:
-        ranks = sorted(int(r) for r in mesh.mesh.flatten().tolist())
-        group = dist.new_group(ranks, use_local_synchronization=True)
+    group = _combining_group(params, names, sharded)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    coordinate = mesh.get_coordinate()
-    contributes = np.zeros(len(params), dtype=bool)
-    for i, p in enumerate(params):
-        if _is_dtensor(p):
-            # Count a replicated mesh dimension once: only its first replica contributes.
-            contributes[i] = all(
-                coordinate[dim] == 0 for dim, placement in enumerate(p.placements) if placement.is_replicate()
-            )
-        else:
-            contributes[i] = rank == 0  # a plain tensor in a sharded model: taken to be replicated
+    contributes = first_holders(params, group)
     return Topology("sharded", group, rank, world, global_rank=global_rank, contributes=contributes)
+
+
+def _root_mesh(mesh):
+    """The mesh ``mesh`` was cut from (itself if it is a root): a submesh (``mesh["dp"]`` of a
+    ``(dp, tp)`` mesh) stands for the whole mesh, whose other ranks hold its replicas."""
+    return mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh  # private, torch >= 2.4
+
+
+def _ranks(mesh) -> tuple[int, ...]:
+    return tuple(sorted(int(r) for r in mesh.mesh.flatten().tolist()))
+
+
+def _combining_group(params, names, sharded: list[int]):
+    """The process group over which the rows are combined: the ranks of the (root) device
+    mesh the parameters are sharded over (None: the default group)."""
+    root = _root_mesh(params[sharded[0]].device_mesh)
+    ranks = _ranks(root)
+    for i in sharded:
+        other = _ranks(_root_mesh(params[i].device_mesh))
+        if other != ranks:
+            raise ValueError(
+                f"watch: parameters '{names[sharded[0]]}' and '{names[i]}' live on device meshes over different "
+                f"ranks ({list(ranks)} and {list(other)}), so no one set of ranks holds the whole model; watch the "
+                "submodule on each mesh with its own monitor (e.g. gradscope.watch(model.encoder) and "
+                "gradscope.watch(model.decoder))"
+            )
+    if len(ranks) == dist.get_world_size():
+        return None
+    if root.ndim == 1:
+        return root.get_group()
+    return dist.new_group(list(ranks), use_local_synchronization=True)
+
+
+def shard_key(tensor: torch.Tensor) -> tuple:
+    """Which part of a parameter this rank holds: for each mesh dimension the parameter is
+    sharded along, ``(mesh dim, coordinate, mesh size)``; empty for a replicated or plain
+    tensor. Ranks whose keys are equal hold equal values (replicas), wherever their meshes are:
+    a parameter kept on ``mesh["dp"]`` of a ``(dp, tp)`` mesh has the same key on every tp rank."""
+    if not _is_dtensor(tensor):
+        return ()
+    mesh, coordinate = tensor.device_mesh, tensor.device_mesh.get_coordinate()
+    return tuple(  # every placement but Replicate splits the tensor (Shard, FSDP2's _StridedShard under TP)
+        (d, int(coordinate[d]), int(mesh.size(d)))
+        for d, placement in enumerate(tensor.placements)
+        if not placement.is_replicate()
+    )
+
+
+def first_holders(params, group) -> np.ndarray:
+    """bool ``(P,)``: whether this rank is the lowest rank of ``group`` holding its part of each
+    parameter, so that every part enters the combined sums exactly once (replicas of a
+    replicated mesh dimension, of a submesh's sibling, or of a plain tensor are counted once).
+    One ``all_gather_object`` of every rank's shard keys (:func:`shard_key`), when ``watch`` is called."""
+    keys = [shard_key(p) for p in params]
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, keys, group=group)
+    rank = dist.get_rank(group)
+    contributes = np.zeros(len(params), dtype=bool)
+    for i, key in enumerate(keys):
+        contributes[i] = next(r for r, theirs in enumerate(gathered) if theirs[i] == key) == rank
+    return contributes

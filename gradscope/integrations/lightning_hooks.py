@@ -45,7 +45,7 @@ def _validation_metrics(trainer) -> dict:
     results = getattr(loop, "_results", None)  # private: no public list of what validation logged
     try:
         names = {result.meta.name for result in results.values()}
-    except Exception:
+    except AttributeError:  # no results object, or one of another shape: not told
         return metrics
     return {k: v for k, v in metrics.items() if k in names or k.removesuffix("_epoch") in names}
 

@@ -102,7 +102,7 @@ def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
     try:
         return torch._C._current_graph_task_id() != -1
-    except Exception:
+    except (AttributeError, RuntimeError):  # a private API: a torch without it has no such pass to see
         return False
 
 
@@ -110,7 +110,7 @@ def _autocast_dtype(device_type: str) -> str:
     try:
         if torch.is_autocast_enabled(device_type):
             return str(torch.get_autocast_dtype(device_type)).removeprefix("torch.")
-    except Exception:
+    except (AttributeError, RuntimeError):  # a device type autocast does not know: no autocast
         pass
     return ""
 

@@ -108,7 +108,7 @@ def queue_end_of_backward(callback: Callable[[], None]) -> bool:
     try:
         torch.autograd.Variable._execution_engine.queue_callback(callback)
         return True
-    except Exception:
+    except RuntimeError:  # "Final callbacks can only be installed during backward pass"
         return False
 
 

@@ -269,8 +269,8 @@ class Monitor(RunReadout):
                             self._failures.fail(step, error)  # the step is void, but its collectives still run
                     self._recorder.finish(step, self._passes.order)
                     self._engines.raise_error()
-                    if self._updates is not None:
-                        self._updates.raise_error()
+                if self._updates is not None:
+                    self._report_update_failure()
                 scale = scaler.scale_tensor(self._scaler)
                 if scale is not None:
                     values["grad_scale"] = scale
@@ -304,6 +304,14 @@ class Monitor(RunReadout):
                 self._forward.install()
             else:
                 self._forward.remove()  # unsampled steps run without forward hooks
+
+    def _report_update_failure(self) -> None:
+        """An optimizer hook of update tracking failed (after an earlier ``mon.step()``): that
+        step keeps no update norms; the failure is reported, and no gradient statistic is voided."""
+        error = self._updates.take_error()
+        if error is not None:
+            message = f"gradscope: measuring the optimizer's update failed ({type(error).__name__}: {error})"
+            self._failures.report_error("updates", message + "; that step has no update norms")
 
     def _update_step(self) -> int | None:
         """The step an optimizer step now belongs to: the one ``mon.step()`` just closed."""
@@ -382,6 +390,8 @@ class Monitor(RunReadout):
                 self._recorder.collect(block=True)
             except Exception as error:
                 self._failures.fail(self._open.index, error)
+            if self._updates is not None:
+                self._report_update_failure()  # the last step's optimizer update
             self._closed = True
             self._backward.close()
             for part in (self._forward, self._ddp):

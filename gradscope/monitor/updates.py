@@ -96,11 +96,11 @@ class UpdateTracker:
         done, self._done = self._done, []
         return done
 
-    def raise_error(self) -> None:
-        """Raise (once) an error met in the optimizer's hooks (the monitor's step is then void)."""
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+    def take_error(self) -> BaseException | None:
+        """The error met in the optimizer's hooks since the last call (once), or None. The
+        step it happened in records no update norms; its gradient statistics stand."""
+        error, self.error = self.error, None
+        return error
 
     def close(self) -> None:
         for handle in self._handles:

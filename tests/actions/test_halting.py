@@ -16,6 +16,7 @@ import pickle
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 
 import gradscope
@@ -262,3 +263,33 @@ def test_a_hand_made_training_halted_names_the_finding():
     assert str(halted).startswith("gradscope halted training at step 91: [critical] divergence (since step 40)")
     copy = pickle.loads(pickle.dumps(halted))
     assert str(copy) == str(halted) and copy.report is None and copy.step == 91
+
+
+def test_a_failed_exchange_between_ranks_does_not_make_halt_on_a_nan_lapse(tmp_path):
+    """Distributed, the deciding rank's halt reaches the others through a broadcast. When that
+    broadcast fails (here the process group is destroyed under the monitor), the failure is
+    reported, and the rank's own halt still stops training before the NaN's update."""
+    from gradscope.actions.consensus import Consensus
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    run = NanRun(nan_from=5, halt_on="nonfinite")
+    responder = run.mon._acting.responder
+    responder.consensus = Consensus(0, len(run.mon.rows))  # as a 2-rank run builds it, with this rank deciding
+    original = run.model.blocks[4].forward
+
+    def destroy_the_group_at_the_nan(*args, **kwargs):
+        if run.model.blocks[4].activation != "relu" and dist.is_initialized():
+            dist.destroy_process_group()
+        return original(*args, **kwargs)
+
+    run.model.blocks[4].forward = destroy_the_group_at_the_nan
+    try:
+        with pytest.warns(gradscope.GradscopeWarning, match="sharing a decision between ranks failed"):
+            run.train(12, stop=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    ((step, halted),) = run.halts
+    assert step == 5 and halted.finding.kind == "nonfinite"
+    assert run.weights_finite() and run.nonfinite_grads_applied == 0
+    assert any("sharing a decision between ranks failed" in e for e in run.mon.errors)

@@ -112,3 +112,29 @@ def test_check_consistency_needs_ddp():
 def test_log_rank_is_checked():
     with pytest.raises(ValueError, match="log_rank must be None or a rank in \\[0, 1\\)"):
         gradscope.watch(torch.nn.Linear(2, 2), log_rank=3)
+
+
+def test_the_comm_hook_is_installed_once_and_a_model_with_another_hook_is_refused_by_name(tmp_path):
+    """``install_hook`` on real DDP models (one gloo process): gradscope's hook is installed
+    once and reused by a later monitor; a model that already has the user's own Python hook, or
+    a built-in C++ hook that DDP refuses to replace, gets ``(None, why)`` naming it, which the
+    monitor turns into its ``comm-hook`` warning (training goes on without the hook)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ours = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        state, why = replicas.install_hook(ours)
+        assert isinstance(state, replicas.CommHookState) and why is None
+        assert replicas.install_hook(ours) == (state, None)  # a second monitor reuses it
+
+        theirs = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        theirs.register_comm_hook(None, default_hooks.allreduce_hook)
+        assert replicas.install_hook(theirs) == (None, "the DDP model already has a communication hook")
+
+        builtin = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+        builtin._register_builtin_comm_hook(dist.BuiltinCommHookType.ALLREDUCE)
+        state, why = replicas.install_hook(builtin)
+        assert state is None and why.startswith("cannot register a DDP communication hook (")
+    finally:
+        dist.destroy_process_group()

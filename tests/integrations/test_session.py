@@ -150,3 +150,34 @@ def test_steps_are_numbered_from_the_resumed_count_and_reports_written(tmp_path,
     assert "gradscope health" in capsys.readouterr().out
     assert gradscope.load_run(session.run_dir).history("norm").steps.tolist() == [40, 41, 42]
     assert session.finish("title") == files  # once only
+
+
+def test_statistics_the_loggers_cannot_read_are_reported_and_training_goes_on(tmp_path, monkeypatch):
+    """A failure while turning the statistics into logger scalars (a gradscope bug) reaches
+    ``mon.errors`` and one warning; the logger gets nothing for that step, the step goes on,
+    and the next step's scalars arrive as usual."""
+    from gradscope.integrations import session as session_module
+
+    model, opt = model_and_opt()
+    session = TrainerSession("Cb", {"backend": "numpy"}, report=False)
+    session.start(model, tmp_path, optimizer=opt, mode="step")
+    one_step(session, model, opt, 0)
+    with monkeypatch.context() as patch:
+        patch.setattr(session_module, "summary_scalars", lambda rows, present: 1 / 0)
+        with pytest.warns(gradscope.GradscopeWarning, match="could not read the statistics for the loggers"):
+            assert session.scalars() is None
+    assert any("division by zero" in e for e in session.monitor.errors)
+    one_step(session, model, opt, 1)
+    assert session.scalars()[0] == 1
+    session.finish("t")
+
+
+def test_a_report_that_cannot_be_written_is_a_warning_and_the_report_is_still_printed(tmp_path, capsys):
+    model, opt = model_and_opt()
+    session = TrainerSession("Cb", {"backend": "numpy"})
+    session.start(model, tmp_path, optimizer=opt, mode="step")
+    one_step(session, model, opt, 0)
+    (session.run_dir / "report.txt").mkdir(parents=True)  # writing the text report fails (IsADirectoryError)
+    with pytest.warns(gradscope.GradscopeWarning, match=r"Cb: could not write the health report \(.*report.txt"):
+        assert session.finish("t") == []
+    assert "gradscope health" in capsys.readouterr().out

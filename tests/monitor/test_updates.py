@@ -173,3 +173,41 @@ def test_a_dropped_sampler_means_no_sampled_steps():
     assert tracker.completed() == []
     assert tracker.error is None
     tracker.close()
+
+
+def test_a_failure_after_the_optimizer_step_reaches_mon_errors_and_training_goes_on(monkeypatch):
+    """Through the monitor: measuring the update fails at step 2 (after the optimizer ran);
+    the user's step is untouched, the failure is in ``mon.errors``, step 2 has no update
+    norms (NaN, nothing made up), the steps around it are measured, and no step's gradient
+    statistics are voided for it (the failure belongs to step 2's update, not to step 3)."""
+    import gradscope
+    from gradscope.monitor import updates
+
+    measure = updates._weight_and_update_sq
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    failing_step = {"now": -1}
+
+    def fails_at_step_2(weight, before):
+        if failing_step["now"] == 2:
+            raise RuntimeError("measuring the update failed")
+        return measure(weight, before)
+
+    monkeypatch.setattr(updates, "_weight_and_update_sq", fails_at_step_2)
+    with pytest.warns(gradscope.GradscopeWarning, match="measuring the update failed"):
+        with gradscope.watch(model, optimizer=optimizer, track_updates=True, backend="numpy") as mon:
+            for step in range(4):
+                failing_step["now"] = step
+                x = torch.randn(5, 4, generator=torch.Generator().manual_seed(step))
+                model(x).square().mean().backward()
+                mon.step()
+                before = [p.detach().clone() for p in model.parameters()]
+                optimizer.step()
+                assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+                optimizer.zero_grad()
+    assert any("measuring the update failed" in e for e in mon.errors)
+    norms, steps, _ = mon.history("update_norm")
+    measured = {int(s): bool(np.isfinite(v).all()) for s, v in zip(steps, norms, strict=True)}
+    assert measured.get(2) is not True and measured[1] and measured[3]
+    grad_norms, grad_steps, _ = mon.history("norm")
+    assert grad_steps.tolist() == [0, 1, 2, 3] and np.isfinite(grad_norms).all()  # no gradient step voided
