@@ -201,3 +201,58 @@ def test_every_exporter_failing_leaves_the_pump_working():
         "FailsOn.write failed (ValueError: boom in write); it is dropped",
     ]
     assert a.methods() == ["start", "write"] and b.methods() == ["start"]
+
+
+class Timed(Recorder):
+    """Each method sleeps a known time; remembers what the pump says each call took."""
+
+    SLEEP = {"start": 0.2, "write": 0.01, "flush": 0.02, "close": 0.2}
+
+    def __init__(self):
+        super().__init__()
+        self.measured = []
+
+    def _note(self, method, arg=None):
+        super()._note(method, arg)
+        time.sleep(self.SLEEP[method])
+
+    def spent(self, seconds):
+        self.measured.append((self.methods()[-1], seconds))
+
+
+def test_an_exporters_budget_counts_its_write_and_flush_calls_and_nothing_else():
+    """``Exporter.spent`` gets one measurement per ``write`` and ``flush`` (what a scalar
+    exporter's time budget counts), each at least the call's own time, and none for ``start``
+    or ``close`` (once per run: not the per-step cost a budget is about)."""
+    timed = Timed()
+    pump = RecordPump([timed], HEADER, flush_seconds=LONG)
+    for record in some_records()[:2]:
+        pump.put(record)
+    pump.close(2)
+    assert [method for method, _ in timed.measured] == ["write", "write", "write", "flush"]  # 2 + Closed
+    for method, seconds in timed.measured:
+        assert Timed.SLEEP[method] <= seconds < Timed.SLEEP[method] + 0.15, (method, seconds)
+
+
+def test_a_script_that_never_closes_its_monitor_still_exits_and_closes_its_log(tmp_path):
+    """The pump's thread must not keep the interpreter alive (a daemon thread): a script that
+    forgets ``mon.close()`` exits, and the monitor's finalizer, run at exit, still writes the
+    log's closing record."""
+    import subprocess
+    import sys
+
+    import gradscope
+
+    script = f"""
+import torch, gradscope
+model = torch.nn.Linear(3, 2)
+mon = gradscope.watch(model, log_dir={str(tmp_path / 'log')!r}, backend="numpy")
+for step in range(3):
+    model(torch.ones(4, 3)).sum().backward()
+    mon.step(loss=1.0)
+print("trained")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "trained" in done.stdout, done.stderr
+    run = gradscope.load_run(tmp_path / "log")
+    assert run.closed and list(run.history("norm").steps) == [0, 1, 2]
