@@ -15,6 +15,7 @@ KINDS = (
     "exploding",
     "vanishing",
     "dead",
+    "expert_starvation",
     "stalled_updates",
     "plateau",
     "divergence",
@@ -85,6 +86,12 @@ SUGGESTIONS = {
         "Almost every gradient element is exactly zero: units that never activate (dead ReLUs) or a "
         "branch whose output does not reach the loss. Lower the learning rate, use LeakyReLU/GELU, check "
         "biases and initialisation (large negative biases), and check the layer is used in forward."
+    ),
+    "expert_starvation": (
+        "The router sends no tokens to these experts, so they never learn (router collapse). Add or raise the "
+        "load-balancing auxiliary loss (Switch/Mixtral style, e.g. router_aux_loss_coef), use capacity limits or "
+        "noisy top-k routing, lower the learning rate of the router, check its initialisation (logits near zero "
+        "at the start) and that the batch has enough tokens for every expert to be chosen."
     ),
     "stalled_updates_low": (
         "Each step barely changes these weights: the learning rate is too low for them, a scheduler has "

@@ -15,6 +15,7 @@ import numpy as np
 
 from gradscope.health.thresholds import Thresholds
 from gradscope.run.forward_history import ForwardNonfinite
+from gradscope.run.info import SiblingGroup
 from gradscope.run.records import Action, Desync, Forward
 from gradscope.run.state import NonfiniteEvent, RunState
 from gradscope.stats import layout
@@ -66,6 +67,7 @@ class RunView:
     forward_events: tuple[ForwardNonfinite, ...] = ()  # the first forward steps that held NaN/Inf
     forward_latest: Forward | None = None  # the newest forward record (outputs, inputs, dtypes)
     actions: tuple[Action, ...] = ()  # what gradscope did about its findings (gradscope.actions)
+    sibling_groups: tuple[SiblingGroup, ...] = ()  # experts of a mixture of experts, and the like
 
     def loss_state(self, step: int) -> str:
         """Whether the loss of ``step`` was ``"finite"``, ``"nonfinite"`` or ``"unknown"`` (not
@@ -193,6 +195,7 @@ def view_of(state: RunState, thresholds: Thresholds) -> RunView | None:
         forward_steps=state.forward.steps() if state.forward is not None else None,
         forward_events=tuple(state.forward.events) if state.forward is not None else (),
         forward_latest=state.forward.latest if state.forward is not None else None,
+        sibling_groups=info.sibling_rows,
     )
 
 

@@ -16,11 +16,19 @@ call. Two ways to hear of gradients (:mod:`gradscope.monitor.hooks` registers th
 Both record the order in which gradients became final (where a NaN first appeared in
 backward) and measure only the last pass of an optimisation step under gradient accumulation.
 
+In ``mode="step"`` nothing is measured in backward, but in a single process hooks mark
+which parameters autograd gave a gradient in the step
+(:func:`gradscope.monitor.hooks.register_participation_hooks`), and ``mon.step()`` reads
+``.grad`` only of those (:meth:`gradscope.monitor.hooks.BackwardPasses.took_part`): an
+expert no token was routed to is absent for the step, as in backward mode, not a dead layer
+of the zeros ``zero_grad(set_to_none=False)`` left. In DDP and FSDP2 runs another rank's
+gradient may reach a parameter this rank's backward did not touch: there every ``.grad`` counts.
+
 The receiver is given what it touches: the watched parameters, the capture engines, the
 backward-pass counter, the open step (read, never moved), the failures part (a failure in a
-hook voids the open step), the monitor's lock, and the mode and DDP flags. The hooks hold it
-weakly, and it holds nothing that leads back to the monitor: a monitor dropped without
-``close()`` is freed at once and its finalizer removes the hooks (:attr:`handles`).
+hook voids the open step), the monitor's lock, the mode and the model's topology. The hooks
+hold it weakly, and it holds nothing that leads back to the monitor: a monitor dropped
+without ``close()`` is freed at once and its finalizer removes the hooks (:attr:`handles`).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gradscope.distributed.topology import Topology
 from gradscope.monitor import hooks
 from gradscope.monitor.engines import Engines
 from gradscope.monitor.failures import Failures
@@ -46,10 +55,11 @@ class BackwardReceiver:
         open_step: the monitor's open step (sampled or not; which step a failure voids).
         failures: where a failure in a hook goes.
         lock: the monitor's lock, held while a hook touches the captures.
-        mode: ``"backward"`` registers hooks; ``"step"`` none (everything is measured at
-            ``mon.step()``).
-        replicated: DDP: gradients are measured when averaging has finished, at the end of
-            backward, not as they arrive.
+        mode: ``"backward"`` registers hooks that hand gradients over; ``"step"`` measures
+            everything at ``mon.step()`` (in a single process, hooks only mark which
+            parameters took part in the step: :attr:`passes` ``.marks``).
+        topology: the model's layout over ranks. DDP (``"replicated"``): gradients are
+            measured when averaging has finished, at the end of backward, not as they arrive.
 
     Attributes:
         arrivals: the :class:`~gradscope.monitor.hooks.Arrivals` hooks when every gradient
@@ -67,7 +77,7 @@ class BackwardReceiver:
         failures: Failures,
         lock: threading.RLock,
         mode: str,
-        replicated: bool,
+        topology: Topology,
     ) -> None:
         self._params = params
         self._engines = engines
@@ -75,11 +85,12 @@ class BackwardReceiver:
         self._open = open_step
         self._failures = failures
         self._lock = lock
-        self._replicated = replicated  # read in every hook call
+        self._replicated = replicated = topology.kind == "replicated"  # read in every hook call
         self.closed = False
         self.arrivals: hooks.Arrivals | None = None
         if mode != "backward":
-            self.handles: list = []
+            alone = topology.kind == "single" and topology.world == 1
+            self.handles: list = hooks.register_participation_hooks(passes.marks, params) if alone else []
         elif engines.gathers_at_end and not replicated:
             self.arrivals = hooks.Arrivals(self, params)
             self.handles = self.arrivals.handles
@@ -165,5 +176,6 @@ class BackwardReceiver:
         finalizer removes the hooks)."""
         self.closed = True
         self._params = ()
+        self._passes.reset()  # let go of the parameters a participation mark holds
         if self.arrivals is not None:
             self.arrivals.clear()

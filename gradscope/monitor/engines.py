@@ -125,11 +125,16 @@ class Engines:
         self.captures[key].add_all(indices, grads)
         self.present[indices] = True
 
-    def add_all(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Measure every parameter's gradient now (step mode; DDP once averaging is done)."""
+    def add_all(self, params: Sequence[torch.nn.Parameter], took_part: Sequence[bool] | None = None) -> None:
+        """Measure every parameter's gradient now (step mode; DDP once averaging is done).
+
+        ``took_part``: which parameters autograd gave a gradient in this step
+        (:meth:`gradscope.monitor.hooks.BackwardPasses.took_part`); the others' ``.grad``, if
+        any, is no gradient of this step and they stay absent. None: every ``.grad`` counts.
+        """
         grads: dict[Engine, tuple[list[int], list[torch.Tensor]]] = {}
         for index, p in enumerate(params):
-            if p.grad is not None:
+            if p.grad is not None and (took_part is None or took_part[index]):
                 key, local = self._route[index]
                 locals_, tensors = grads.setdefault(key, ([], []))
                 locals_.append(local)

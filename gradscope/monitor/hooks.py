@@ -9,10 +9,17 @@ accumulation only the last backward pass of an optimisation step is measured, wh
 gradients are complete: :class:`BackwardPasses` knows which pass that is (the
 ``accumulation_steps``-th, or the one a trainer says is last) and the order in which the
 measured pass's gradients became final.
+
+In ``mode="step"`` (gradients read from ``.grad`` at ``mon.step()``) a hook of C code only
+marks each parameter autograd gives a gradient in the step (:func:`register_participation_hooks`):
+a parameter that took no part in the step (an expert no token was routed to) keeps in ``.grad``
+what ``zero_grad(set_to_none=False)`` left there, zeros that are no gradient of this step.
 """
 
 from __future__ import annotations
 
+import functools
+import operator
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -96,6 +103,22 @@ class Arrivals:
         self._log.clear()
 
 
+def register_participation_hooks(marks: list, params: Sequence[torch.nn.Parameter]) -> list:
+    """On every parameter that requires grad, a hook that stores the parameter in its slot of
+    ``marks`` (:attr:`BackwardPasses.marks`) when autograd accumulates its gradient; returns
+    the handles.
+
+    The hook is ``functools.partial(operator.setitem, marks, index)``: C code only, so no Python
+    frame runs in autograd's path and no tensor is touched (the parameter it stores is the
+    model's own).
+    """
+    return [
+        p.register_post_accumulate_grad_hook(functools.partial(operator.setitem, marks, index))
+        for index, p in enumerate(params)
+        if p.requires_grad
+    ]
+
+
 def remove_handles(handles: list) -> None:
     """Remove hooks (idempotent: the list is emptied)."""
     for handle in handles:
@@ -128,6 +151,9 @@ class BackwardPasses:
         measuring: the running pass is the one measured.
         order: int64 ``(P,)``, the position in which each parameter's gradient became final
             during the measured pass (0 first), -1 if it has not.
+        marks: ``(P,)`` list, in step mode: the parameter in the slot of each parameter autograd
+            gave a gradient in any pass of the open step, None in the others'
+            (:func:`register_participation_hooks`; see :meth:`took_part`).
     """
 
     def __init__(self, accumulation_steps: int, params: int) -> None:
@@ -136,6 +162,8 @@ class BackwardPasses:
         self.measuring = False
         self.finished = 0
         self.order = np.full(params, -1, dtype=np.int64)
+        self.marks: list = [None] * params
+        self._unmarked = (None,) * params
         self._next = 0
         self._measured = False  # a pass of this step was measured
 
@@ -169,8 +197,16 @@ class BackwardPasses:
         measured, self.measuring = self.measuring, False
         return measured
 
+    def took_part(self) -> list[bool] | None:
+        """Per parameter, whether autograd gave it a gradient in the open step (:attr:`marks`);
+        None when no parameter is marked: not tracked (backward mode, distributed runs), or
+        gradients set by hand rather than by backward, where every ``.grad`` counts."""
+        taken = [mark is not None for mark in self.marks]
+        return taken if any(taken) else None
+
     def reset(self) -> None:
         """The optimisation step is over (``mon.step()``): start counting again."""
+        self.marks[:] = self._unmarked
         self.open = False
         self.measuring = False
         self.finished = 0

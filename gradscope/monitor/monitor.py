@@ -166,9 +166,8 @@ class Monitor(RunReadout):
         self._failures = failures = Failures(options.every, self.is_logging_rank, sink.put)
         self._ddp = DdpExtras.of(model, topo, options, engines, len(watched), failures.warn_once)
         self._passes = hooks.BackwardPasses(options.accumulation_steps, len(watched))
-        replicated = topo.kind == "replicated"
         self._backward = BackwardReceiver(
-            watched.params, engines, self._passes, self._open, failures, self._lock, options.mode, replicated
+            watched.params, engines, self._passes, self._open, failures, self._lock, options.mode, topo
         )
         device = next((p.device for p in watched.params if p.device.type == "cuda"), torch.device("cpu"))
         if options.forward:
@@ -264,7 +263,7 @@ class Monitor(RunReadout):
                 if sampled:
                     if self.mode == "step":
                         try:
-                            self._engines.add_all(self._watched.params)
+                            self._engines.add_all(self._watched.params, self._passes.took_part())
                         except Exception as error:
                             self._failures.fail(step, error)  # the step is void, but its collectives still run
                     self._recorder.finish(step, self._passes.order)

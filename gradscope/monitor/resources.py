@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gradscope.distributed.topology import Topology
+from gradscope.monitor.siblings import sibling_groups
 from gradscope.monitor.watched import WatchedParams
 from gradscope.run.history import BUILT_IN_FIELDS
 from gradscope.run.info import RunInfo, package_version
@@ -323,4 +324,5 @@ def describe_run(
         modules=tuple(name for name, _ in modules),
         module_types=tuple(type(module).__name__ for _, module in modules),
         histogram_every=options.histogram_every,
+        sibling_groups=sibling_groups(target, watched),
     )

@@ -18,7 +18,7 @@ import numpy as np
 
 from gradscope.stats import layout
 
-SCHEMA = 5
+SCHEMA = 6
 """Version of the run-log format this gradscope writes (and the newest it reads).
 
 1: the first format. 2: adds the ranks of non-finite gradients to ``sampled`` records and
@@ -26,7 +26,8 @@ SCHEMA = 5
 the rows' gradient dtypes to the header. 4: adds ``action`` records (what gradscope did about
 its findings: gradscope.actions). 5: light rows (``watch(histogram_every=N)``): a ``sampled``
 record may say which rows have a histogram (``hist_known``) and then holds only theirs.
-Older logs are read as before."""
+6: the header names groups of sibling modules with identical parameters (the experts of a
+mixture of experts). Older logs are read as before."""
 
 
 @dataclass(frozen=True)

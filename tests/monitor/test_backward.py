@@ -154,25 +154,36 @@ def test_the_hooks_do_not_keep_a_dropped_monitor_alive(monkeypatch):
 # ---- the receiver alone: real engines, a tiny model, no monitor ---------------------------
 
 
+SINGLE = Topology("single")
+
+
 class Receiving:
     """A :class:`BackwardReceiver` built alone, with the parts it is given: real NumPy
     engines over a tiny model's parameters, a pass counter, an open step, and failures whose
     ``Failed`` records go to a list."""
 
-    def __init__(self, monkeypatch, at_end: bool, every: int = 1, accumulation_steps: int = 1) -> None:
+    def __init__(
+        self,
+        monkeypatch,
+        at_end: bool,
+        every: int = 1,
+        accumulation_steps: int = 1,
+        mode: str = "backward",
+        topology: Topology = SINGLE,
+    ) -> None:
         monkeypatch.setattr(engines, "spare_cores", lambda: not at_end)
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         self.params = tuple(self.model.parameters())
-        self.engines = engines.Engines(self.params, "numpy", "backward", Topology("single"), lambda key: None)
+        self.engines = engines.Engines(self.params, "numpy", mode, Topology("single"), lambda key: None)
         self.passes = hooks.BackwardPasses(accumulation_steps, len(self.params))
         self.open = OpenStep(every, 1)
         self.emitted: list = []
         self.failures = Failures(every, True, self.emitted.append)
         self.receiver = BackwardReceiver(
-            self.params, self.engines, self.passes, self.open, self.failures, threading.RLock(), "backward", False
+            self.params, self.engines, self.passes, self.open, self.failures, threading.RLock(), mode, topology
         )
-        assert (self.receiver.arrivals is not None) is at_end
+        assert (self.receiver.arrivals is not None) is (at_end and mode == "backward")
 
     def backward(self, seed: int) -> None:
         x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
@@ -273,3 +284,42 @@ def test_hooks_hold_the_receiver_weakly_and_a_closed_receiver_does_nothing(recei
         gc.enable()
     part.backward(1)  # hooks left on the model find nothing and do nothing
     assert not part.engines.present.any()
+
+
+# ---- step mode: which parameters took part in the step -----------------------------------
+
+
+def test_in_step_mode_a_single_process_marks_which_parameters_took_part(receiving):
+    """Step mode measures at ``mon.step()``; its hooks only mark participation, and the
+    engines then read ``.grad`` only of parameters that took part: a layer cut off from the
+    loss keeps the zeros of ``zero_grad(set_to_none=False)`` but is absent, not measured."""
+    part = receiving(at_end=True, mode="step")
+    assert len(part.receiver.handles) == 4 and part.receiver.arrivals is None
+    part.backward(0)  # a step in which every parameter took part
+    assert part.passes.took_part() == [True] * 4
+    part.next_step()
+    part.model.zero_grad(set_to_none=False)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    part.model[0](x).square().mean().backward()  # only the first Linear takes part
+    assert part.passes.took_part() == [True, True, False, False]
+    assert part.params[2].grad is not None and not part.params[2].grad.any()
+    part.engines.add_all(part.params, part.passes.took_part())
+    np.testing.assert_array_equal(part.engines.present, [True, True, False, False])
+    rows = part.finished_rows(1)
+    assert rows[0, layout.NUMEL] == 32 and rows[2, layout.NUMEL] == 0  # nothing measured for it
+    part.next_step()
+    assert part.passes.took_part() is None, "each step starts unmarked"
+    part.receiver.close()
+    assert part.passes.marks == [None] * 4, "a closed receiver holds no parameter"
+
+
+@pytest.mark.parametrize(
+    "topology", [Topology("replicated", world=2), Topology("sharded", world=2), Topology("single", world=2)]
+)
+def test_in_step_mode_a_distributed_run_counts_every_grad(receiving, topology):
+    """Another rank's gradient may reach a parameter this rank's backward did not touch: no
+    participation hooks, ``took_part()`` is None and every ``.grad`` counts."""
+    part = receiving(at_end=True, mode="step", topology=topology)
+    assert part.receiver.handles == []
+    part.backward(0)
+    assert part.passes.took_part() is None

@@ -1,5 +1,6 @@
 """Backward-pass hooks (``gradscope.monitor.hooks``): pass counting, hook registration and
-removal, the weakly held receiver, and the end-of-backward callback in a real backward."""
+removal, the weakly held receiver, the end-of-backward callback in a real backward, and the
+participation marks of step mode (which parameters a real backward gave a gradient)."""
 
 import gc
 
@@ -11,6 +12,7 @@ from gradscope.monitor.hooks import (
     GradHook,
     queue_end_of_backward,
     register_grad_hooks,
+    register_participation_hooks,
     remove_handles,
 )
 
@@ -148,6 +150,69 @@ def test_grad_hook_holds_the_receiver_weakly():
     model(torch.ones(1, 2)).sum().backward()
     assert calls == []
     assert model.weight.grad is not None  # backward itself went on as usual
+    remove_handles(handles)
+
+
+# ---- participation (step mode) -----------------------------------------------------------
+
+
+class TwoBranches(torch.nn.Module):
+    """Two branches, of which ``forward(x, branch)`` uses one: the other takes no part."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.branches = torch.nn.ModuleList(torch.nn.Linear(3, 2) for _ in range(2))
+        self.frozen = torch.nn.Linear(3, 2).requires_grad_(False)
+
+    def forward(self, x, branch):
+        return (self.branches[branch](x) + self.frozen(x)).sum()
+
+
+def test_participation_marks_the_parameters_a_backward_gave_a_gradient():
+    model = TwoBranches()
+    params = list(model.parameters())  # branches.0 (weight, bias), branches.1, frozen
+    passes = BackwardPasses(accumulation_steps=1, params=len(params))
+    handles = register_participation_hooks(passes.marks, params)
+    assert len(handles) == 4 and [hooks_of(p) for p in params] == [1, 1, 1, 1, 0, 0]
+    assert passes.took_part() is None  # nothing marked yet: every .grad would count
+
+    model(torch.randn(4, 3), branch=1).backward()
+    assert passes.took_part() == [False, False, True, True, False, False]
+    assert passes.marks[2] is params[2]  # the model's own parameter, no tensor made
+
+    passes.reset()
+    assert passes.took_part() is None
+    model.zero_grad(set_to_none=False)  # branch 1 keeps a zero .grad it gets no part of
+    model(torch.randn(4, 3), branch=0).backward()
+    assert passes.took_part() == [True, True, False, False, False, False]
+    assert params[2].grad is not None and not params[2].grad.any()
+
+    remove_handles(handles)
+    assert [hooks_of(p) for p in params] == [0] * 6
+
+
+def test_participation_in_any_pass_of_an_accumulated_step_counts():
+    model = TwoBranches()
+    params = list(model.parameters())
+    passes = BackwardPasses(accumulation_steps=2, params=len(params))
+    handles = register_participation_hooks(passes.marks, params)
+    model(torch.randn(4, 3), branch=0).backward()
+    model(torch.randn(4, 3), branch=1).backward()
+    assert passes.took_part() == [True, True, True, True, False, False]
+    remove_handles(handles)
+
+
+def test_gradients_set_by_hand_mark_nothing():
+    """``.grad`` assigned without backward fires no hook: ``took_part()`` is None, and the
+    monitor then counts every ``.grad`` (as it did before it tracked participation)."""
+    model = TwoBranches()
+    params = list(model.parameters())
+    passes = BackwardPasses(accumulation_steps=1, params=len(params))
+    handles = register_participation_hooks(passes.marks, params)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    assert passes.took_part() is None
     remove_handles(handles)
 
 

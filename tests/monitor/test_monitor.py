@@ -195,6 +195,36 @@ def test_frozen_and_unused_parameters_are_absent_not_zero():
         assert mon.summary["trainable"] == 40 and mon.summary["parameters"] == 60
 
 
+@pytest.mark.parametrize("mode", ["backward", "step"])
+def test_a_layer_that_took_no_part_in_a_step_is_absent_though_its_grad_holds_zeros(mode):
+    """``zero_grad(set_to_none=False)`` leaves zeros in the ``.grad`` of a layer a step does
+    not use (an expert no token was routed to): absent in both modes, not a layer of zeros
+    (step mode reads ``.grad`` only of the parameters backward gave a gradient in the step)."""
+    model = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 4), "b": torch.nn.Linear(4, 4)})
+    used = [("a", "b"), ("a",), ("b",), ("a",)]
+    with gradscope.watch(model, mode=mode) as mon:
+        for names in used:
+            model.zero_grad(set_to_none=False)
+            sum(model[name](torch.randn(3, 4)).sum() for name in names).backward()
+            mon.step()
+        assert model["b"].weight.grad is not None and not model["b"].weight.grad.any()
+        present = mon.history("present")
+        np.testing.assert_array_equal(present.values, [[name in names for name in ("a", "b")] for names in used])
+        assert mon.history("numel").values[3, 0] == 20 and np.isnan(mon.history("numel").values[3, 1])
+
+
+def test_step_mode_measures_gradients_set_by_hand():
+    """Gradients assigned without a backward pass (computed elsewhere) mark no parameter as
+    taking part: then every ``.grad`` counts, as before participation was tracked."""
+    model = torch.nn.Linear(4, 4)
+    with gradscope.watch(model, mode="step") as mon:
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        mon.step()
+        np.testing.assert_array_equal(mon.history("present").values, [[True]])
+        assert mon.history("sumsq").values[0, 0] == 20
+
+
 class HalfUsed(torch.nn.Module):
     """One layer whose second parameter only gets a gradient on even steps."""
 

@@ -196,7 +196,7 @@ def test_forward_histogram_counts_beyond_32_bits_are_exact():
     assert back.nonfinite_rank is None
 
 
-def test_a_header_carries_row_dtypes_and_modules():
+def test_a_header_carries_row_dtypes_modules_and_sibling_groups():
     info = RunInfo(
         rows=("a", "b"),
         row_types=("Linear", "Linear"),
@@ -211,9 +211,10 @@ def test_a_header_carries_row_dtypes_and_modules():
         row_dtypes=("float16", "bfloat16"),
         modules=("(root)", "a"),
         module_types=("Net", "Linear"),
+        sibling_groups={"experts": ("0", "1")},
     )
     back = records.decode(records.encode(records.Header(info.to_dict())))
-    assert back.schema == records.SCHEMA == 5
+    assert back.schema == records.SCHEMA == 6
     assert RunInfo.from_dict(back.info) == info
 
 

@@ -2,13 +2,15 @@
 
 One concept per module, so that adding a check touches one file: ``nonfinite`` (NaN/Inf,
 GradScaler overflow), ``number_format`` (underflow and overflow of float16/bfloat16),
-``fp8`` (FP8 readiness), ``exploding``, ``vanishing``, ``dead``, ``update_ratio``
-(stalled updates), ``rank_desync`` (DDP replicas that disagree) and ``loss`` (plateau,
-divergence, over- and underfitting). Every check is a function ``detect(view, thresholds) -> list[Finding]``.
+``fp8`` (FP8 readiness), ``exploding``, ``vanishing``, ``dead``, ``expert_starvation``
+(experts of a mixture of experts that get no gradient), ``update_ratio`` (stalled updates),
+``rank_desync`` (DDP replicas that disagree) and ``loss`` (plateau, divergence, over- and
+underfitting). Every check is a function ``detect(view, thresholds) -> list[Finding]``.
 """
 
 from gradscope.health.checks import (
     dead,
+    expert_starvation,
     exploding,
     fp8,
     loss,
@@ -26,6 +28,7 @@ CHECKS = (
     exploding.detect,
     vanishing.detect,
     dead.detect,
+    expert_starvation.detect,
     update_ratio.detect,
     loss.detect,
     fp8.detect,

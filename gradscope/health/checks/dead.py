@@ -1,4 +1,9 @@
-"""``dead``: layers whose gradient is almost entirely exact zeros, step after step."""
+"""``dead``: layers whose gradient is almost entirely exact zeros, step after step.
+
+Only steps in which a layer had a gradient count: a layer that took no part in a step (an
+expert no token was routed to) is absent then, not zero, in both modes; experts that go
+without gradient for long are ``expert_starvation``'s.
+"""
 
 from __future__ import annotations
 
