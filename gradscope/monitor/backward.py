@@ -116,8 +116,11 @@ class BackwardReceiver:
         try:
             with self._lock:
                 self._open_pass()
-                if not self._passes.measuring or self._failures.is_void(self._open.index):
-                    return  # not measured, or void already: one failure per step is enough
+                if not self._passes.measuring:
+                    self._passes.arrived_earlier((index,))  # measured at the measured pass's end
+                    return
+                if self._failures.is_void(self._open.index):
+                    return  # void already: one failure per step is enough
                 self._passes.arrived(index)
                 if self._replicated:
                     return  # DDP has not averaged this gradient yet: measured when backward ends
@@ -142,7 +145,9 @@ class BackwardReceiver:
     def _take_arrivals(self, measured: bool) -> None:
         """Hand the gradients that arrived in the pass to the captures (if ``measured``)."""
         indices, grads = self.arrivals.take()
-        if measured and indices and not self._failures.is_void(self._open.index):
+        if not measured:
+            self._passes.arrived_earlier(indices)
+        elif indices and not self._failures.is_void(self._open.index):
             self._passes.arrived_all(indices)
             self._engines.add_many(indices, grads)
 
@@ -161,9 +166,22 @@ class BackwardReceiver:
                     if self._replicated:
                         self._engines.add_all(self._params)
                     else:
+                        self._add_only_earlier()
                         self._engines.end_backward()
         except Exception as error:
             self.fail(error)
+
+    def _add_only_earlier(self) -> None:
+        """Measure the parameters whose gradient arrived only in earlier passes of the step."""
+        late = [i for i in self._passes.only_earlier() if self._params[i].grad is not None]
+        if late and not self._failures.is_void(self._open.index):
+            grads = [self._params[i].grad for i in late]
+            self._passes.arrived_all(late)
+            if self.arrivals is not None:
+                self._engines.add_many(late, grads)
+            else:
+                for index, grad in zip(late, grads, strict=True):
+                    self._engines.add(index, grad)
 
     def close_open_pass(self) -> None:
         """At ``mon.step()``: a measured pass whose end was never heard of (the callback

@@ -166,6 +166,7 @@ class BackwardPasses:
         self._unmarked = (None,) * params
         self._next = 0
         self._measured = False  # a pass of this step was measured
+        self._earlier: set[int] = set()  # parameters that got a gradient in an unmeasured pass
 
     def begin(self) -> bool:
         """A gradient arrived. True when it opens a new pass (the caller then arranges to
@@ -197,6 +198,17 @@ class BackwardPasses:
         measured, self.measuring = self.measuring, False
         return measured
 
+    def arrived_earlier(self, indices) -> None:
+        """These parameters' gradients arrived in a pass of the step that is not measured (an
+        earlier micro-batch of gradient accumulation)."""
+        self._earlier.update(indices)
+
+    def only_earlier(self) -> list[int]:
+        """Parameters that got a gradient in an earlier pass of the step but none in the
+        measured one (an expert routed only in an earlier micro-batch): their ``.grad``
+        holds their whole accumulated gradient, measured at the measured pass's end."""
+        return sorted(i for i in self._earlier if self.order[i] < 0)
+
     def took_part(self) -> list[bool] | None:
         """Per parameter, whether autograd gave it a gradient in the open step (:attr:`marks`);
         None when no parameter is marked: not tracked (backward mode, distributed runs), or
@@ -213,6 +225,7 @@ class BackwardPasses:
         self.order[:] = -1
         self._next = 0
         self._measured = False
+        self._earlier.clear()
 
 
 def release(handles: list, forward=None) -> None:

@@ -149,6 +149,40 @@ def test_accumulation_measures_the_complete_gradient():
         check_against_grads(mon, grads, [0, 1])
 
 
+class TwoBranches(torch.nn.Module):
+    """``branch`` takes part only when asked: an expert a router chose in some micro-batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Linear(4, 4)
+        self.branch = torch.nn.Linear(4, 4)
+
+    def forward(self, x, use_branch: bool):
+        h = self.trunk(x)
+        return h + self.branch(h) if use_branch else h
+
+
+@pytest.mark.parametrize("worker", [False, True])
+def test_accumulation_measures_a_parameter_that_took_part_only_in_an_earlier_micro_batch(monkeypatch, worker):
+    """Backward mode, 3 micro-batches: ``branch`` gets a gradient in the first only. Its
+    ``.grad`` at ``mon.step()`` is that gradient, and it is measured (not absent), as the
+    trunk's complete gradient is."""
+    monkeypatch.setattr(engines, "spare_cores", lambda: worker)  # per-gradient hooks, or Arrivals
+    torch.manual_seed(0)
+    model = TwoBranches()
+    with gradscope.watch(model, accumulation_steps=3, backend="numpy") as mon:
+        grads = []
+        for step in range(2):
+            model.zero_grad()
+            for micro in range(3):
+                x = torch.randn(5, 4, generator=torch.Generator().manual_seed(10 * step + micro))
+                model(x, use_branch=micro == 0).square().mean().backward()
+            grads.append(snapshot(model))
+            mon.step()
+    assert mon.history("present").values.all()
+    check_against_grads(mon, grads, [0, 1])
+
+
 @pytest.mark.parametrize("backend", ["numpy", "triton"])
 def test_grad_scaler_statistics_are_unscaled_and_overflow_steps_skipped(kernel_device, backend):
     device = kernel_device if backend == "triton" else "cpu"  # on a GPU: the CUDA GradScaler
