@@ -9,6 +9,7 @@ that an exporter that raises is dropped once, with one warning and a message in
 import threading
 import time
 import warnings
+from types import MappingProxyType
 
 import pytest
 
@@ -203,10 +204,11 @@ def test_every_exporter_failing_leaves_the_pump_working():
     assert a.methods() == ["start", "write"] and b.methods() == ["start"]
 
 
-class Timed(Recorder):
-    """Each method sleeps a known time; remembers what the pump says each call took."""
+SLEEP = MappingProxyType({"start": 0.2, "write": 0.01, "flush": 0.02, "close": 0.2})
 
-    SLEEP = {"start": 0.2, "write": 0.01, "flush": 0.02, "close": 0.2}
+
+class Timed(Recorder):
+    """Each method sleeps a known time (``SLEEP``); remembers what the pump says each call took."""
 
     def __init__(self):
         super().__init__()
@@ -214,7 +216,7 @@ class Timed(Recorder):
 
     def _note(self, method, arg=None):
         super()._note(method, arg)
-        time.sleep(self.SLEEP[method])
+        time.sleep(SLEEP[method])
 
     def spent(self, seconds):
         self.measured.append((self.methods()[-1], seconds))
@@ -231,7 +233,7 @@ def test_an_exporters_budget_counts_its_write_and_flush_calls_and_nothing_else()
     pump.close(2)
     assert [method for method, _ in timed.measured] == ["write", "write", "write", "flush"]  # 2 + Closed
     for method, seconds in timed.measured:
-        assert Timed.SLEEP[method] <= seconds < Timed.SLEEP[method] + 0.15, (method, seconds)
+        assert SLEEP[method] <= seconds < SLEEP[method] + 0.15, (method, seconds)
 
 
 def test_a_script_that_never_closes_its_monitor_still_exits_and_closes_its_log(tmp_path):
