@@ -10,5 +10,7 @@ only a view across ranks can tell:
 * ``rank_rows``: combining rows each rank measures on its own data (forward statistics);
 * ``replicas``: DDP's communication hook and the per-step check that replicas agree;
 * ``noise_scale``: the gradient noise scale from per-rank and averaged gradient norms;
+* ``pipeline``: pipeline-parallel stages: where a watched stage stands, that no two stages
+  name a row alike, which ranks log;
 * ``collectives``: waiting on asynchronous collectives.
 """

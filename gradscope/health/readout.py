@@ -22,6 +22,7 @@ from gradscope.health.thresholds import Thresholds
 from gradscope.run.history import Series
 from gradscope.run.info import RunInfo
 from gradscope.run.logfile import RunLogError, read_log
+from gradscope.run.stages import read_stages, stage_logs
 from gradscope.run.state import RunState
 from gradscope.stats.tensor_stats import TensorStats
 
@@ -151,14 +152,17 @@ class Run(RunReadout):
 def load_run(path: str | os.PathLike) -> Run:
     """Read a run log: a log directory (``watch(log_dir=...)``), or one of its files.
 
-    ``load_run(path).report()`` equals the live monitor's report at ``close()``.
+    ``load_run(path).report()`` equals the live monitor's report at ``close()``. The
+    ``log_dir`` of a pipeline-parallel run (one log per stage) is read as one run of the whole
+    model (:mod:`gradscope.run.stages`).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
         RunLogError: not a gradscope run log, a corrupt line (with its file and line
             number), or a log written by a newer gradscope.
     """
-    logged = read_log(path)
+    stages = stage_logs(path)
+    logged = read_log(path) if stages is None else read_stages(stages)
     try:
         thresholds = Thresholds(**logged.thresholds)
     except (TypeError, ValueError) as error:

@@ -41,6 +41,7 @@ from collections.abc import Iterator
 import torch
 
 from gradscope.actions.halting import TrainingHalted
+from gradscope.distributed import pipeline
 from gradscope.distributed import topology as topologies
 from gradscope.health.readout import RunReadout
 from gradscope.monitor import checkpoint, hooks, scaler
@@ -99,10 +100,12 @@ class Monitor(RunReadout):
         rows: names of the reported rows (layers, or parameters).
         summary: parameters, trainable parameters, bytes and layers of the model.
         topology: how the model is spread over ranks (:mod:`gradscope.distributed.topology`).
+        pipeline: for a pipeline stage, where it stands in its pipeline
+            (:class:`~gradscope.distributed.pipeline.PipelinePlace`); None otherwise.
         is_logging_rank: whether this rank writes the run log, feeds exporters and warns.
     """
 
-    def __init__(self, model: torch.nn.Module, options: WatchOptions) -> None:
+    def __init__(self, model: torch.nn.Module, options: WatchOptions, stage=None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
         target = topologies.unwrap(model)
@@ -114,13 +117,14 @@ class Monitor(RunReadout):
         self.thresholds = options.thresholds
         self._model = weakref.ref(target)
         self._optimizer, self._scaler = options.optimizer, options.scaler
-        self._watched = watched = select(model, options.params, options.granularity)
+        self._watched = watched = select(model, options.params, options.granularity, options.names)
         self.topology = topo = topologies.topology(model, watched.params, watched.names)
+        self.pipeline = place = None if stage is None else pipeline.place(stage, watched.row_names, options.log_rank)
         if options.check_consistency and topo.kind != "replicated":
             raise ValueError("watch: check_consistency=True needs a DistributedDataParallel model")
         if options.track_updates and topo.kind == "sharded":
             raise ValueError("watch: track_updates=True is not supported with sharded (DTensor) parameters yet")
-        self.is_logging_rank = options.log_rank is None or topo.global_rank == options.log_rank
+        self.is_logging_rank = place.logs if place else options.log_rank is None or topo.global_rank == options.log_rank
         self._lock = threading.RLock()
         self._closed = False
         self._open = OpenStep(options.every, options.histogram_every)
@@ -135,9 +139,10 @@ class Monitor(RunReadout):
             one_device=options.check_consistency,
         )
         engines.histogram = self._open.has_histograms(0)
-        self.info = describe_run(target, options, watched, topo, forward_modules(target) if options.forward else ())
+        modules = forward_modules(target) if options.forward else ()
+        self.info = describe_run(target, options, watched, topo, modules, place)
         self._run = RunState(self.info)
-        exporters = self.options.destinations(topo) if self.is_logging_rank else []  # silent ranks: none
+        exporters = self.options.destinations(topo, place) if self.is_logging_rank else []  # silent ranks: none
         header = records.Header(self.info.to_dict(), thresholds=dataclasses.asdict(self.thresholds))
         sink = RecordSink(self._run, None)  # the Failed records and the actions' go there directly
         self._backward = self._forward = self._updates = self._acting = self._ddp = None

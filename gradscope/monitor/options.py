@@ -7,8 +7,9 @@ on :func:`gradscope.watch`; the checks here name the offending argument.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
 
 import torch
@@ -18,7 +19,7 @@ from gradscope.actions.adaptive_lr import AdaptiveLR, check_optimizer
 from gradscope.actions.early_stopping import EarlyStopping
 from gradscope.actions.halting import HaltRule
 from gradscope.health.thresholds import Thresholds
-from gradscope.monitor.watched import GRANULARITIES, ParamSelector
+from gradscope.monitor.watched import GRANULARITIES, NameSource, ParamSelector
 from gradscope.outputs.exporters.base import Exporter
 from gradscope.outputs.runlog import RunLog
 from gradscope.stats.dispatch import BACKENDS
@@ -63,6 +64,7 @@ class WatchOptions:
     _: KW_ONLY
     granularity: str = "layer"
     params: ParamSelector = None
+    names: NameSource = None
     backend: str = "auto"
     hist_history: int = 1_000
     histogram_every: int = HISTOGRAM_EVERY
@@ -89,6 +91,14 @@ class WatchOptions:
             raise ValueError(f"watch: mode must be one of {MODES}, got {self.mode!r}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"watch: granularity must be 'layer' or 'parameter', got {self.granularity!r}")
+        names = self.names
+        if not (names is None or isinstance(names, (torch.nn.Module, Mapping)) or callable(names)):
+            raise TypeError(
+                "watch: names= takes the model the parameters belong to, or a mapping or function from "
+                f"parameter names to names, got {type(names).__name__}"
+            )
+        if names is not None and self.forward:
+            raise ValueError("watch: names= and forward=True together are not supported yet")
         if self.backend not in BACKENDS:
             raise ValueError(f"watch: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer):
@@ -161,12 +171,47 @@ class WatchOptions:
         """Whether any action on findings is asked for."""
         return any(x is not None for x in (self.on_finding, self.halt_on, self.early_stopping, self.adapt_lr))
 
-    def destinations(self, topology) -> list[Exporter]:
+    def for_pipeline_stage(self, mode_given: bool) -> WatchOptions:
+        """These options for a pipeline stage (:mod:`gradscope.distributed.pipeline`): measured
+        in ``mode="step"``, the one point where the schedule's gradients are final.
+
+        Args:
+            mode_given: whether the user chose ``mode`` (a stage's may only be ``"step"``).
+
+        Raises:
+            ValueError: ``mode="backward"``, ``accumulation_steps``, or an option a stage does
+                not support yet (actions on findings, forward statistics).
+        """
+        if mode_given and self.mode != "step":
+            raise ValueError(
+                "watch: a pipeline stage is measured in mode='step': its gradients are final only when "
+                "schedule.step() returns (one backward per microbatch, then scaled); leave mode out"
+            )
+        if callable(self.accumulation_steps) or self.accumulation_steps != 1:
+            raise ValueError(
+                "watch: accumulation_steps does not apply to a pipeline stage: the schedule accumulates its "
+                "microbatches, and the stage is measured from .grad at mon.step(); call mon.step() once per "
+                "optimizer step"
+            )
+        if self.acts:
+            raise ValueError(
+                "watch: on_finding, halt_on, early_stopping and adapt_lr are not supported with pipeline stages "
+                "yet (each stage's monitor sees only its own layers)"
+            )
+        if self.forward:
+            raise ValueError("watch: forward=True is not supported with pipeline stages yet")
+        return dataclasses.replace(self, mode="step")
+
+    def destinations(self, topology, stage=None) -> list[Exporter]:
         """The run log (``log_dir``; under ``rank-NNNNN`` when every rank of a distributed run
-        logs) and the exporters, in the order records reach them."""
+        logs; for a pipeline ``stage``, a :class:`~gradscope.distributed.pipeline.PipelinePlace`,
+        under its :attr:`~gradscope.distributed.pipeline.PipelinePlace.log_folder`) and the
+        exporters, in the order records reach them."""
         exporters, log_dir = list(self.exporters), self.log_dir
         if log_dir is not None:
-            if self.log_rank is None and topology.world > 1:
+            if stage is not None:
+                log_dir = os.path.join(log_dir, stage.log_folder)
+            elif self.log_rank is None and topology.world > 1:
                 log_dir = os.path.join(log_dir, f"rank-{topology.global_rank:05d}")
             exporters.insert(0, RunLog(log_dir))
         return exporters

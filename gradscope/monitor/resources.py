@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradscope.distributed.pipeline import PipelinePlace
 from gradscope.distributed.topology import Topology
 from gradscope.monitor.siblings import sibling_groups
 from gradscope.monitor.watched import WatchedParams
@@ -295,11 +296,13 @@ def describe_run(
     watched: WatchedParams,
     topology: Topology,
     modules: Sequence[tuple[str, torch.nn.Module]] = (),
+    stage: PipelinePlace | None = None,
 ) -> RunInfo:
     """The :class:`~gradscope.run.info.RunInfo` of a monitor of ``target`` (the unwrapped model)
     with ``options`` (its :class:`~gradscope.monitor.options.WatchOptions`); ``modules``: the
     named modules of its forward statistics, if any
-    (:func:`gradscope.monitor.forward.forward_modules`)."""
+    (:func:`gradscope.monitor.forward.forward_modules`); ``stage``: where a pipeline stage
+    stands (kept as ``extra["pipeline"]``, which joins the stages' logs into one run)."""
     row_numel = np.bincount(watched.row_of, weights=watched.numel, minlength=len(watched.row_names))
     extra = {
         "gradscope": package_version(),
@@ -308,6 +311,8 @@ def describe_run(
     }
     if topology.kind != "single" or topology.world > 1:
         extra["distributed"] = topology.to_dict()
+    if stage is not None:
+        extra["pipeline"] = stage.to_dict()
     return RunInfo(
         rows=watched.row_names,
         row_types=watched.row_types,

@@ -20,6 +20,7 @@ import inspect
 
 import torch
 
+from gradscope.distributed import pipeline
 from gradscope.monitor.monitor import Monitor
 from gradscope.monitor.options import WatchOptions
 
@@ -28,7 +29,9 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
     """Start monitoring ``model``'s gradients; returns the :class:`~gradscope.monitor.monitor.Monitor`.
 
     Args:
-        model: the model (a ``torch.compile`` wrapper is fine: its parameters are watched).
+        model: the model (a ``torch.compile`` wrapper is fine: its parameters are watched), or
+            a pipeline stage (``torch.distributed.pipelining.PipelineStage``): its module is
+            watched, in ``mode="step"``, once per ``schedule.step()``; see below.
         every: sample steps 0, every, 2*every, ...; on other steps the hooks return at once.
         mode: ``"backward"`` (measure each gradient as soon as it is final, overlapping
             backward) or ``"step"`` (measure all gradients at ``mon.step()``).
@@ -47,6 +50,10 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         history: sampled steps kept in memory (oldest dropped).
         granularity: ``"layer"`` (rows are modules) or ``"parameter"`` (rows are parameters).
         params: which parameters: names or glob patterns, or a predicate ``(name, param)``.
+        names: what to call the parameters (and so the rows): the model they belong to (each
+            is named as there, found by identity; for a stage cut from a larger model), or a
+            mapping or function from the watched module's parameter names to names. None:
+            their names in ``model``.
         backend: ``"auto"``, ``"triton"``, ``"numba"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
         hist_history: sampled steps with histograms whose histograms are kept (the newest).
         histogram_every: compute the 64-bin histogram (and what is read from it: FP8
@@ -113,6 +120,15 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
     sampled step combine them, so every rank reports the numbers of the whole gradient.
     Every rank must call ``watch()`` and ``mon.step()`` alike.
 
+    Pipeline parallel (:mod:`gradscope.distributed.pipeline`): ``watch(stage)`` measures the
+    stage's gradients after the schedule has accumulated and scaled its microbatches (call
+    ``mon.step()`` after ``schedule.step()``, before ``optimizer.step()``); each stage reports
+    its own layers, and one rank per stage writes its log into ``log_dir/stage-NNNNN``
+    (``log_rank`` picks the pipeline whose ranks log), which :func:`gradscope.load_run` reads
+    back, ``load_run(log_dir)``, as one run of the whole model. Rows must be named as in the
+    unsplit model (``pipeline()``'s stages are): two stages with a row of the same name raise,
+    and ``names=model`` is the fix.
+
     Raises:
         RuntimeError: ``model`` is already watched by a monitor that is not closed.
         ValueError / TypeError: an invalid argument (named in the message), or an unknown one.
@@ -121,7 +137,10 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         chosen = WatchOptions(*args, **options)
     except TypeError as error:  # Python names WatchOptions.__init__() for unknown arguments: say watch()
         raise TypeError(str(error).replace("WatchOptions.__init__()", "watch()")) from None
-    return Monitor(model, chosen)
+    if not pipeline.is_stage(model):
+        return Monitor(model, chosen)
+    mode_given = "mode" in options or len(args) > 1  # mode is the second positional option
+    return Monitor(model.submod, chosen.for_pipeline_stage(mode_given), stage=model)
 
 
 watch.__signature__ = inspect.Signature(

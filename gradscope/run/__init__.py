@@ -7,6 +7,7 @@ norms, failures) and hands on the run's state: a bounded history of every field
 with where a NaN/Inf first appeared in the forward pass) and the events a report must never forget
 (:class:`~gradscope.run.state.RunState`), described by a
 :class:`~gradscope.run.info.RunInfo`. A live monitor and a run log replayed by
-:mod:`gradscope.run.logfile` build the same state from the same records. What the state
+:mod:`gradscope.run.logfile` build the same state from the same records; the logs of a
+pipeline's stages join into one run's state (:mod:`gradscope.run.stages`). What the state
 means is for :mod:`gradscope.health` to say.
 """

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +81,11 @@ def _check_shapes(record: records.Record, n_rows: int) -> None:
         raise ValueError(f"update norms of shape {record.weight_sq.shape} in a run of {n_rows} rows")
 
 
-def read_log(path: str | os.PathLike) -> LoggedRun:
+def read_log(path: str | os.PathLike, state_for: Callable[[RunInfo], RunState] = RunState) -> LoggedRun:
     """Read a run log: a log directory, or one of its files.
+
+    ``state_for`` makes what the records are applied to from the header's run description
+    (a stand-in with ``info`` and ``apply(record)`` passes them on: :mod:`gradscope.run.record_streams`).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
@@ -140,7 +144,7 @@ def read_log(path: str | os.PathLike) -> LoggedRun:
                 segments.append(record.segment)
                 if state is None:
                     try:
-                        state = RunState(RunInfo.from_dict(record.info))
+                        state = state_for(RunInfo.from_dict(record.info))
                         thresholds = dict(record.thresholds)
                     except (TypeError, ValueError, KeyError) as error:
                         raise RunLogError(f"{where}: the header does not describe a run ({error})") from None

@@ -19,6 +19,7 @@ POSITIONAL = ("every", "mode", "accumulation_steps", "optimizer", "scaler", "tra
 KEYWORD_ONLY = (
     "granularity",
     "params",
+    "names",
     "backend",
     "hist_history",
     "histogram_every",
@@ -54,6 +55,7 @@ def test_defaults():
     assert options.history == 10_000
     assert options.granularity == "layer"
     assert options.params is None
+    assert options.names is None
     assert options.backend == "auto"
     assert options.hist_history == 1_000
     assert options.histogram_every == 32
@@ -228,3 +230,39 @@ def test_mon_options_is_the_watch_options_used():
         assert mon.options.exporters == (exporter,)
         assert mon.thresholds is mon.options.thresholds
         assert mon.rows == ("0.weight", "0.bias", "2.weight", "2.bias")
+
+
+def test_names_takes_a_model_a_mapping_or_a_function():
+    model = tiny_model()
+    for names in (model, {"0.weight": "a.weight"}, str.upper, None):
+        assert WatchOptions(names=names).names is names
+    with pytest.raises(TypeError, match="names= takes the model"):
+        WatchOptions(names=["a"])
+    with pytest.raises(ValueError, match="names= and forward=True together are not supported yet"):
+        WatchOptions(names=model, forward=True)
+
+
+def test_a_pipeline_stage_is_measured_in_step_mode_and_refuses_what_it_cannot_do():
+    assert WatchOptions().for_pipeline_stage(mode_given=False).mode == "step"
+    assert WatchOptions(mode="step").for_pipeline_stage(mode_given=True).mode == "step"
+    with pytest.raises(ValueError, match=r"measured in mode='step'.*leave mode out"):
+        WatchOptions(mode="backward").for_pipeline_stage(mode_given=True)
+    with pytest.raises(ValueError, match="accumulation_steps does not apply to a pipeline stage"):
+        WatchOptions(accumulation_steps=2).for_pipeline_stage(mode_given=False)
+    with pytest.raises(ValueError, match="halt_on, early_stopping and adapt_lr are not supported with pipeline stages"):
+        WatchOptions(halt_on="nonfinite").for_pipeline_stage(mode_given=False)
+    with pytest.raises(ValueError, match="forward=True is not supported with pipeline stages"):
+        WatchOptions(forward=True).for_pipeline_stage(mode_given=False)
+
+
+def test_a_pipeline_stage_logs_into_its_stage_folder(tmp_path):
+    from gradscope.distributed.pipeline import PipelinePlace
+    from gradscope.distributed.topology import Topology
+
+    topology = Topology("single", None, 3, 4, global_rank=3)
+    stage = PipelinePlace(stage=1, stages=2, ranks=(2, 3), logs=True)
+    (log,) = WatchOptions(log_dir=tmp_path).destinations(topology, stage)
+    assert log.directory == tmp_path / "stage-00001"
+    every_rank = dataclasses.replace(stage, every_rank_logs=True)
+    (log,) = WatchOptions(log_dir=tmp_path, log_rank=None).destinations(topology, every_rank)
+    assert log.directory == tmp_path / "rank-00003"
