@@ -11,8 +11,8 @@ Three layouts:
 * ``"sharded"``: parameters that are DTensors (FSDP2's ``fully_shard``, tensor parallel,
   HSDP), on one device mesh or on submeshes of it (FSDP2 x TP on a ``(dp, tp)`` mesh, with a
   norm on ``mesh["dp"]``). Each rank measures its local shard with the same kernels, and
-  :class:`gradscope.distributed.sharded.ShardedRows` combines the rows over the mesh's
-  ranks, each part of a parameter counted once (:func:`first_holders`).
+  :class:`gradscope.distributed.sharded.ShardedRows` combines the rows over the ranks of
+  the widest of those meshes, each part of a parameter counted once (:func:`first_holders`).
 
 Also here: seeing through the wrappers a model may come in (``torch.compile``, DDP).
 """
@@ -102,7 +102,7 @@ def topology(model: torch.nn.Module, params: tuple[torch.Tensor, ...], names: tu
     """The layout of ``model`` (see the module docstring).
 
     Raises:
-        ValueError: DTensor parameters on meshes over different sets of ranks, parameters
+        ValueError: DTensor parameters on meshes neither of which holds the other, parameters
             with ``Partial`` placements, or a DDP model whose parameters are DTensors.
     """
     if not (dist.is_available() and dist.is_initialized()):
@@ -126,34 +126,30 @@ def topology(model: torch.nn.Module, params: tuple[torch.Tensor, ...], names: tu
     return Topology("sharded", group, rank, world, global_rank=global_rank, contributes=contributes)
 
 
-def _root_mesh(mesh):
-    """The mesh ``mesh`` was cut from (itself if it is a root): a submesh (``mesh["dp"]`` of a
-    ``(dp, tp)`` mesh) stands for the whole mesh, whose other ranks hold its replicas."""
-    return mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh  # private, torch >= 2.4
-
-
 def _ranks(mesh) -> tuple[int, ...]:
     return tuple(sorted(int(r) for r in mesh.mesh.flatten().tolist()))
 
 
 def _combining_group(params, names, sharded: list[int]):
-    """The process group over which the rows are combined: the ranks of the (root) device
-    mesh the parameters are sharded over (None: the default group)."""
-    root = _root_mesh(params[sharded[0]].device_mesh)
-    ranks = _ranks(root)
-    for i in sharded:
-        other = _ranks(_root_mesh(params[i].device_mesh))
-        if other != ranks:
+    """The process group over which the rows are combined: the ranks of the widest mesh a
+    watched parameter is on, which must hold every other parameter's mesh (a ``(dp, tp)``
+    mesh holds its ``dp`` submeshes). Not the root mesh: a ``(pp, dp)`` root holds other
+    pipeline stages, whose parameters are not this model's. None: the default group."""
+    meshes = [params[i].device_mesh for i in sharded]
+    widest = max(range(len(meshes)), key=lambda k: meshes[k].size())
+    ranks = _ranks(meshes[widest])
+    for k, i in enumerate(sharded):
+        if not set(_ranks(meshes[k])) <= set(ranks):
             raise ValueError(
-                f"watch: parameters '{names[sharded[0]]}' and '{names[i]}' live on device meshes over different "
-                f"ranks ({list(ranks)} and {list(other)}), so no one set of ranks holds the whole model; watch the "
-                "submodule on each mesh with its own monitor (e.g. gradscope.watch(model.encoder) and "
-                "gradscope.watch(model.decoder))"
+                f"watch: parameters '{names[sharded[widest]]}' and '{names[i]}' are on device meshes over ranks "
+                f"{list(ranks)} and {list(_ranks(meshes[k]))}, neither of which holds the other, so no one set of "
+                "ranks holds the whole model; watch the submodule on each mesh with its own monitor (e.g. "
+                "gradscope.watch(model.encoder) and gradscope.watch(model.decoder))"
             )
     if len(ranks) == dist.get_world_size():
         return None
-    if root.ndim == 1:
-        return root.get_group()
+    if meshes[widest].ndim == 1:
+        return meshes[widest].get_group()
     return dist.new_group(list(ranks), use_local_synchronization=True)
 
 
