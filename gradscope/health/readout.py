@@ -148,17 +148,25 @@ class Run(RunReadout):
         )
 
 
-def load_run(path: str | os.PathLike) -> Run:
+def load_run(path: str | os.PathLike, history_mib: int | None = None) -> Run:
     """Read a run log: a log directory (``watch(log_dir=...)``), or one of its files.
 
-    ``load_run(path).report()`` equals the live monitor's report at ``close()``.
+    ``load_run(path).report()`` equals the live monitor's report at ``close()``. The log is
+    read line by line into a history of the run's memory budget (``history_mib``: MiB, None
+    for the ``watch(history_mib=)`` the run was recorded with), so reading takes that much
+    memory and about one line more, however long the log.
 
     Raises:
         FileNotFoundError: nothing at ``path``.
         RunLogError: not a gradscope run log, a corrupt line (with its file and line
             number), or a log written by a newer gradscope.
+        ValueError: ``history_mib`` is not None or a positive integer.
     """
-    logged = read_log(path)
+    if history_mib is not None and (
+        isinstance(history_mib, bool) or not isinstance(history_mib, int) or history_mib < 1
+    ):
+        raise ValueError(f"load_run: history_mib must be None or a positive integer, got {history_mib!r}")
+    logged = read_log(path, history_mib)
     try:
         thresholds = Thresholds(**logged.thresholds)
     except (TypeError, ValueError) as error:

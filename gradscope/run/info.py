@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
+from gradscope.run.budget import HISTORY_MIB
+
 DISTRIBUTION = "gradscope-diagnostics"
 """The name gradscope is installed under (its import name is ``gradscope``)."""
 
@@ -31,6 +33,8 @@ class RunInfo:
         granularity: ``"layer"`` or ``"parameter"``.
         history: sampled steps kept in memory.
         hist_history: sampled steps with histograms whose histograms are kept.
+        history_mib: MiB the history may take (:mod:`gradscope.run.budget`; the default in
+            logs written before it was recorded).
         histogram_every: histograms are computed at one sampled step in this many (and at
             steps whose gradients trigger them; 1: every sampled step, as in logs written
             before it was recorded).
@@ -60,6 +64,7 @@ class RunInfo:
     modules: tuple[str, ...] = ()
     module_types: tuple[str, ...] = ()
     histogram_every: int = 1
+    history_mib: int = HISTORY_MIB
 
     def to_dict(self) -> dict:
         return asdict(self)
