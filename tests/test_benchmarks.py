@@ -209,3 +209,22 @@ def test_the_controller_benchmark_compares_both_arms(bench_actions, tmp_path, ca
     assert [r["final_loss"] for r in off["runs"]] == [r["final_loss"] for r in on["runs"]]
     assert on["lr_changes"] == 0
     assert "lr changes" in capsys.readouterr().out
+
+
+@pytest.fixture
+def bench_memory(monkeypatch):
+    yield load("bench_memory", monkeypatch)
+    sys.modules.pop("bench_stats", None)  # imported from benchmarks/ by the script: not kept
+
+
+def test_the_memory_benchmark_measures_watch_and_load_run(bench_memory, tmp_path, capsys):
+    out = tmp_path / "memory.json"
+    assert bench_memory.main(["--rows", "40", "--steps", "3", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["rows"], result["steps"]) == (40, 3) and result["environment"]["commit"]
+    (after,) = result["results"].values()
+    watch, load = after["watch"], after["load_run"]
+    assert watch["sampled_steps_kept"] == load["sampled_steps_kept"] == 3
+    assert watch["history_bytes"] == load["history_bytes"] > 0 and watch["log_bytes"] > 0
+    assert load["traced_peak_bytes"] >= load["history_bytes"]  # the loaded history is in what was traced
+    assert "traced peak" in capsys.readouterr().out

@@ -149,20 +149,28 @@ class Run(RunReadout):
         )
 
 
-def load_run(path: str | os.PathLike) -> Run:
+def load_run(path: str | os.PathLike, history_mib: int | None = None) -> Run:
     """Read a run log: a log directory (``watch(log_dir=...)``), or one of its files.
 
-    ``load_run(path).report()`` equals the live monitor's report at ``close()``. The
-    ``log_dir`` of a pipeline-parallel run (one log per stage) is read as one run of the whole
-    model (:mod:`gradscope.run.stages`).
+    ``load_run(path).report()`` equals the live monitor's report at ``close()``. The log is
+    read line by line into a history of the run's memory budget (``history_mib``: MiB, None
+    for the ``watch(history_mib=)`` the run was recorded with), so reading takes that much
+    memory and about one line more, however long the log. The ``log_dir`` of a
+    pipeline-parallel run (one log per stage) is read as one run of the whole model
+    (:mod:`gradscope.run.stages`).
 
     Raises:
         FileNotFoundError: nothing at ``path``.
         RunLogError: not a gradscope run log, a corrupt line (with its file and line
             number), or a log written by a newer gradscope.
+        ValueError: ``history_mib`` is not None or a positive integer.
     """
+    if history_mib is not None and (
+        isinstance(history_mib, bool) or not isinstance(history_mib, int) or history_mib < 1
+    ):
+        raise ValueError(f"load_run: history_mib must be None or a positive integer, got {history_mib!r}")
     stages = stage_logs(path)
-    logged = read_log(path) if stages is None else read_stages(stages)
+    logged = read_log(path, history_mib) if stages is None else read_stages(stages, history_mib)
     try:
         thresholds = Thresholds(**logged.thresholds)
     except (TypeError, ValueError) as error:

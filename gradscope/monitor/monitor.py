@@ -35,6 +35,7 @@ import contextlib
 import dataclasses
 import functools
 import threading
+import warnings
 import weakref
 from collections.abc import Iterator
 
@@ -61,6 +62,7 @@ from gradscope.monitor.watched import new_params_warning, select
 from gradscope.outputs.pump import RecordPump
 from gradscope.run import records
 from gradscope.run.state import RunState
+from gradscope.stats.reporting import GradscopeWarning
 
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
 
@@ -142,6 +144,8 @@ class Monitor(RunReadout):
         modules = forward_modules(target) if options.forward else ()
         self.info = describe_run(target, options, watched, topo, modules, place)
         self._run = RunState(self.info)
+        if self._run.plan.warns and self.is_logging_rank:  # before any hook: nothing to undo if it raises
+            warnings.warn(self._run.plan.warning("watch"), GradscopeWarning, stacklevel=3)
         exporters = self.options.destinations(topo, place) if self.is_logging_rank else []  # silent ranks: none
         header = records.Header(self.info.to_dict(), thresholds=dataclasses.asdict(self.thresholds))
         sink = RecordSink(self._run, None)  # the Failed records and the actions' go there directly

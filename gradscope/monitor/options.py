@@ -22,6 +22,7 @@ from gradscope.health.thresholds import Thresholds
 from gradscope.monitor.watched import GRANULARITIES, NameSource, ParamSelector
 from gradscope.outputs.exporters.base import Exporter
 from gradscope.outputs.runlog import RunLog
+from gradscope.run.budget import HISTORY_MIB
 from gradscope.stats.dispatch import BACKENDS
 
 MODES = ("backward", "step")
@@ -67,6 +68,7 @@ class WatchOptions:
     names: NameSource = None
     backend: str = "auto"
     hist_history: int = 1_000
+    history_mib: int = HISTORY_MIB
     histogram_every: int = HISTOGRAM_EVERY
     thresholds: Thresholds | None = None
     log_dir: str | os.PathLike | None = None
@@ -83,7 +85,7 @@ class WatchOptions:
     adapt_lr: AdaptiveLR | bool | None = None
 
     def __post_init__(self) -> None:
-        for name in ("every", "history", "hist_history", "histogram_every"):
+        for name in ("every", "history", "hist_history", "history_mib", "histogram_every"):
             _positive_int(getattr(self, name), name)
         if not callable(self.accumulation_steps):
             _positive_int(self.accumulation_steps, "accumulation_steps")

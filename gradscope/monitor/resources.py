@@ -322,6 +322,7 @@ def describe_run(
         granularity=options.granularity,
         history=options.history,
         hist_history=options.hist_history,
+        history_mib=options.history_mib,
         track_updates=options.track_updates,
         row_numel=tuple(int(n) for n in row_numel),
         extra=extra,

@@ -47,7 +47,7 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
             show as ``skipped`` in the history.
         track_updates: record per-layer weight norm, update norm ``||w_after - w_before||``
             and their ratio on sampled steps (costs one copy of the watched parameters).
-        history: sampled steps kept in memory (oldest dropped).
+        history: sampled steps kept in memory (oldest dropped; see ``history_mib``).
         granularity: ``"layer"`` (rows are modules) or ``"parameter"`` (rows are parameters).
         params: which parameters: names or glob patterns, or a predicate ``(name, param)``.
         names: what to call the parameters (and so the rows): the model they belong to (each
@@ -56,6 +56,11 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
             their names in ``model``.
         backend: ``"auto"``, ``"triton"``, ``"numba"`` or ``"numpy"`` (as in :func:`gradscope.grad_stats`).
         hist_history: sampled steps with histograms whose histograms are kept (the newest).
+        history_mib: MiB the history may take (default 512), whatever the model's size: where
+            ``history`` and ``hist_history`` do not fit, fewer steps are kept, the older
+            sampled steps thinned to one in N so that ``history()`` still reaches back
+            ``history`` sampled steps; the newest (at least half, and at least 64) stay
+            every one. Warns once, with the numbers (:mod:`gradscope.run.budget`).
         histogram_every: compute the 64-bin histogram (and what is read from it: FP8
             readiness, underflow, the exporters' histograms) at one sampled step in this many
             (default 32): steps ``0, every * histogram_every, ...``. Other sampled steps get

@@ -11,14 +11,29 @@ runs:
 * per step (every step, sampled or not): loss, step time, peak memory, energy, the
   GradScaler scale and any logged metrics.
 
-A ring slot belongs to ``step`` (per-step ring) or ``step // every`` (sampled ring) modulo
-its capacity; writes for a step whose slot has since been reused are dropped. The histogram
-ring is filled in order of arrival (its steps are not evenly spaced).
+A per-step slot belongs to ``step`` modulo its capacity; writes for a step whose slot has
+since been reused are dropped. The histogram ring is filled in order of arrival (its steps
+are not evenly spaced). The sampled ring has two parts: ``dense`` slots for the newest
+sampled steps, every one (sampled step ``k = step // every`` in slot ``k % dense``), and
+``capacity - dense`` slots for older ones, thinned: a step leaving the dense part is kept
+there only if ``k % stride == 0`` (slot ``dense + (k // stride) % (capacity - dense)``).
+With every sampled step written, in order, and ``n`` the newest, the ring holds
 
-Memory, all allocated up front: ``rows * (61, or 77 with update tracking) * capacity`` bytes
-for sampled steps, ``rows * 265 * hist_capacity`` for histograms (``uint32`` counts, the
-row's ``max_abs`` and whether it has one), and
-``(49 + 8 per metric) * step_capacity`` for per-step values.
+    ``n - dense < k <= n``, and the newest ``capacity - dense`` multiples of ``stride`` below those.
+
+``dense = capacity`` (the default) is a plain ring of the newest ``capacity`` sampled steps.
+
+Memory, all allocated up front (:func:`gradscope.run.budget.history_bytes`), in bytes:
+
+    ``capacity * (8 + rows * S) + hist_capacity * (8 + rows * H) + step_capacity * 49``
+
+``S = 61`` per row per sampled step (7 float64 scalars, bool present, int32 order; 77 with
+update tracking: two float64 norms more), ``H = 265`` per row per step with histograms (64
+``uint32`` counts, the row's float64 ``max_abs``, a bool; 521 with ``int64`` counts), 49 per
+step (int64 step, 5 float64 values, the ``failed`` flag; each logged metric adds 8 when first
+logged). ``watch(history_mib=512)`` caps the total: where the ``history`` and ``hist_history``
+asked for do not fit, the histogram ring is shortened by the factor that fits, the sampled
+ring takes the rest and its older steps are thinned (:mod:`gradscope.run.budget`).
 """
 
 from __future__ import annotations
@@ -88,6 +103,9 @@ class History:
         step_capacity: steps whose per-step values are kept.
         track_updates: whether update norms are stored.
         hist_dtype: dtype of histogram counts (``uint32`` unless a row can exceed 2**32 elements).
+        dense: of the ``capacity`` slots, those holding the newest sampled steps, every one
+            (default: all of them); the others hold older steps thinned to one in ``stride``.
+        stride: the thinning of the older sampled steps (module docstring).
     """
 
     def __init__(
@@ -99,9 +117,15 @@ class History:
         step_capacity: int,
         track_updates: bool = False,
         hist_dtype=np.uint32,
+        dense: int | None = None,
+        stride: int = 1,
     ) -> None:
         self.row_names = row_names
         self.every = every
+        self.dense = capacity if dense is None else dense
+        self.stride = stride
+        if not 0 < self.dense <= capacity or stride < 1:
+            raise ValueError(f"History: need 0 < dense <= capacity and stride >= 1, got {dense}, {capacity}, {stride}")
         rows = len(row_names)
         self._sampled_step = np.full(capacity, -1, dtype=np.int64)
         self._scalars = np.zeros((capacity, rows, len(layout.SCALAR_FIELDS)))
@@ -135,17 +159,52 @@ class History:
                 values[slot] = np.nan
         return slot
 
+    def _sampled_slots(self, steps: np.ndarray) -> np.ndarray:
+        """The slot holding each of int64 ``steps`` (any steps), -1 where none does."""
+        k, thinned = steps // self.every, self._sampled_step.shape[0] - self.dense
+        slots = k % self.dense
+        slots = np.where(self._sampled_step[slots] == steps, slots, -1)
+        if thinned:
+            older = self.dense + (k // self.stride) % thinned
+            older = np.where(self._sampled_step[older] == steps, older, -1)
+            slots = np.maximum(slots, older)  # a step is in one part at most
+        return slots
+
     def _sampled_slot(self, step: int, claim: bool) -> int:
-        slot = (step // self.every) % self._sampled_step.shape[0]
-        if self._sampled_step[slot] == step:
-            return slot
-        if not claim or self._sampled_step[slot] > step:
+        """The slot of sampled ``step`` (module docstring): found, or claimed when ``claim`` and the
+        slot holds no newer step (a claimed dense slot passes its step on to the thinned part)."""
+        found = int(self._sampled_slots(np.array([step]))[0])
+        if found >= 0 or not claim:
+            return found
+        k, thinned = step // self.every, self._sampled_step.shape[0] - self.dense
+        slot = k % self.dense
+        if self._sampled_step[slot] < step:
+            self._keep_thinned(slot)
+        elif thinned and k % self.stride == 0:  # late for the dense part: perhaps kept as an older step
+            slot = self.dense + (k // self.stride) % thinned
+            if self._sampled_step[slot] > step:
+                return -1
+        else:
             return -1
         self._sampled_step[slot] = step
         self._writes += 1
         if self._updates is not None:
             self._updates[slot] = np.nan
         return slot
+
+    def _keep_thinned(self, slot: int) -> None:
+        """Move the step of dense ``slot``, about to be reused, into the thinned part if it is kept
+        there (one in ``stride``) and newer than what its slot there holds."""
+        step, thinned = int(self._sampled_step[slot]), self._sampled_step.shape[0] - self.dense
+        if step < 0 or not thinned or (step // self.every) % self.stride:
+            return
+        older = self.dense + (step // self.every // self.stride) % thinned
+        if self._sampled_step[older] >= step:
+            return
+        self._sampled_step[older] = step
+        for ring in (self._scalars, self._present, self._order, self._updates):
+            if ring is not None:
+                ring[older] = ring[slot]
 
     def add_step(self, step: int, **values: float) -> None:
         """Record per-step values (names from ``STEP_FIELDS``) of ``step``."""
@@ -206,6 +265,14 @@ class History:
             self._updates[slot, :, 1] = update_sq
 
     # ---- reading ------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the rings, logged metrics included
+        (:func:`gradscope.run.budget.history_bytes` without them)."""
+        return sum(a.nbytes for a in vars(self).values() if isinstance(a, np.ndarray)) + sum(
+            a.nbytes for a in self._metrics.values()
+        )
 
     @property
     def metric_names(self) -> tuple[str, ...]:
@@ -332,9 +399,9 @@ class History:
         scale = self._step_values[order, STEP_FIELDS.index("grad_scale")]
         skipped = np.zeros(len(order), dtype=bool)
         skipped[:-1] = (scale[1:] < scale[:-1]) & (steps[1:] == steps[:-1] + 1)
-        slots = (steps // self.every) % self._sampled_step.shape[0]
-        sampled = self._sampled_step[slots] == steps
-        counts = self._scalars[slots][:, :, [layout.NANS, layout.INFS]]
+        slots = self._sampled_slots(steps)
+        sampled = slots >= 0
+        counts = self._scalars[np.maximum(slots, 0)][:, :, [layout.NANS, layout.INFS]]
         nonfinite = sampled & (np.nan_to_num(counts) > 0).any(axis=(1, 2))
         return skipped | (nonfinite & np.isfinite(scale))
 

@@ -8,6 +8,8 @@ from importlib import metadata
 
 import numpy as np
 
+from gradscope.run.budget import HISTORY_MIB
+
 DISTRIBUTION = "gradscope-diagnostics"
 """The name gradscope is installed under (its import name is ``gradscope``)."""
 
@@ -55,6 +57,8 @@ class RunInfo:
         granularity: ``"layer"`` or ``"parameter"``.
         history: sampled steps kept in memory.
         hist_history: sampled steps with histograms whose histograms are kept.
+        history_mib: MiB the history may take (:mod:`gradscope.run.budget`; the default in
+            logs written before it was recorded).
         histogram_every: histograms are computed at one sampled step in this many (and at
             steps whose gradients trigger them; 1: every sampled step, as in logs written
             before it was recorded).
@@ -90,6 +94,7 @@ class RunInfo:
     module_types: tuple[str, ...] = ()
     histogram_every: int = 1
     sibling_groups: dict = field(default_factory=dict)
+    history_mib: int = HISTORY_MIB
 
     def to_dict(self) -> dict:
         return asdict(self)

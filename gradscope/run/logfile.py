@@ -12,6 +12,7 @@ events the live monitor had, so the report of a read-back run equals the live on
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -81,8 +82,15 @@ def _check_shapes(record: records.Record, n_rows: int) -> None:
         raise ValueError(f"update norms of shape {record.weight_sq.shape} in a run of {n_rows} rows")
 
 
-def read_log(path: str | os.PathLike, state_for: Callable[[RunInfo], RunState] = RunState) -> LoggedRun:
+def read_log(
+    path: str | os.PathLike, history_mib: int | None = None, state_for: Callable[[RunInfo], RunState] = RunState
+) -> LoggedRun:
     """Read a run log: a log directory, or one of its files.
+
+    The files are read line by line, each record applied as it is decoded, into a history
+    sized by the run's memory budget (``history_mib``, default: the one the run was recorded
+    with; :mod:`gradscope.run.budget`): reading a log takes that budget plus about one line,
+    however long the log. Warns when the budget keeps less than the run asked for.
 
     ``state_for`` makes what the records are applied to from the header's run description
     (a stand-in with ``info`` and ``apply(record)`` passes them on: :mod:`gradscope.run.record_streams`).
@@ -98,18 +106,35 @@ def read_log(path: str | os.PathLike, state_for: Callable[[RunInfo], RunState] =
     files = sorted(path.glob(PATTERN)) if path.is_dir() else [path]
     if not files:
         raise RunLogError(f"{path}: no gradscope run log here (no {PATTERN} files)")
-    state: RunState | None = None
-    thresholds: dict = {}
-    closed = False
-    segments: list[int] = []
+    replay = _Replay(history_mib, state_for)
     for number, file in enumerate(files):
-        last_file = number == len(files) - 1
         try:
             with open(file, encoding="utf-8") as handle:
-                lines = handle.readlines()
+                replay.read(handle, file, last_file=number == len(files) - 1)
         except UnicodeDecodeError as error:
             raise RunLogError(f"{file}: not a gradscope run log (not UTF-8 text: {error})") from None
-        for lineno, line in enumerate(lines, 1):
+    if replay.state is None:
+        raise RunLogError(f"{files[0]}: empty (a run that has not written its first records yet?)")
+    return LoggedRun(replay.state, replay.thresholds, replay.closed, files, first_segment=replay.segments[0])
+
+
+class _Replay:
+    """The records of a log's files applied, one line at a time, to the state its first header
+    describes."""
+
+    def __init__(self, history_mib: int | None, state_for: Callable[[RunInfo], RunState]) -> None:
+        self.history_mib = history_mib
+        self.state_for = state_for
+        self.state: RunState | None = None
+        self.thresholds: dict = {}
+        self.closed = False
+        self.segments: list[int] = []
+
+    def read(self, handle, file: Path, last_file: bool) -> None:
+        """Apply the lines of one open file (``last_file``: the log's newest)."""
+        lineno = 0
+        while line := handle.readline():
+            lineno += 1
             where = f"{file}:{lineno}"
             try:
                 if not line.endswith("\n"):
@@ -118,45 +143,58 @@ def read_log(path: str | os.PathLike, state_for: Callable[[RunInfo], RunState] =
             except (ValueError, KeyError, TypeError) as error:
                 # A killed writer leaves its last line torn: the newest file's last line, or the
                 # header of a segment it had just begun (the earlier segments hold the run).
-                if last_file and lineno == len(lines) and (lineno > 1 or state is not None):
+                # Only a line without "\n" or followed by nothing is a file's last.
+                last_line = not line.endswith("\n") or not handle.readline()
+                if last_file and last_line and (lineno > 1 or self.state is not None):
                     warnings.warn(
-                        f"gradscope: skipping the torn last line of {where} ({error})", GradscopeWarning, stacklevel=2
+                        f"gradscope: skipping the torn last line of {where} ({error})", GradscopeWarning, stacklevel=3
                     )
-                    break
+                    return
                 if lineno == 1:
                     raise RunLogError(f"{where}: not a gradscope run log ({error})") from None
                 raise RunLogError(f"{where}: corrupt record ({error})") from None
+            del line  # the decoded record is all that is needed now
             if lineno == 1:
-                if not isinstance(record, records.Header):
-                    raise RunLogError(f"{where}: not a gradscope run log (the first line is not a gradscope header)")
-                if record.schema > records.SCHEMA:
-                    raise RunLogError(
-                        f"{where}: written by a newer gradscope (log schema {record.schema}); this gradscope reads "
-                        f"schema {records.SCHEMA} and older: upgrade gradscope to read it"
-                    )
-                if segments and record.segment != segments[-1] + 1:
-                    warnings.warn(
-                        f"gradscope: {file.name} is segment {record.segment} but segment {segments[-1] + 1} is "
-                        f"missing: the records in between are lost",
-                        GradscopeWarning,
-                        stacklevel=2,
-                    )
-                segments.append(record.segment)
-                if state is None:
-                    try:
-                        state = state_for(RunInfo.from_dict(record.info))
-                        thresholds = dict(record.thresholds)
-                    except (TypeError, ValueError, KeyError) as error:
-                        raise RunLogError(f"{where}: the header does not describe a run ({error})") from None
-                continue
-            if isinstance(record, records.Header):
-                raise RunLogError(f"{where}: a header in the middle of a file")
-            closed = isinstance(record, records.Closed)  # the log ends with close() only if nothing follows
-            try:
-                _check_shapes(record, len(state.info.rows))
-                state.apply(record)
-            except (ValueError, IndexError, KeyError, TypeError) as error:
-                raise RunLogError(f"{where}: corrupt record ({error})") from None
-    if state is None:
-        raise RunLogError(f"{files[0]}: empty (a run that has not written its first records yet?)")
-    return LoggedRun(state, thresholds, closed, files, first_segment=segments[0])
+                self._header(record, file, where)
+            else:
+                self._apply(record, where)
+
+    def _header(self, record: records.Record, file: Path, where: str) -> None:
+        if not isinstance(record, records.Header):
+            raise RunLogError(f"{where}: not a gradscope run log (the first line is not a gradscope header)")
+        if record.schema > records.SCHEMA:
+            raise RunLogError(
+                f"{where}: written by a newer gradscope (log schema {record.schema}); this gradscope reads "
+                f"schema {records.SCHEMA} and older: upgrade gradscope to read it"
+            )
+        if self.segments and record.segment != self.segments[-1] + 1:
+            warnings.warn(
+                f"gradscope: {file.name} is segment {record.segment} but segment {self.segments[-1] + 1} is "
+                f"missing: the records in between are lost",
+                GradscopeWarning,
+                stacklevel=4,
+            )
+        self.segments.append(record.segment)
+        if self.state is not None:
+            return
+        try:
+            info = RunInfo.from_dict(record.info)
+            if self.history_mib is not None:
+                info = dataclasses.replace(info, history_mib=self.history_mib)
+            self.state = self.state_for(info)
+            self.thresholds = dict(record.thresholds)
+        except (TypeError, ValueError, KeyError) as error:
+            raise RunLogError(f"{where}: the header does not describe a run ({error})") from None
+        plan = getattr(self.state, "plan", None)  # a stand-in (record_streams) keeps no history
+        if plan is not None and plan.warns:
+            warnings.warn(plan.warning("load_run"), GradscopeWarning, stacklevel=4)
+
+    def _apply(self, record: records.Record, where: str) -> None:
+        if isinstance(record, records.Header):
+            raise RunLogError(f"{where}: a header in the middle of a file")
+        self.closed = isinstance(record, records.Closed)  # the log ends with close() only if nothing follows
+        try:
+            _check_shapes(record, len(self.state.info.rows))
+            self.state.apply(record)
+        except (ValueError, IndexError, KeyError, TypeError) as error:
+            raise RunLogError(f"{where}: corrupt record ({error})") from None

@@ -247,8 +247,9 @@ def _step_of(record: records.Record) -> float:
     return getattr(record, "step", math.inf)
 
 
-def read_stages(logs: list[Path]) -> LoggedRun:
-    """Read the stages' logs (:func:`stage_logs`, stage order) as one run.
+def read_stages(logs: list[Path], history_mib: int | None = None) -> LoggedRun:
+    """Read the stages' logs (:func:`stage_logs`, stage order) as one run, into a history of
+    ``history_mib`` (None: the budget the run was recorded with) for the whole model's rows.
 
     Returns:
         The joined run: its state; the first stage's thresholds; closed when every stage's
@@ -264,6 +265,8 @@ def read_stages(logs: list[Path]) -> LoggedRun:
             streams.append(RecordStream(log))
         infos = [stream.info for stream in streams]
         info = merged_info(infos)
+        if history_mib is not None:
+            info = dataclasses.replace(info, history_mib=history_mib)
         join = _Join(RunState(info), [int(n) for n in np.cumsum([0] + [len(i.rows) for i in infos[:-1]])])
         iterators = [stream.records() for stream in streams]
         done = [False] * len(streams)

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gradscope.run import records
+from gradscope.run import budget, records
 from gradscope.run.forward_history import FORWARD_FIELDS, ForwardHistory
-from gradscope.run.history import STEP_FIELDS, History, Series
+from gradscope.run.history import STEP_FIELDS, Series
 from gradscope.run.info import RunInfo
 from gradscope.stats import layout
 from gradscope.stats.tensor_stats import TensorStats
@@ -62,15 +62,8 @@ class RunState:
 
     def __init__(self, info: RunInfo) -> None:
         self.info = info
-        self.history = History(
-            info.rows,
-            every=info.every,
-            capacity=info.history,
-            hist_capacity=min(info.hist_history, info.history),
-            step_capacity=min(info.history * info.every, max(info.history, 1 << 20)),
-            track_updates=info.track_updates,
-            hist_dtype=np.uint32 if max(info.row_numel, default=0) < 2**32 else np.int64,
-        )
+        self.plan = budget.plan_of(info)  # the history's sizes under the run's memory budget
+        self.history = self.plan.build(info.rows)
         self.nonfinite_events: list[NonfiniteEvent] = []
         self.nonfinite_steps = 0
         self.desync_events: list[records.Desync] = []

@@ -1,5 +1,7 @@
-"""Health verdicts on real models: right on clear failures, quiet on healthy training."""
+"""Health verdicts on real models: right on clear failures, quiet on healthy training; the same
+verdicts on a history its memory budget thinned."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +17,7 @@ from gradscope.health import report as report_module
 from gradscope.health.readout import Run
 from gradscope.health.report import assess
 from gradscope.run import records
+from gradscope.run.state import RunState
 from gradscope.stats import layout
 
 GRADIENT_KINDS = {"nonfinite", "exploding", "vanishing", "dead", "stalled_updates", "overflow"}
@@ -496,3 +499,46 @@ def test_the_nan_demo_leads_with_the_nan_and_links_what_it_caused():
     assert divergence.cause == {"kind": "nonfinite", "layer": "blocks.4.linear", "step": first.since_step}
     assert divergence in report.consequences(first) and first in report.root_causes
     json.loads(report.to_json())
+
+
+# --------------------------------------------------------------------------------------
+# A history shortened by its memory budget (older sampled steps thinned)
+# --------------------------------------------------------------------------------------
+
+
+def budget_run(history_mib: int, steps: int = 600, rows: int = 50) -> RunState:
+    """``rows`` layers over ``steps`` sampled steps, with a histogram every 8: layers 10-14 dead
+    throughout, layers 0-9 vanishing from step 560, a NaN in layer 20 at step 590, every
+    layer's gradient within [2**-1, 2**0) where it has a histogram (FP8 range)."""
+    names = [f"layer{i}" for i in range(rows)]
+    info = run_builders.run_info(names, numel=100, history=10_000, hist_history=100)
+    state = RunState(dataclasses.replace(info, history_mib=history_mib))
+    rng = np.random.default_rng(0)
+    for step in range(steps):
+        values = np.full((rows, layout.ROW_WIDTH), layout.NO_HISTOGRAM)
+        values[:, : layout.HIST] = 0
+        values[:, layout.NUMEL] = 100
+        grad = 0.1 * (1 + 0.1 * rng.random(rows))
+        grad[:10] = 1e-12 if step >= 560 else grad[:10]
+        values[:, layout.SUMSQ] = 100 * grad**2
+        values[:, layout.MAX_ABS] = 3 * grad
+        values[10:15, [layout.ZEROS, layout.SUMSQ, layout.MAX_ABS]] = (100, 0, 0)
+        values[20, layout.NANS] = 3 if step == 590 else 0
+        if step % 8 == 0:
+            values[:, layout.HIST :] = 0
+            values[:, layout.HIST + 30] = 100
+        state.apply(records.Sampled(step, values, np.ones(rows, dtype=bool), np.arange(rows)[::-1].copy()))
+        state.apply(records.StepValues(step, {"loss": 2.0 - step / 1000}))
+    return state
+
+
+def test_a_thinned_history_gives_the_report_of_the_whole_one():
+    """The checks read the newest sampled steps, which stay dense: a budget that keeps 178 of
+    10 000 sampled-step slots (89 dense, older ones one in 112) and one histogram step gives the
+    same report as a history that keeps everything."""
+    thinned, whole = budget_run(history_mib=1), budget_run(history_mib=100_000)
+    assert thinned.plan.dense < thinned.plan.capacity < 600 and thinned.plan.stride > 1
+    assert len(thinned.series("norm")) < len(whole.series("norm")) == 600
+    report = assess(thinned, Thresholds())
+    assert {"nonfinite", "dead", "vanishing", "fp8_range"} <= set(kinds(report))
+    assert report.to_dict() == assess(whole, Thresholds()).to_dict()

@@ -22,6 +22,7 @@ KEYWORD_ONLY = (
     "names",
     "backend",
     "hist_history",
+    "history_mib",
     "histogram_every",
     "thresholds",
     "log_dir",
@@ -58,6 +59,7 @@ def test_defaults():
     assert options.names is None
     assert options.backend == "auto"
     assert options.hist_history == 1_000
+    assert options.history_mib == 512
     assert options.histogram_every == 32
     assert options.thresholds == gradscope.Thresholds()
     assert options.log_dir is None
@@ -74,7 +76,9 @@ def test_option_names_are_the_fields_in_order():
     assert tuple(f.name for f in dataclasses.fields(WatchOptions)) == OPTION_NAMES
 
 
-@pytest.mark.parametrize("name", ["every", "accumulation_steps", "history", "hist_history", "batch_size"])
+@pytest.mark.parametrize(
+    "name", ["every", "accumulation_steps", "history", "hist_history", "history_mib", "batch_size"]
+)
 @pytest.mark.parametrize("value", [0, -3, True, False, 2.0, "4", None], ids=repr)
 def test_counts_must_be_positive_integers(name, value):
     if name == "batch_size" and value is None:
@@ -85,7 +89,9 @@ def test_counts_must_be_positive_integers(name, value):
     assert str(raised.value) == f"watch: {name} must be a positive integer, got {value!r}"
 
 
-@pytest.mark.parametrize("name", ["every", "accumulation_steps", "history", "hist_history", "batch_size"])
+@pytest.mark.parametrize(
+    "name", ["every", "accumulation_steps", "history", "hist_history", "history_mib", "batch_size"]
+)
 def test_counts_accept_positive_integers(name):
     assert getattr(WatchOptions(**{name: 7}), name) == 7
 

@@ -160,3 +160,103 @@ def test_latest_histograms_of_an_empty_history():
     assert np.isnan(hist).all() and steps.tolist() == [-1] and np.isnan(max_abs).all()
     h.add_sampled(0, light(rows_with([4])), np.array([True]), np.array([0]))
     assert h.latest_histograms()[1].tolist() == [-1] and len(h.series("hist")) == 0
+
+
+# ---- a thinned sampled ring (dense newest steps, one older step in `stride`) ----------------
+
+
+def kept_reference(newest: int, dense: int, thinned: int, stride: int) -> list[int]:
+    """Sampled indices a thinned ring holds once indices 0..newest were written in order: the
+    newest ``dense``, and the newest ``thinned`` multiples of ``stride`` older than those."""
+    recent = [k for k in range(newest + 1) if k > newest - dense]
+    older = [k for k in range(newest + 1) if k <= newest - dense and k % stride == 0]
+    return (older[-thinned:] if thinned else []) + recent
+
+
+def sampled_step(h: History, step: int, rows: int = 2) -> None:
+    """Sampled ``step``, its values saying which step they are: sumsq = step, order = step + row,
+    a row absent on odd steps."""
+    present = np.ones(rows, dtype=bool)
+    present[-1] = step % 2 == 0
+    h.add_sampled(step, rows_with([4] * rows, sumsq=float(step)), present, step + np.arange(rows))
+
+
+@pytest.mark.parametrize(
+    ("capacity", "dense", "stride", "every"),
+    [(10, 6, 3, 1), (7, 4, 2, 5), (9, 9, 1, 2), (5, 3, 4, 1), (12, 6, 7, 3), (4, 1, 2, 1)],
+)
+def test_thinned_ring_keeps_the_newest_every_one_and_older_ones_one_in_stride(capacity, dense, stride, every):
+    h = History(
+        ("a", "b"), every=every, capacity=capacity, hist_capacity=2, step_capacity=4, dense=dense, stride=stride
+    )
+    for newest in range(70):
+        sampled_step(h, newest * every)
+        expected = [k * every for k in kept_reference(newest, dense, capacity - dense, stride)]
+        norm = h.series("sumsq")
+        assert norm.steps.tolist() == expected, f"after sampled step {newest}"
+    # Each kept step's values moved with it.
+    steps = np.array(expected)
+    np.testing.assert_array_equal(h.series("sumsq").values[:, 0], steps)
+    present = np.stack([np.ones(len(steps), dtype=bool), steps % 2 == 0], axis=1)
+    np.testing.assert_array_equal(h.series("present").values, present)
+    order = np.where(present, steps[:, None] + [0, 1], np.nan)
+    np.testing.assert_array_equal(h.series("backward_order").values, order)
+    for step in range(0, 70 * every, every):
+        found = h.sampled_rows(step)
+        if step in expected:
+            assert found[0][0, layout.SUMSQ] == step and found[1][1] == (step % 2 == 0)
+        else:
+            assert found is None
+
+
+def test_update_norms_move_with_their_step_into_the_thinned_part():
+    h = History(("a",), every=1, capacity=4, hist_capacity=1, step_capacity=4, track_updates=True, dense=2, stride=2)
+    for step in range(8):
+        h.add_sampled(step, rows_with([1]), np.array([True]), np.array([0]))
+        h.add_updates(step, np.array([float(step + 1) ** 2]), np.array([1.0]))
+    ratio = h.series("update_ratio")
+    assert ratio.steps.tolist() == [2, 4, 6, 7]
+    np.testing.assert_allclose(ratio.values[:, 0], 1.0 / np.array([3.0, 5.0, 7.0, 8.0]))
+    h.add_updates(4, np.array([1.0]), np.array([4.0]))  # a late write to a thinned step lands there
+    assert h.series("update_norm").values[1, 0] == 2.0
+    h.add_sampled(8, rows_with([1]), np.array([True]), np.array([0]))  # no update norms (yet)
+    assert h.series("update_norm").steps.tolist() == [4, 6, 7, 8]
+    assert np.isnan(h.series("update_norm").values[-1, 0])  # not those of the step its slot held
+
+
+def test_a_late_step_is_kept_only_where_the_rule_keeps_it():
+    h = History(("a",), every=1, capacity=4, hist_capacity=1, step_capacity=4, dense=2, stride=2)
+    for step in (0, 1, 3, 4, 5):  # step 2 late
+        sampled_step(h, step, rows=1)
+    assert h.series("sumsq").steps.tolist() == [0, 4, 5]
+    sampled_step(h, 2, rows=1)  # too old for the dense part; a multiple of 2 newer than its thinned slot's
+    sampled_step(h, 1, rows=1)  # not a multiple: dropped
+    assert h.series("sumsq").steps.tolist() == [0, 2, 4, 5]
+    sampled_step(h, 0, rows=1)  # already kept: rewritten in place
+    assert h.series("sumsq").steps.tolist() == [0, 2, 4, 5]
+
+
+def test_a_stale_step_leaving_the_dense_part_never_replaces_a_newer_older_step():
+    """With sampled steps missing (failed), a dense slot may still hold an old step when a newer
+    step already took its thinned slot: the newer one stays."""
+    h = History(("a",), every=1, capacity=5, hist_capacity=1, step_capacity=4, dense=3, stride=2)
+    for step in (0, 4, 10, 12):  # 4 leaves dense slot 1 for thinned slot 3 at step 10; 0 leaves slot 0 at 12
+        sampled_step(h, step, rows=1)
+    assert h.series("sumsq").steps.tolist() == [4, 10, 12]
+    np.testing.assert_array_equal(h.series("sumsq").values[:, 0], [4, 10, 12])
+
+
+def test_skipped_reads_the_nonfinite_counts_of_thinned_steps():
+    h = History(("a",), every=1, capacity=4, hist_capacity=1, step_capacity=16, dense=2, stride=4)
+    for step in range(10):
+        h.add_sampled(step, rows_with([4], nans=int(step in (4, 5))), np.array([True]), np.array([0]))
+        h.add_step(step, grad_scale=8.0)
+    assert h.series("sumsq").steps.tolist() == [0, 4, 8, 9]  # step 5 is no longer kept
+    skipped = h.series("skipped")
+    assert skipped.steps[skipped.values].tolist() == [4]
+
+
+@pytest.mark.parametrize(("dense", "stride"), [(0, 1), (5, 1), (2, 0)])
+def test_dense_and_stride_are_checked(dense, stride):
+    with pytest.raises(ValueError, match="need 0 < dense <= capacity and stride >= 1"):
+        History(("a",), every=1, capacity=4, hist_capacity=1, step_capacity=4, dense=dense, stride=stride)

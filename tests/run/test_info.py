@@ -47,7 +47,14 @@ def test_to_dict_holds_every_field():
         "module_types": (),
         "histogram_every": 1,
         "sibling_groups": {},
+        "history_mib": 512,
     }
+
+
+def test_an_older_header_without_a_memory_budget_reads_with_the_default():
+    data = make_info().to_dict()
+    del data["history_mib"]
+    assert RunInfo.from_dict(data).history_mib == 512
 
 
 def test_an_older_header_without_dtypes_or_modules_reads_with_empty_ones():

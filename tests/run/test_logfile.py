@@ -2,11 +2,14 @@
 
 Covers ``read_log`` of a directory and of a single file, the ``LoggedRun`` it returns
 (state, thresholds, ``closed``, files, ``first_segment``), every way a log is refused
-(``RunLogError``), torn last lines and missing segments (warnings), ``check_log_dir`` and
-``segment_path``. Logs written by the monitor itself are tested in tests/outputs/test_runlog.py.
+(``RunLogError``), torn last lines and missing segments (warnings), reading within the
+history's memory budget (what is kept equals the live state; the peak memory of a long log),
+``check_log_dir`` and ``segment_path``. Logs written by the monitor itself are tested in tests/outputs/test_runlog.py.
 """
 
+import dataclasses
 import fnmatch
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -16,6 +19,7 @@ import run_builders
 from gradscope.run import records
 from gradscope.run.info import RunInfo
 from gradscope.run.logfile import PATTERN, LoggedRun, RunLogError, check_log_dir, read_log, segment_path
+from gradscope.run.state import RunState
 from gradscope.stats import layout
 
 NAMES = ("a", "b", "c")
@@ -268,6 +272,103 @@ def test_a_missing_middle_segment_warns_and_keeps_the_rest(tmp_path):
     assert len(caught) == 1
     assert run.state.series("loss").steps.tolist() == [0, 1, 5, 6]
     assert run.first_segment == 0 and run.closed is True
+
+
+def test_a_corrupt_last_line_with_its_newline_is_skipped_as_torn(tmp_path):
+    write(tmp_path / "gradscope-00000.jsonl", lines_of(header(), *body(steps=2)) + '{"t": "st\n')
+    with pytest.warns(RuntimeWarning, match=r"torn last line of .*gradscope-00000\.jsonl:6") as caught:
+        run = read_log(tmp_path)
+    assert len(caught) == 1
+    assert run.state.series("loss").steps.tolist() == [0, 1]
+
+
+# ---- within the history's memory budget -------------------------------------------------
+
+
+def budget_info(rows: int, history_mib: int) -> RunInfo:
+    """A run asking for the default history (10 000 sampled steps, 100 with histograms) that
+    ``history_mib`` shortens."""
+    names = tuple(f"layer{i}" for i in range(rows))
+    info = run_builders.run_info(names, numel=64, history=10_000, hist_history=100)
+    return dataclasses.replace(info, history_mib=history_mib)
+
+
+def random_sampled(step: int, rows: int, rng, histogram: bool) -> records.Sampled:
+    """Light rows of random scalars (incompressible), full rows when ``histogram``."""
+    values = np.full((rows, layout.ROW_WIDTH), layout.NO_HISTOGRAM)
+    values[:, : layout.HIST] = rng.random((rows, layout.HIST))
+    values[:, [layout.NANS, layout.INFS]] = 0
+    if histogram:
+        values[:, layout.HIST :] = rng.integers(0, 100, (rows, layout.NUM_BINS))
+    return records.Sampled(step, values, rng.random(rows) < 0.9, rng.permutation(rows))
+
+
+def test_the_kept_history_equals_the_live_one_and_the_budget_warns_once(tmp_path):
+    """A log replayed into the same budget keeps exactly what the live state kept: the newest
+    steps, the thinned older ones, the newest histograms."""
+    info, rng = budget_info(rows=20, history_mib=1), np.random.default_rng(0)
+    live = RunState(info)
+    assert live.plan.shortened and live.plan.dense < live.plan.capacity  # thinned: the rule is exercised
+    recs = []
+    for step in range(600):
+        recs.append(random_sampled(step, 20, rng, histogram=step % 8 == 0))
+        recs.append(records.StepValues(step, {"loss": float(rng.random()), "lr": 0.1}))
+    for record in recs:
+        live.apply(record)
+    write(tmp_path / "gradscope-00000.jsonl", lines_of(records.Header(info.to_dict()), *recs))
+    with pytest.warns(RuntimeWarning, match=r"load_run\(\.\.\., history_mib=\d+\) or more") as caught:
+        run = read_log(tmp_path)
+    assert len(caught) == 1
+    assert run.state.plan == live.plan
+    kept = live.series("norm").steps
+    assert 0 in kept and 599 in kept and 300 not in kept  # thinned: the oldest kept, a middle one not
+    for name in live.fields():
+        ours, theirs = run.state.series(name), live.series(name)
+        np.testing.assert_array_equal(ours.steps, theirs.steps, err_msg=name)
+        np.testing.assert_array_equal(ours.values, theirs.values, err_msg=name)
+
+
+def test_history_mib_overrides_the_recorded_budget(tmp_path, no_warnings):
+    info = budget_info(rows=20, history_mib=1)
+    write(tmp_path / "gradscope-00000.jsonl", lines_of(records.Header(info.to_dict()), sampled(0, n=20)))
+    run = read_log(tmp_path, history_mib=64)
+    assert run.state.info.history_mib == 64 and not run.state.plan.shortened
+    assert run.state.plan.capacity == 10_000
+
+
+def test_a_long_log_is_read_line_by_line_within_the_budget(tmp_path):
+    """Reading holds the budgeted history and about one line: never the whole file.
+
+    The bound: the history's own bytes (``plan.nbytes``), and while one line is applied the
+    line itself and, for its record, no more than 6 arrays of the record's float64 ``(rows,
+    ROW_WIDTH)`` size (the decompressed bytes, the rows, the histogram columns cleaned and
+    placed), 4 lines' worth for the reader's buffers and the decoding, and 1 MiB for the
+    interpreter. The log here is more than twice that (19 MB of lines): reading it whole
+    (``readlines()``), as before, exceeds the bound by the file's size.
+    """
+    rows, steps, rng = 1000, 400, np.random.default_rng(1)
+    info = budget_info(rows, history_mib=4)
+    longest = 0
+    with open(tmp_path / "gradscope-00000.jsonl", "w", encoding="utf-8") as handle:
+        handle.write(records.encode(records.Header(info.to_dict())) + "\n")
+        for step in range(steps):
+            line = records.encode(random_sampled(step, rows, rng, histogram=step % 32 == 0))
+            longest = max(longest, len(line))
+            handle.write(line + "\n" + records.encode(records.StepValues(step, {"loss": 1.0})) + "\n")
+    size = (tmp_path / "gradscope-00000.jsonl").stat().st_size
+    tracemalloc.start()
+    try:
+        with pytest.warns(RuntimeWarning, match="history_mib=4 keeps"):
+            run = read_log(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    plan = run.state.plan
+    assert plan.nbytes <= 4 * 2**20
+    bound = plan.nbytes + 6 * rows * layout.ROW_WIDTH * 8 + 4 * longest + 2**20
+    assert size > 2 * bound  # the test can tell streaming from reading the file whole
+    assert peak < bound, f"peak {peak} bytes reading a {size}-byte log; bound {bound}"
+    assert run.state.series("norm").steps[-1] == steps - 1
 
 
 # ---- the log directory ------------------------------------------------------------------
