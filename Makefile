@@ -21,7 +21,7 @@ TRITON36_VENV ?= $(VENV)-triton36
 TRITON36_PIN ?= triton==3.6.0
 SITE_PACKAGES = -c "import sysconfig; print(sysconfig.get_path('purelib'))"
 
-.PHONY: demo test test-latest lock mutate lint bench gpu-check clean
+.PHONY: demo test test-fast test-latest lock mutate lint bench gpu-check clean
 
 # The build backend comes from the constraints too (no build isolation), so a new setuptools
 # cannot break the editable install either.
@@ -44,9 +44,17 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/gradscope demo --fault none
 	$(VENV)/bin/gradscope demo --fault nan
 
+# Every test, on every core (pytest-xdist; the distributed tests, which spawn ranks, one at a
+# time). PYTEST_ARGS adds options, e.g. PYTEST_ARGS="-n 0" for one process.
+PYTEST_ARGS ?=
 test: $(VENV)/.installed $(TRITON36_VENV)/.installed
 	$(PY) -m ruff check .
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n auto --dist loadgroup $(PYTEST_ARGS)
+
+# The quick loop while developing: no distributed, Triton-interpreter, integration or slow
+# tests (tests/tiers.py), a fifth of the hypothesis examples.
+test-fast: $(VENV)/.installed
+	HYPOTHESIS_PROFILE=fast $(VENV)/bin/pytest -n auto -m "not distributed and not interpreter and not integration and not slow" $(PYTEST_ARGS)
 
 # Every test against the newest release of every dependency (torch still pinned), in its own
 # venv: a failure here and not in `make test` is an upstream release that breaks us.

@@ -12,22 +12,42 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiers
 import torch
 from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-settings.register_profile(
-    "ci",
-    deadline=None,
-    max_examples=60,
-    # Our function-scoped fixtures (monkeypatched constants, the kernel device) are the same
-    # for every generated example, so sharing them across examples is intended.
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
-    print_blob=True,
-)
+for _profile, _scale in tiers.EXAMPLE_SCALE.items():
+    settings.register_profile(
+        _profile,
+        deadline=None,
+        max_examples=max(5, round(60 * _scale)),
+        # Our function-scoped fixtures (monkeypatched constants, the kernel device) are the same
+        # for every generated example, so sharing them across examples is intended.
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+        print_blob=True,
+    )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config) -> None:
+    for marker, meaning in tiers.TIERS.items():
+        config.addinivalue_line("markers", f"{marker}: {meaning}")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Mark each test with its tiers (:mod:`tiers`); the distributed ones share one xdist
+    group, so that under ``-n`` they run one at a time (each spawns several processes)."""
+    for item in items:
+        module = getattr(item, "module", None)
+        found = tiers.tiers_of(Path(str(item.path)), vars(module) if module else {}, item.fixturenames, item.nodeid)
+        for tier in sorted(found):
+            item.add_marker(getattr(pytest.mark, tier))
+        if "distributed" in found:
+            item.add_marker(pytest.mark.xdist_group("distributed"))
+
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiers import examples
 from torch import nn
 from torch.nn import functional as F
 
@@ -214,7 +215,7 @@ def test_a_non_finite_metric_stops_at_once(bad):
         assert action["action"] == "stop" and action["step"] == 3
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(evaluations, st.integers(1, 4), st.sampled_from([0.0, 0.25]))
 def test_a_monitor_fed_by_mon_log_follows_the_reference_rule(values, patience, min_delta):
     """The same rule through a real monitor, with training steps between evaluations."""

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stats_reference import assert_matches_reference, reference_row, triggers_histogram, unscaled
 from tensor_strategies import gradient_tensors, many_small_and_a_few_large
+from tiers import examples
 
 from gradscope import TensorStats
 from gradscope.stats import layout, triton_backend
@@ -27,26 +28,26 @@ def kernel_stats(tensors, device, inv_scale=None, **tiling) -> TensorStats:
     return TensorStats.from_rows(triton_backend.triton_rows(flats, inv_scale=scale, **tiling))
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(st.lists(gradient_tensors(max_numel=1500), min_size=1, max_size=4))
 def test_matches_reference_small_tiles(kernel_device, tensors):
     assert_matches_reference(kernel_stats(tensors, kernel_device, **SMALL_TILES), tensors)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(many_small_and_a_few_large(large_numel=1500))
 def test_many_small_tensors_around_large_ones(kernel_device, tensors):
     """Mixed dtypes: one launch per dtype, all writing into one output buffer."""
     assert_matches_reference(kernel_stats(tensors, kernel_device, **SMALL_TILES), tensors)
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(st.lists(gradient_tensors(max_numel=3000), min_size=1, max_size=3))
 def test_matches_reference_default_tiles(kernel_device, tensors):
     assert_matches_reference(kernel_stats(tensors, kernel_device), tensors)
 
 
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 @given(
     tensors=st.lists(gradient_tensors(max_numel=1500), min_size=1, max_size=3),
     inv_scale=st.sampled_from([2.0**-16, 2.0**3, 1 / 3, 1e-30]),
@@ -314,7 +315,7 @@ def _chunk_size_by_definition(numel: int, min_chunk: int) -> int:
     return chunk
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(
     numels=st.lists(
         st.one_of(

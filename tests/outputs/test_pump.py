@@ -233,7 +233,7 @@ def test_an_exporters_budget_counts_its_write_and_flush_calls_and_nothing_else()
     pump.close(2)
     assert [method for method, _ in timed.measured] == ["write", "write", "write", "flush"]  # 2 + Closed
     for method, seconds in timed.measured:
-        assert SLEEP[method] <= seconds < SLEEP[method] + 0.15, (method, seconds)
+        assert SLEEP[method] <= seconds < SLEEP[method] + 1.0, (method, seconds)  # its own call, on a busy machine
 
 
 def test_a_script_that_never_closes_its_monitor_still_exits_and_closes_its_log(tmp_path):
@@ -248,7 +248,7 @@ def test_a_script_that_never_closes_its_monitor_still_exits_and_closes_its_log(t
     script = f"""
 import torch, gradscope
 model = torch.nn.Linear(3, 2)
-mon = gradscope.watch(model, log_dir={str(tmp_path / 'log')!r}, backend="numpy")
+mon = gradscope.watch(model, log_dir={str(tmp_path / "log")!r}, backend="numpy")
 for step in range(3):
     model(torch.ones(4, 3)).sum().backward()
     mon.step(loss=1.0)

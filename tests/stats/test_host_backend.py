@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stats_reference import assert_matches_reference, unscaled
 from tensor_strategies import gradient_tensors, many_small_and_a_few_large
+from tiers import examples
 
 from gradscope import TensorStats
 from gradscope.stats import host_backend
@@ -22,25 +23,25 @@ def cpu_stats(tensors, kernel, num_threads=None, inv_scale=None) -> TensorStats:
     return TensorStats.from_rows(rows)
 
 
-@settings(max_examples=300)
+@settings(max_examples=examples(300))
 @given(st.lists(gradient_tensors(), min_size=1, max_size=6))
 def test_matches_reference(kernel, tensors):
     assert_matches_reference(cpu_stats(tensors, kernel), tensors)
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(tensors=st.lists(gradient_tensors(), min_size=1, max_size=8), threads=st.integers(1, 4))
 def test_matches_reference_across_chunks_packs_and_threads(kernel, small_work_items, tensors, threads):
     assert_matches_reference(cpu_stats(tensors, kernel, num_threads=threads), tensors)
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(tensors=many_small_and_a_few_large(), threads=st.integers(1, 3))
 def test_many_small_tensors_around_large_ones(kernel, small_work_items, tensors, threads):
     assert_matches_reference(cpu_stats(tensors, kernel, num_threads=threads), tensors)
 
 
-@settings(max_examples=100)
+@settings(max_examples=examples(100))
 @given(
     tensors=st.lists(gradient_tensors(), min_size=1, max_size=8),
     inv_scale=st.sampled_from([2.0**-16, 2.0**-24, 2.0**3, 1 / 3, 1e-30]),
@@ -125,7 +126,7 @@ except ValueError as error:
     assert "backend='numba' needs the numba package (pip install 'gradscope[numba]')" in done.stdout
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(tensors=st.lists(gradient_tensors(max_numel=300), min_size=2, max_size=12))
 def test_a_small_tensors_row_does_not_depend_on_the_tensors_beside_it(kernel, tensors):
     """Measured together (one pack) or one at a time (as a worker does in backward mode),

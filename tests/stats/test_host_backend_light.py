@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stats_reference import triggers_histogram, unscaled
 from tensor_strategies import gradient_tensors
+from tiers import examples
 
 from gradscope.stats import host_backend, host_kernels, layout
 
@@ -141,7 +142,7 @@ def test_the_bounds_of_the_rule(kernel, small_work_items, dtype):
     assert_light_rows(light, full, [False, True])
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(
     tensors=st.lists(gradient_tensors(), min_size=1, max_size=8),
     threads=st.integers(1, 3),
@@ -153,7 +154,7 @@ def test_light_rows_follow_the_rule_on_any_tensors(kernel, small_work_items, ten
     assert_light_rows(light, full, expected)
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(tensors=st.lists(gradient_tensors(max_numel=1500), min_size=2, max_size=10))
 def test_light_rows_depend_on_neither_threads_nor_packs(kernel, small_work_items, tensors):
     one = host_backend.host_rows(tensors, kernel, num_threads=1, histogram=False)

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from stats_reference import reference_row
 from tensor_strategies import kernel_runs
+from tiers import examples
 
 from gradscope.stats import host_backend, host_kernels, layout, numpy_kernels
 
@@ -50,7 +51,7 @@ def assert_sums_close(actual, expected, abs_sums, rtol):
     assert close.all(), (actual, expected)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(runs())
 def test_rows_match_the_float64_reference_and_the_numpy_kernel(case):
     values, starts = case

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stats_reference import smallest_nonzero, unscaled
 from tensor_strategies import kernel_runs
+from tiers import examples
 
 from gradscope.stats import host_backend, layout, numpy_kernels
 
@@ -34,7 +35,7 @@ def expected_smallest(values: torch.Tensor, starts: np.ndarray, inv_scale: float
     return np.array([smallest_nonzero(run if inv_scale is None else unscaled(run, inv_scale)) for run in runs])
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=examples(120), deadline=None)
 @given(case=kernel_runs(SIZES), inv_scale=st.sampled_from([None, 2.0**-16, 2.0**3, 1e-30]))
 def test_light_rows_are_full_rows_without_the_histogram(case, inv_scale):
     values, starts = case

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from stats_reference import smallest_nonzero
 from tensor_strategies import kernel_runs
+from tiers import examples
 
 from gradscope.stats import host_backend, layout, numpy_kernels
 
@@ -24,7 +25,7 @@ def ws():
     return host_backend._Workspace()
 
 
-@settings(max_examples=150)
+@settings(max_examples=examples(150))
 @given(kernel_runs(SIZES))
 def test_light_rows_are_full_rows_without_the_histogram(case):
     values, starts = case
