@@ -128,7 +128,8 @@ def test_without_actions_only_the_step_count_is_kept():
 def test_loading_is_refused_after_the_first_step_and_for_a_foreign_state():
     model = tiny_model()
     with gradscope.watch(model, backend="numpy") as mon:
-        with pytest.raises(ValueError, match="not a gradscope monitor state"):
+        message = r"^Monitor\.load_state_dict: not a gradscope monitor state \(from Monitor\.state_dict\(\)\)$"
+        with pytest.raises(ValueError, match=message):
             mon.load_state_dict({"step": 3})
         with pytest.raises(ValueError, match="not a gradscope monitor state"):
             mon.load_state_dict([1, 2])
@@ -156,3 +157,16 @@ def test_the_state_is_made_of_the_parts_states_and_a_resumed_log_closes_at_the_r
             train(again, again_opt, mon, range(6, 6 + steps))
         last = (tmp_path / log).glob("*.jsonl").__next__().read_text().splitlines()[-1]
         assert records.decode(last) == records.Closed(6 + steps)
+
+
+def test_a_state_saved_without_the_actions_entry_resumes_a_monitor_that_acts():
+    """``{"version": 1, "step": n}`` (the state of a monitor without actions, before the
+    ``actions`` entry was always written) resumes the step count of a monitor that acts,
+    whose actions start afresh."""
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stopping = gradscope.EarlyStopping(patience=3)
+    with gradscope.watch(model, optimizer=opt, halt_on="nonfinite", early_stopping=stopping, backend="numpy") as mon:
+        mon.load_state_dict({"version": 1, "step": 4})
+        train(model, opt, mon, range(4, 6))
+        assert list(mon.history("norm").steps) == [4, 5] and mon.errors == []
