@@ -98,6 +98,29 @@ def test_step_cost_benchmark_times_sampled_and_unsampled_calls(monkeypatch, tmp_
     assert all(row["mean_per_step_us"] > 0 for row in rows)
 
 
+def test_threads_benchmark_compares_one_thread_with_the_default(monkeypatch, tmp_path):
+    import torch
+
+    bench = load("bench_threads", monkeypatch)
+    out = tmp_path / "threads.json"
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--models", "tiny", "--threads", "1,2", "--rounds", "2", "--steps", "2", "--out", str(out)]
+        assert bench.main(argv) == 0
+    finally:
+        sys.modules.pop("bench_stats", None)
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
+    data = json.loads(out.read_text())
+    assert len(data["environment"]["load_average_before"]) == 3 and data["rounds"] == 2
+    entries = data["models"]
+    assert [(e["model"], e["threads"]) for e in entries] == [("tiny", 1), ("tiny", 2)]
+    for entry in entries:
+        assert entry["tensors"] == 4 and entry["capture"]
+        assert len(entry["ratio"]["rounds"]) == 2
+        assert entry["ratio"]["min"] <= entry["ratio"]["median"] <= entry["ratio"]["max"]
+        assert entry["gradscope_training_thread_ms"]["median"] > 0
+
+
 def test_overhead_benchmark_measures_the_integrations(bench_overhead, tmp_path):
     pytest.importorskip("wandb", reason="needs the wandb extra")
     pytest.importorskip("lightning", reason="needs the lightning extra")

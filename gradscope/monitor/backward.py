@@ -6,12 +6,14 @@ call. Two ways to hear of gradients (:mod:`gradscope.monitor.hooks` registers th
 * **per gradient** (:meth:`BackwardReceiver.on_grad`): each final gradient is handed to its
   capture as it arrives — the Triton kernels launch buckets of them while backward still
   runs, a CPU worker measures them beside autograd, and DDP's are noted until averaging ends;
-* **at the end of the pass** (:class:`gradscope.monitor.hooks.Arrivals`), when every capture
-  measures the whole pass at its end anyway (a CPU kernel on the cores autograd was using):
-  a hook only appends its parameter to a list, and the gradients are taken together when
-  the pass ends. On a model with hundreds of small parameters this is what keeps
-  monitoring cheap: per gradient, one list append inside autograd and a few hundred
-  nanoseconds of bookkeeping after it.
+* **at the end of the pass** (:class:`gradscope.monitor.hooks.Arrivals`), when one CPU
+  capture measures every gradient: a hook only appends its parameter to a list, and the
+  gradients are taken together when the pass ends. On a model with hundreds of small
+  parameters this is what keeps monitoring cheap: per gradient, one list append inside
+  autograd and a few hundred nanoseconds of bookkeeping after it. When the capture has a
+  worker (cores autograd leaves free), the hooks of large parameters
+  (:attr:`gradscope.monitor.engines.Engines.at_once`) also hand their gradient over at
+  once (:meth:`BackwardReceiver.on_grad_at_once`), to be measured while backward goes on.
 
 Both record the order in which gradients became final (where a NaN first appeared in
 backward) and measure only the last pass of an optimisation step under gradient accumulation.
@@ -33,9 +35,11 @@ without ``close()`` is freed at once and its finalizer removes the hooks (:attr:
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from gradscope.distributed.topology import Topology
@@ -62,8 +66,10 @@ class BackwardReceiver:
             measured when averaging has finished, at the end of backward, not as they arrive.
 
     Attributes:
-        arrivals: the :class:`~gradscope.monitor.hooks.Arrivals` hooks when every gradient
-            is taken at the end of the pass; None when they are handed over one by one.
+        arrivals: the :class:`~gradscope.monitor.hooks.Arrivals` hooks when the gradients
+            are taken at the end of the pass (but those handed over on arrival,
+            :attr:`~gradscope.monitor.engines.Engines.at_once`); None when every gradient is
+            handed over one by one.
         handles: the hook handles (emptied when the hooks are removed).
         closed: hooks that still fire after the monitor closed do nothing.
     """
@@ -92,7 +98,7 @@ class BackwardReceiver:
             alone = topology.kind == "single" and topology.world == 1
             self.handles: list = hooks.register_participation_hooks(passes.marks, params) if alone else []
         elif engines.gathers_at_end and not replicated:
-            self.arrivals = hooks.Arrivals(self, params)
+            self.arrivals = hooks.Arrivals(self, params, engines.at_once)
             self.handles = self.arrivals.handles
         else:
             self.handles = hooks.register_grad_hooks(self, params)
@@ -128,6 +134,20 @@ class BackwardReceiver:
         except Exception as error:
             self.fail(error)
 
+    def on_grad_at_once(self, index: int, param: torch.Tensor) -> None:
+        """:class:`~gradscope.monitor.hooks.Arrivals`: parameter ``index`` (one of
+        :attr:`~gradscope.monitor.engines.Engines.at_once`) arrived and was noted; hand its
+        gradient to the capture now (its place in the order is taken at the pass's end)."""
+        if self.closed or not self._open.sampled:
+            return
+        try:
+            with self._lock:
+                if not self._passes.measuring or self._failures.is_void(self._open.index):
+                    return
+                self._engines.add(index, param.grad)
+        except Exception as error:
+            self.fail(error)
+
     def on_first_arrival(self) -> None:
         """:class:`~gradscope.monitor.hooks.Arrivals`: the first gradient of a pass arrived."""
         if self.closed:
@@ -149,7 +169,12 @@ class BackwardReceiver:
             self._passes.arrived_earlier(indices)
         elif indices and not self._failures.is_void(self._open.index):
             self._passes.arrived_all(indices)
-            self._engines.add_many(indices, grads)
+            gathered = ~self._engines.at_once[indices]  # the others were handed over on arrival
+            if not gathered.all():
+                indices = np.asarray(indices)[gathered].tolist()
+                grads = list(itertools.compress(grads, gathered))
+            if indices:
+                self._engines.add_many(indices, grads)
 
     def _on_backward_end(self, deferred: bool = False) -> None:
         try:

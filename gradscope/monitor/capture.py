@@ -10,12 +10,14 @@ sampled steps:
   waits for the device; the host collects a step once its event has completed (or when it
   is asked to, and then it waits). A small pool of buffers lets the host fall a few steps
   behind.
-* :class:`HostCapture` runs a CPU kernel (:mod:`gradscope.stats.host_backend`). In backward
-  mode, when the machine has cores that autograd does not use, it runs on a worker thread as
-  gradients arrive, overlapping autograd; when autograd already uses every core (torch's
-  default), a worker would only compete with it, so the hooks only note which gradients
-  arrived and they are measured together, small ones packed into one buffer, on all cores
-  when backward ends.
+* :class:`HostCapture` runs a CPU kernel (:mod:`gradscope.stats.host_backend`). Gradients
+  are gathered and measured together, small ones packed into one buffer, on all cores when
+  backward ends. In backward mode, when the machine has cores that autograd does not use
+  (``torch.set_num_threads(1)``, as ``torchrun`` sets it), large gradients (at least
+  :data:`HAND_OVER_FROM` elements) are measured on a worker thread as they arrive,
+  overlapping autograd; the worker takes whatever has queued up in one call. Small ones
+  stay gathered even then: measuring one costs far more in Python, holding the GIL that
+  the training thread's hooks need, than in the kernel, which releases it.
   Either way the end of backward waits for the measurements, so that no gradient is still
   being read when user code may modify it (clipping, unscaling).
 
@@ -44,6 +46,13 @@ BUCKET_TENSORS = 64
 
 BUCKET_NUMEL = 1 << 25
 """Elements per kernel launch in backward mode."""
+
+HAND_OVER_FROM = 1 << 17
+"""Gradients with at least this many elements go to a CPU capture's worker as they arrive.
+Measured on a 2-core machine: a call into the CPU backend costs ~60 us of Python (holding
+the GIL) whatever it measures, and its kernel (which releases the GIL) takes about as long
+for 2**17 float32 elements; smaller gradients are cheaper measured together at the end of
+backward than handed over one by one."""
 
 MAX_SLOTS = 8
 """Sampled steps whose device buffers may be in flight before the host waits for the oldest."""
@@ -221,9 +230,10 @@ class HostCapture:
     Args:
         count: rows (watched parameters read by this capture).
         kernel: ``"numba"`` or ``"numpy"``.
-        overlap: in backward mode, compute each gradient on a worker thread as soon as it
-            arrives, overlapping autograd; otherwise gradients are gathered and measured
-            together, on every core, when backward ends (or at ``mon.step()``).
+        overlap: in backward mode, measure each large gradient (:meth:`takes_at_once`) on a
+            worker thread as soon as it arrives, overlapping autograd. Other gradients are
+            gathered and measured together, on every core, when backward ends (or at
+            ``mon.step()``).
         combiner: combines the rows across ranks (sharded gradients on CPU, gloo).
     """
 
@@ -261,18 +271,34 @@ class HostCapture:
             self.error = error
 
     def _work(self) -> None:
+        """The worker: measures, in one call on one thread, every gradient queued since it last
+        looked (fewer calls when gradients arrive faster than it measures them)."""
         while True:
-            task = self._tasks.get()
+            tasks = [self._tasks.get()]
+            while True:
+                try:
+                    tasks.append(self._tasks.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if task is None:
-                    return
-                index, grad = task
-                self._compute([index], [grad], num_threads=1)
+                work = [task for task in tasks if task is not None]
+                if work:
+                    self._compute([index for index, _ in work], [grad for _, grad in work], num_threads=1)
             finally:
-                self._tasks.task_done()
+                for _ in tasks:
+                    self._tasks.task_done()
+            if None in tasks:
+                return
+
+    def takes_at_once(self, numel: int) -> bool:
+        """True when a gradient of ``numel`` elements is measured on the worker as soon as it
+        is handed over (:data:`HAND_OVER_FROM`); others are measured when backward ends."""
+        return self.overlap and numel >= HAND_OVER_FROM
 
     def add(self, index: int, grad: torch.Tensor) -> None:
-        if not self.overlap:
+        """Row ``index``'s final gradient: queued for the worker (:meth:`takes_at_once`), else
+        gathered."""
+        if not self.takes_at_once(grad.numel()):
             self._indices.append(index)
             self._grads.append(grad)
             return
@@ -283,12 +309,14 @@ class HostCapture:
         self._tasks.put((index, grad))
 
     def add_all(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
+        """These rows' final gradients, measured now with those gathered (none goes to the worker)."""
         self._indices.extend(indices)
         self._grads.extend(grads)
         self.end_backward()
 
     def end_backward(self) -> None:
-        """Measure what was gathered, and wait until every gradient handed over has been read."""
+        """Measure what was gathered (while the worker finishes what it was handed), and wait
+        until every gradient handed over has been read."""
         if self._indices:
             self._compute(self._indices, self._grads, num_threads=None)
             self._indices.clear()

@@ -36,8 +36,8 @@ class Engines:
     Args:
         params: the watched parameters.
         backend: one of :data:`gradscope.stats.dispatch.BACKENDS`.
-        mode: the monitor's mode (a CPU kernel overlaps autograd on a worker in backward mode,
-            when cores are spare).
+        mode: the monitor's mode (in backward mode a CPU kernel measures large gradients on
+            a worker, overlapping autograd, when cores are spare).
         topology: the model's layout over ranks; sharded gradients are combined across ranks.
         inv_scale: see :data:`InvScale`.
 
@@ -47,6 +47,9 @@ class Engines:
         started: engines whose capture is open in this step.
         histogram: whether the open step's rows get their histograms (else light rows,
             :mod:`gradscope.stats.layout`); the monitor sets it per sampled step.
+        at_once: bool ``(P,)``, when :attr:`gathers_at_end`: the parameters whose gradients
+            the CPU capture's worker measures as soon as they are final
+            (:meth:`gradscope.monitor.capture.HostCapture.takes_at_once`).
 
     Raises:
         ValueError: ``backend="triton"`` for parameters the kernels cannot read; parameters
@@ -88,16 +91,18 @@ class Engines:
         self.present = np.zeros(len(params), dtype=bool)
         self.started: set[Engine] = set()
         self.histogram = True
+        capture = self.captures[self.first] if self.gathers_at_end else None
+        self.at_once = np.array([capture is not None and capture.takes_at_once(p.numel()) for p in params], dtype=bool)
 
     @property
     def gathers_at_end(self) -> bool:
-        """True when one capture, a CPU kernel that does not overlap autograd, measures every
-        parameter: it reads a backward pass's gradients all at once when the pass ends, so
-        the hooks need only note which arrived (:class:`gradscope.monitor.hooks.Arrivals`)."""
+        """True when one capture, a CPU kernel, measures every parameter (and its rows are not
+        combined across ranks): it reads a backward pass's gradients together when the pass
+        ends, but for those it takes :attr:`at_once`, so the hooks need only note which
+        arrived (:class:`gradscope.monitor.hooks.Arrivals`)."""
         if len(self.captures) != 1 or self._sharded:
             return False
-        capture = self.captures[self.first]
-        return isinstance(capture, HostCapture) and not capture.overlap
+        return isinstance(self.captures[self.first], HostCapture)
 
     @property
     def first(self) -> Engine:
@@ -117,8 +122,8 @@ class Engines:
         self.present[index] = True
 
     def add_many(self, indices: Sequence[int], grads: Sequence[torch.Tensor]) -> None:
-        """These parameters' final gradients, together (when :attr:`gathers_at_end`: one
-        capture, whose rows are the parameters' own indices)."""
+        """These parameters' final gradients, together, none of them :attr:`at_once` (when
+        :attr:`gathers_at_end`: one capture, whose rows are the parameters' own indices)."""
         key = self.first
         if key not in self.started:
             self._start(key)

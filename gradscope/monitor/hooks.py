@@ -1,7 +1,7 @@
 """Backward-pass hooks: when each gradient is final, and when a backward pass ends.
 
 In ``mode="backward"`` a ``register_post_accumulate_grad_hook`` on every watched parameter
-hands the monitor's backward receiver (:mod:`gradscope.monitor.backward`) each gradient as
+tells the monitor's backward receiver (:mod:`gradscope.monitor.backward`) of each gradient as
 soon as autograd has finished accumulating it. The first hook of a backward pass queues a
 callback on the autograd engine that runs when the pass ends (as DDP does), which is when
 the receiver may stop waiting for gradients. With gradient
@@ -57,24 +57,27 @@ def register_grad_hooks(receiver, params: Sequence[torch.nn.Parameter]) -> list:
 
 
 class Arrivals:
-    """The cheapest backward hooks, for engines that measure everything when backward ends.
+    """The cheapest backward hooks, for engines that measure (nearly) everything when backward ends.
 
     Each parameter's hook only appends the parameter to a list (the order in which the
     gradients became final); the first hook of a backward pass also calls the receiver's
     ``on_first_arrival()`` (which arranges to hear of the pass's end). When the pass ends
     the receiver takes the list, and the gradients are measured together: no per-gradient
-    work in autograd's path but one list append.
+    work in autograd's path but one list append. The hooks of the parameters ``at_once``
+    also hand the gradient to the receiver's ``on_grad_at_once(index, param)`` (a worker
+    measures it while backward goes on); they stay in the list, which keeps the order.
 
     Args:
         receiver: held weakly (:class:`gradscope.monitor.backward.BackwardReceiver`); its
             ``on_first_arrival()`` is called on a pass's first gradient.
         params: the watched parameters (indices are positions in this sequence).
+        at_once: bool ``(P,)`` or None (none): whose gradients are handed over on arrival.
 
     Attributes:
         handles: the hook handles (see :func:`remove_handles`).
     """
 
-    def __init__(self, receiver, params: Sequence[torch.nn.Parameter]) -> None:
+    def __init__(self, receiver, params: Sequence[torch.nn.Parameter], at_once: np.ndarray | None = None) -> None:
         self._index_of = {id(p): index for index, p in enumerate(params)}
         self._log: list[torch.Tensor] = []
         ref = weakref.ref(receiver)
@@ -87,7 +90,22 @@ class Arrivals:
                     alive.on_first_arrival()
             append(param)
 
-        self.handles = [p.register_post_accumulate_grad_hook(hook) for p in params if p.requires_grad]
+        def handing_over(index: int) -> Callable[[torch.Tensor], None]:
+            def hook_at_once(param: torch.Tensor) -> None:
+                hook(param)
+                alive = ref()
+                if alive is not None:
+                    alive.on_grad_at_once(index, param)
+
+            return hook_at_once
+
+        self.handles = [
+            p.register_post_accumulate_grad_hook(
+                handing_over(index) if at_once is not None and at_once[index] else hook
+            )
+            for index, p in enumerate(params)
+            if p.requires_grad
+        ]
 
     def __len__(self) -> int:
         return len(self._log)

@@ -17,7 +17,7 @@ from torch import nn
 
 import gradscope
 from gradscope.distributed.topology import Topology
-from gradscope.monitor import engines, hooks
+from gradscope.monitor import capture, engines, hooks
 from gradscope.monitor.backward import BackwardReceiver
 from gradscope.monitor.failures import Failures
 from gradscope.monitor.schedule import OpenStep
@@ -29,12 +29,35 @@ from gradscope.stats.reporting import GradscopeWarning
 FIELDS = ("numel", "sum", "sumsq", "max_abs", "zeros", "nans", "infs", "hist", "present", "norm")
 
 
-def watch(model, monkeypatch, at_end: bool, **options):
-    """A monitor whose CPU capture measures at the end of each pass (``at_end``) or one
-    gradient at a time on a worker (as on machines with spare cores)."""
-    monkeypatch.setattr(engines, "spare_cores", lambda: not at_end)
+WAYS = ("at_end", "worker", "one_by_one")
+"""How gradients reach a CPU capture: all noted by the cheapest hooks and measured when the
+pass ends (no spare cores); the same, but the large ones also handed to a worker as they
+arrive (spare cores); every one handed over by its own hook (the way of the Triton captures,
+DDP and rows combined across ranks), the large ones measured by the worker."""
+
+
+def use_way(monkeypatch, way: str, hand_over_from: int) -> None:
+    """Make the engines built next take gradients the ``way`` named (:data:`WAYS`), with
+    gradients of at least ``hand_over_from`` elements counting as large."""
+    monkeypatch.setattr(engines, "spare_cores", lambda: way != "at_end")
+    monkeypatch.setattr(capture, "HAND_OVER_FROM", hand_over_from)
+    if way == "one_by_one":
+        monkeypatch.setattr(engines.Engines, "gathers_at_end", property(lambda self: False))
+
+
+def check_way(receiver: BackwardReceiver, engines_: engines.Engines, way: str) -> None:
+    """The receiver's hooks are those of ``way``; with a worker, some parameters (not all) are large."""
+    assert (receiver.arrivals is not None) is (way != "one_by_one")
+    if way != "one_by_one":
+        assert bool(engines_.at_once.any()) is (way == "worker") and not engines_.at_once.all()
+
+
+def watch(model, monkeypatch, way: str = "at_end", **options):
+    """A monitor whose CPU capture takes gradients the ``way`` named (:data:`WAYS`); large
+    gradients: 100 elements or more (these models' weights, not their biases)."""
+    use_way(monkeypatch, way, hand_over_from=100)
     mon = gradscope.watch(model, **options)
-    assert (mon._backward.arrivals is not None) is at_end
+    check_way(mon._backward, mon._engines, way)
     return mon
 
 
@@ -51,8 +74,8 @@ def test_both_ways_give_the_same_numbers_and_the_same_backward_order(monkeypatch
     torch.manual_seed(0)
     model = make(name)
     results = []
-    for at_end in (True, False):
-        mon = watch(model, monkeypatch, at_end)
+    for way in WAYS:
+        mon = watch(model, monkeypatch, way)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the same gradients both times
         for step in range(2):
             opt.zero_grad()
@@ -66,7 +89,7 @@ def test_both_ways_give_the_same_numbers_and_the_same_backward_order(monkeypatch
 
 def test_accumulation_measures_only_the_last_pass_and_orders_it(monkeypatch):
     model = make("mlp")
-    with watch(model, monkeypatch, True, accumulation_steps=3) as mon:
+    with watch(model, monkeypatch, "at_end", accumulation_steps=3) as mon:
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         expected = []
         for step in range(2):
@@ -88,7 +111,7 @@ def test_a_pass_whose_end_cannot_be_heard_is_measured_at_step(monkeypatch):
     (with one warning); here nothing changes the gradients in between, so the numbers hold."""
     monkeypatch.setattr(hooks, "queue_end_of_backward", lambda callback: False)
     model = make("mlp")
-    with watch(model, monkeypatch, True) as mon:
+    with watch(model, monkeypatch, "at_end") as mon:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         expected = []
         with warnings.catch_warnings(record=True) as caught:
@@ -108,7 +131,7 @@ def test_a_pass_whose_end_cannot_be_heard_is_measured_at_step(monkeypatch):
 
 def test_unsampled_steps_leave_nothing_behind(monkeypatch):
     model = make("mlp")
-    with watch(model, monkeypatch, True, every=4) as mon:
+    with watch(model, monkeypatch, "at_end", every=4) as mon:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         for step in range(6):
             opt.zero_grad()
@@ -119,13 +142,14 @@ def test_unsampled_steps_leave_nothing_behind(monkeypatch):
         assert list(mon.history("norm").steps) == [0, 4]
 
 
-def test_grad_scaler_gradients_are_unscaled_by_each_cpu_kernel(monkeypatch):
+@pytest.mark.parametrize("way", WAYS)
+def test_grad_scaler_gradients_are_unscaled_by_each_cpu_kernel(monkeypatch, way):
     pytest.importorskip("numba", reason="numba is not installed")
     for backend in ("numba", "numpy"):
         model = make("mlp")
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-        with watch(model, monkeypatch, True, optimizer=opt, scaler=scaler, backend=backend) as mon:
+        with watch(model, monkeypatch, way, optimizer=opt, scaler=scaler, backend=backend) as mon:
             expected = []
             for step in range(2):
                 opt.zero_grad()
@@ -142,7 +166,7 @@ def test_grad_scaler_gradients_are_unscaled_by_each_cpu_kernel(monkeypatch):
 
 def test_the_hooks_do_not_keep_a_dropped_monitor_alive(monkeypatch):
     model = make("mlp")
-    mon = watch(model, monkeypatch, True)
+    mon = watch(model, monkeypatch, "at_end")
     loss_of("mlp", model, 0).backward()
     mon.step()
     del mon
@@ -165,13 +189,13 @@ class Receiving:
     def __init__(
         self,
         monkeypatch,
-        at_end: bool,
+        way: str = "at_end",
         every: int = 1,
         accumulation_steps: int = 1,
         mode: str = "backward",
         topology: Topology = SINGLE,
     ) -> None:
-        monkeypatch.setattr(engines, "spare_cores", lambda: not at_end)
+        use_way(monkeypatch, way, hand_over_from=20)  # large: the weights (32, 24 elements), not the biases
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
         self.params = tuple(self.model.parameters())
@@ -183,7 +207,10 @@ class Receiving:
         self.receiver = BackwardReceiver(
             self.params, self.engines, self.passes, self.open, self.failures, threading.RLock(), mode, topology
         )
-        assert (self.receiver.arrivals is not None) is (at_end and mode == "backward")
+        if mode == "backward":
+            check_way(self.receiver, self.engines, way)
+        else:
+            assert self.receiver.arrivals is None  # step mode: participation hooks only
 
     def backward(self, seed: int) -> None:
         x = torch.randn(5, 4, generator=torch.Generator().manual_seed(seed))
@@ -220,11 +247,11 @@ def receiving(monkeypatch):
         part.engines.close()
 
 
-@pytest.mark.parametrize("at_end", [True, False])
-def test_a_receiver_hands_every_final_gradient_to_its_engines(receiving, at_end):
+@pytest.mark.parametrize("way", WAYS)
+def test_a_receiver_hands_every_final_gradient_to_its_engines(receiving, way):
     """Per gradient or at the pass's end: every parameter's gradient reaches its capture, in
     the order it became final (the output layer first), with the reference's statistics."""
-    part = receiving(at_end=at_end)
+    part = receiving(way=way)
     part.backward(0)
     assert part.engines.present.all()
     order = part.passes.order  # per parameter: first Linear's weight and bias, then the last's
@@ -239,9 +266,9 @@ def test_a_receiver_hands_every_final_gradient_to_its_engines(receiving, at_end)
     assert part.emitted == [] and part.failures.errors == []
 
 
-@pytest.mark.parametrize("at_end", [True, False])
-def test_a_receiver_ignores_unsampled_steps_and_all_but_the_last_pass(receiving, at_end):
-    part = receiving(at_end=at_end, every=2, accumulation_steps=2)
+@pytest.mark.parametrize("way", WAYS)
+def test_a_receiver_ignores_unsampled_steps_and_all_but_the_last_pass(receiving, way):
+    part = receiving(way=way, every=2, accumulation_steps=2)
     part.backward(0)  # step 0, first of two passes: not measured
     assert not part.engines.present.any() and part.passes.finished == 1
     part.backward(1)
@@ -251,16 +278,17 @@ def test_a_receiver_ignores_unsampled_steps_and_all_but_the_last_pass(receiving,
     part.backward(2)
     part.backward(3)
     assert not part.engines.present.any() and (part.passes.order == -1).all()
-    if at_end:
+    if part.receiver.arrivals is not None:
         assert len(part.receiver.arrivals) == 0, "an unsampled pass's arrivals are let go at its end"
 
 
-@pytest.mark.parametrize("at_end", [True, False])
-def test_a_failure_in_a_hook_voids_the_open_step_through_failures(monkeypatch, receiving, at_end):
-    part = receiving(at_end=at_end)
+@pytest.mark.parametrize("way", WAYS)
+def test_a_failure_in_a_hook_voids_the_open_step_through_failures(monkeypatch, receiving, way):
+    part = receiving(way=way)
     part.open.move_to(4)
-    capture = next(iter(part.engines.captures.values()))
-    monkeypatch.setattr(capture, "add_all" if at_end else "add", lambda *args: (_ for _ in ()).throw(OSError("no")))
+    failing = next(iter(part.engines.captures.values()))
+    at_end = way == "at_end"
+    monkeypatch.setattr(failing, "add_all" if at_end else "add", lambda *args: (_ for _ in ()).throw(OSError("no")))
     with pytest.warns(GradscopeWarning, match=r"monitoring failed at step 4 \(OSError: no\)"):
         part.backward(0)  # training goes on
     assert part.emitted == [records.Failed(4)] and part.failures.is_void(4)
@@ -269,8 +297,37 @@ def test_a_failure_in_a_hook_voids_the_open_step_through_failures(monkeypatch, r
         assert part.engines.present.sum() == 0, "after the failure no gradient of the step is handed over"
 
 
+def test_with_a_worker_large_gradients_are_handed_over_during_the_pass_and_the_rest_at_its_end(monkeypatch, receiving):
+    """The weights (large here) reach the capture one by one while backward runs; the biases
+    are gathered when it ends, without the weights again; the order covers all four."""
+    part = receiving(way="worker")
+    capture_ = next(iter(part.engines.captures.values()))
+    handed: list = []  # (how, indices, whether the pass was still running)
+    add, add_all = capture_.add, capture_.add_all
+
+    def spy_add(index, grad):
+        handed.append(("add", [index], part.passes.open))
+        add(index, grad)
+
+    def spy_add_all(indices, grads):
+        handed.append(("add_all", list(indices), part.passes.open))
+        add_all(indices, grads)
+
+    monkeypatch.setattr(capture_, "add", spy_add)
+    monkeypatch.setattr(capture_, "add_all", spy_add_all)
+    part.backward(0)
+    assert sorted(handed[:2]) == [("add", [0], True), ("add", [2], True)]  # weights: output layer's first
+    assert handed[0][1] == [2]
+    order = part.passes.order
+    assert sorted(order) == [0, 1, 2, 3] and max(order[2:]) < min(order[:2])  # output layer first
+    assert handed[2:] == [("add_all", sorted([1, 3], key=lambda i: order[i]), False)]  # biases, in arrival order
+    rows = part.finished_rows(0)
+    for index, p in enumerate(part.params):
+        np.testing.assert_array_equal(rows[index, layout.HIST :], reference_row(p.grad)["hist"])
+
+
 def test_hooks_hold_the_receiver_weakly_and_a_closed_receiver_does_nothing(receiving):
-    part = receiving(at_end=False)
+    part = receiving(way="worker")
     part.receiver.close()
     part.backward(0)
     assert not part.engines.present.any()
@@ -293,7 +350,7 @@ def test_in_step_mode_a_single_process_marks_which_parameters_took_part(receivin
     """Step mode measures at ``mon.step()``; its hooks only mark participation, and the
     engines then read ``.grad`` only of parameters that took part: a layer cut off from the
     loss keeps the zeros of ``zero_grad(set_to_none=False)`` but is absent, not measured."""
-    part = receiving(at_end=True, mode="step")
+    part = receiving(mode="step")
     assert len(part.receiver.handles) == 4 and part.receiver.arrivals is None
     part.backward(0)  # a step in which every parameter took part
     assert part.passes.took_part() == [True] * 4
@@ -319,7 +376,7 @@ def test_in_step_mode_a_single_process_marks_which_parameters_took_part(receivin
 def test_in_step_mode_a_distributed_run_counts_every_grad(receiving, topology):
     """Another rank's gradient may reach a parameter this rank's backward did not touch: no
     participation hooks, ``took_part()`` is None and every ``.grad`` counts."""
-    part = receiving(at_end=True, mode="step", topology=topology)
+    part = receiving(mode="step", topology=topology)
     assert part.receiver.handles == []
     part.backward(0)
     assert part.passes.took_part() is None

@@ -1,6 +1,7 @@
 """Backward-pass hooks (``gradscope.monitor.hooks``): pass counting, hook registration and
-removal, the weakly held receiver, the end-of-backward callback in a real backward, and the
-participation marks of step mode (which parameters a real backward gave a gradient)."""
+removal, the weakly held receiver, arrivals noted (and some handed over at once), the
+end-of-backward callback in a real backward, and the participation marks of step mode
+(which parameters a real backward gave a gradient)."""
 
 import gc
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 
 from gradscope.monitor.hooks import (
+    Arrivals,
     BackwardPasses,
     GradHook,
     queue_end_of_backward,
@@ -151,6 +153,48 @@ def test_grad_hook_holds_the_receiver_weakly():
     assert calls == []
     assert model.weight.grad is not None  # backward itself went on as usual
     remove_handles(handles)
+
+
+class ArrivalsReceiver:
+    """Stands in for a backward receiver of :class:`Arrivals`: records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def on_first_arrival(self) -> None:
+        self.calls.append(("first", None))
+
+    def on_grad_at_once(self, index, param) -> None:
+        self.calls.append(("at once", index))
+
+
+def test_arrivals_note_every_gradient_and_hand_over_only_those_at_once():
+    model = frozen_middle_model()
+    params = list(model.parameters())
+    at_once = np.array([True, False, True, False, False, True])  # params 2 and 3 are frozen
+    receiver = ArrivalsReceiver()
+    arrivals = Arrivals(receiver, params, at_once)
+    assert [hooks_of(p) for p in params] == [1, 1, 0, 0, 1, 1]
+    model(torch.randn(2, 3)).sum().backward()
+    assert receiver.calls[0] == ("first", None) and receiver.calls.count(("first", None)) == 1
+    handed = [index for kind, index in receiver.calls[1:]]
+    assert sorted(handed) == [0, 5]
+    indices, grads = arrivals.take()
+    assert sorted(indices) == [0, 1, 4, 5]  # every gradient noted, those handed over too
+    assert indices.index(5) < indices.index(0) and handed == [5, 0]  # in the order they arrived
+    assert all(grad is params[index].grad for index, grad in zip(indices, grads, strict=True))
+    assert len(arrivals) == 0
+    remove_handles(arrivals.handles)
+
+
+def test_arrivals_without_at_once_hand_nothing_over():
+    model = frozen_middle_model()
+    receiver = ArrivalsReceiver()
+    arrivals = Arrivals(receiver, list(model.parameters()))
+    model(torch.randn(2, 3)).sum().backward()
+    assert receiver.calls == [("first", None)]
+    assert sorted(arrivals.take()[0]) == [0, 1, 4, 5]
+    remove_handles(arrivals.handles)
 
 
 # ---- participation (step mode) -----------------------------------------------------------

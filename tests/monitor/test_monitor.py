@@ -40,6 +40,15 @@ def train(name, model, mon, steps, *, lr=0.05, capture=None):
     return grads
 
 
+def spare_cores(monkeypatch, worker: bool, hand_over_from: int = 100) -> None:
+    """As on a machine whose cores autograd leaves free (``worker``) or not: with them, the CPU
+    capture's worker measures gradients of at least ``hand_over_from`` elements as they arrive
+    (in these tests' small models, the weights but not the biases) and the others are
+    measured together when backward ends."""
+    monkeypatch.setattr(engines, "spare_cores", lambda: worker)
+    monkeypatch.setattr("gradscope.monitor.capture.HAND_OVER_FROM", hand_over_from)
+
+
 def history_of(mon) -> dict:
     return {field: mon.history(field) for field in FIELDS}
 
@@ -56,16 +65,17 @@ def check_against_grads(mon, grads, sampled_steps):
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize(("mode", "worker"), [("backward", True), ("backward", False), ("step", False)])
 def test_numbers_equal_reference_cpu(monkeypatch, name, mode, worker, backend):
-    """worker: gradients measured on a worker thread during backward (machines with spare
-    cores), or noted by the cheapest hooks and measured together, on all cores, when backward
-    ends; by each CPU kernel."""
+    """worker: the large gradients measured on a worker thread during backward (machines with
+    spare cores), the others (or all, without spare cores) noted by the cheapest hooks and
+    measured together, on all cores, when backward ends; by each CPU kernel."""
     if backend == "numba":
         pytest.importorskip("numba", reason="numba is not installed")
-    monkeypatch.setattr(engines, "spare_cores", lambda: worker)
+    spare_cores(monkeypatch, worker)
     model = make(name)
     with gradscope.watch(model, mode=mode, backend=backend) as mon:
         assert next(iter(mon._engines.captures.values())).overlap is worker
-        assert (mon._backward.arrivals is not None) is (mode == "backward" and not worker)
+        assert (mon._backward.arrivals is not None) is (mode == "backward")
+        assert bool(mon._engines.at_once.any()) is worker and not mon._engines.at_once.all()
         grads = train(name, model, mon, steps=3)
         check_against_grads(mon, grads, [0, 1, 2])
 
@@ -82,11 +92,12 @@ def test_numbers_equal_reference_triton(kernel_device, name, mode):
 
 @pytest.mark.parametrize(("backend", "worker"), [("numpy", True), ("numpy", False), ("numba", True), ("triton", False)])
 def test_backward_and_step_modes_give_identical_numbers(monkeypatch, kernel_device, backend, worker):
-    """worker: backward mode measures each gradient alone on a worker thread, step mode all
-    of them together; the rows must not depend on that."""
+    """worker: backward mode measures the large gradients on a worker thread as they arrive
+    and the rest when backward ends, step mode all of them together; the rows must not
+    depend on that."""
     if backend == "numba":
         pytest.importorskip("numba", reason="numba is not installed")
-    monkeypatch.setattr(engines, "spare_cores", lambda: worker)
+    spare_cores(monkeypatch, worker)
     device = kernel_device if backend == "triton" else "cpu"
     a, b = make("transformer").to(device), make("transformer").to(device)
     mon_a = gradscope.watch(a, mode="backward", backend=backend)
@@ -121,7 +132,7 @@ def test_every_samples_steps_and_records_loss_every_step():
 
 @pytest.mark.parametrize("worker", [True, False])
 def test_unsampled_steps_do_no_work(monkeypatch, worker):
-    monkeypatch.setattr(engines, "spare_cores", lambda: worker)
+    spare_cores(monkeypatch, worker)
     model = make("mlp")
     with gradscope.watch(model, every=5) as mon:
         handed = []  # (step, parameter row) of every gradient handed to a capture
@@ -536,7 +547,7 @@ def test_dropped_monitors_stop_their_threads_and_close_their_logs(monkeypatch, t
     with its closing record giving the steps done."""
     import threading
 
-    monkeypatch.setattr(engines, "spare_cores", lambda: worker)  # worker: a gradscope-capture thread
+    spare_cores(monkeypatch, worker)  # worker: a gradscope-capture thread
     before = {t.name for t in threading.enumerate()}
     for i in range(3):
         model = make("mlp")
@@ -561,7 +572,7 @@ def test_dropped_monitors_stop_their_threads_and_close_their_logs(monkeypatch, t
 @pytest.mark.parametrize("worker", [True, False])
 def test_exception_in_a_hook_never_stops_training(monkeypatch, worker):
     """Whichever way gradients reach the capture: one by one, or together at the pass's end."""
-    monkeypatch.setattr(engines, "spare_cores", lambda: worker)
+    spare_cores(monkeypatch, worker)
     model = make("mlp")
     with gradscope.watch(model) as mon:
         capture = next(iter(mon._engines.captures.values()))
@@ -590,7 +601,7 @@ def test_exception_in_a_hook_never_stops_training(monkeypatch, worker):
 def test_a_failure_on_any_gradient_voids_the_whole_step(monkeypatch, kernel_device, backend):
     """A capture that fails on the third gradient of a step, after two were measured, must not
     leave those two as a (healthy-looking) layer: the whole step reads as absent and failed."""
-    monkeypatch.setattr(engines, "spare_cores", lambda: True)  # CPU: one gradient at a time
+    spare_cores(monkeypatch, True, hand_over_from=1)  # CPU: every gradient to the worker, one at a time
     device = kernel_device if backend == "triton" else "cpu"
     model = make("mlp").to(device)
     with gradscope.watch(model, backend=backend, granularity="parameter") as mon:
