@@ -21,7 +21,7 @@ TRITON36_VENV ?= $(VENV)-triton36
 TRITON36_PIN ?= triton==3.6.0
 SITE_PACKAGES = -c "import sysconfig; print(sysconfig.get_path('purelib'))"
 
-.PHONY: demo test test-fast test-latest lock mutate lint bench gpu-check clean
+.PHONY: demo test test-fast test-latest lock mutate lint bench docs gpu-check clean
 
 # The build backend comes from the constraints too (no build isolation), so a new setuptools
 # cannot break the editable install either.
@@ -83,6 +83,10 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/gradscope bench
 
+# The docs site (mkdocs.yml, docs/) into site/, warnings as errors; tests/test_docs_site.py builds it in `make test`.
+docs: $(VENV)/.installed
+	$(VENV)/bin/mkdocs build --strict
+
 # On a machine with an NVIDIA GPU, as it is (its python3 with torch and Triton, no venv, no
 # network): the CUDA tests and GPU benchmarks, results JSON under benchmarks/results/.
 # GPU_CHECK_ARGS=--quick for the 3-minute version, --dry-run to list the steps.
@@ -94,4 +98,4 @@ gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) $(VENV)-triton36 $(LATEST_VENV)-triton36 build dist *.egg-info .pytest_cache .ruff_cache .hypothesis runs mutants
+	rm -rf $(VENV) $(LATEST_VENV) $(VENV)-triton36 $(LATEST_VENV)-triton36 build dist *.egg-info .pytest_cache .ruff_cache .hypothesis runs mutants site

@@ -1,4 +1,5 @@
-"""The examples in docstrings and the README quickstart run as written."""
+"""The examples in docstrings, the README quickstart and the trainer snippets run as written, and
+do what they say (tests/test_docs_examples.py runs every docs example; these check results)."""
 
 import doctest
 import re
@@ -10,6 +11,7 @@ import gradscope.stats.compute
 import gradscope.stats.tensor_stats
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+TRAINERS = Path(__file__).resolve().parents[1] / "docs" / "guides" / "trainers.md"
 
 
 @pytest.mark.parametrize("module", [gradscope.stats.tensor_stats, gradscope.stats.compute])
@@ -38,24 +40,22 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch, capsys):
     assert single["stats"].names == ("0.weight", "0.bias", "2.weight", "2.bias")
 
 
-INTEGRATIONS = "## Where you train: Lightning, the Hugging Face Trainer, W&B, Accelerate"
 SNIPPETS = {
-    "### With Lightning": "lightning",
-    "### With the Hugging Face Trainer": "transformers",
-    "### With Weights & Biases": "wandb",
-    "### With Accelerate": "accelerate",
+    "## With Lightning": "lightning",
+    "## With the Hugging Face Trainer": "transformers",
+    "## With Weights & Biases": "wandb",
+    "## With Accelerate": "accelerate",
 }
 
 
 def integration_snippet(heading: str) -> str:
-    section = README.read_text().split(INTEGRATIONS, 1)[1].split("\n## ", 1)[0]
-    part = section.split(heading + "\n", 1)[1].split("\n### ", 1)[0]
+    part = TRAINERS.read_text().split("\n" + heading + "\n", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"```python\n(.*?)```", part, flags=re.S)
     return block
 
 
 @pytest.mark.parametrize("heading", list(SNIPPETS))
-def test_readme_integration_snippets_run(heading, tmp_path, monkeypatch, capsys):
+def test_trainer_snippets_run(heading, tmp_path, monkeypatch, capsys):
     pytest.importorskip(SNIPPETS[heading], reason=f"needs the {SNIPPETS[heading]} extra")
     torch = pytest.importorskip("torch")
     monkeypatch.chdir(tmp_path)  # they write lightning_logs/, out/, wandb/
@@ -69,19 +69,19 @@ def test_readme_integration_snippets_run(heading, tmp_path, monkeypatch, capsys)
     torch.set_num_threads(1)
     try:
         names: dict = {}
-        exec(compile(integration_snippet(heading), f"README {heading}", "exec"), names)
+        exec(compile(integration_snippet(heading), f"docs/guides/trainers.md {heading}", "exec"), names)
     finally:
         torch.set_num_threads(threads)
-    if heading == "### With Lightning":
+    if heading == "## With Lightning":
         mon = names["callback"].monitor
         assert mon.step_index == names["trainer"].global_step > 0
         assert "val_loss" in mon.fields()
         assert "gradscope health" in capsys.readouterr().out
         assert (names["callback"].session.run_dir / "report.txt").is_file()
-    elif heading == "### With the Hugging Face Trainer":
+    elif heading == "## With the Hugging Face Trainer":
         mon = names["trainer"].callback_handler.callbacks[0].monitor  # it moves itself first
         assert mon.step_index == names["trainer"].state.global_step == 4
-    elif heading == "### With Weights & Biases":
+    elif heading == "## With Weights & Biases":
         assert list(names["mon"].history("norm").steps) == list(range(20))
         assert Path(names["run"].settings.sync_file).is_file()  # the offline run's records
     else:

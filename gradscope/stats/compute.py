@@ -56,7 +56,7 @@ def grad_stats(tensors, backend: str = "auto", histogram: bool = True) -> Tensor
         ValueError: an unknown backend, a tensor no backend can read, or ``backend="triton"``
             for a tensor Triton cannot read.
 
-    Example:
+    Examples:
         >>> import torch, gradscope
         >>> model = torch.nn.Linear(4, 2)
         >>> model(torch.randn(8, 4)).square().mean().backward()

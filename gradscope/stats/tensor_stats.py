@@ -32,7 +32,7 @@ class TensorStats:
             it (:func:`gradscope.stats.layout.triggers_histogram`); elsewhere it is unknown,
             not empty. Default (None given): every histogram known.
 
-    Example:
+    Examples:
         >>> import torch, gradscope
         >>> stats = gradscope.grad_stats([torch.tensor([3.0, -4.0, 0.0])])
         >>> float(stats.norm[0]), int(stats.zeros[0])

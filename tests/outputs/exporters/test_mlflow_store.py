@@ -1,4 +1,4 @@
-"""MLflow as a new user meets it: the README's MLflow snippet run by a fresh process, in an
+"""MLflow as a new user meets it: the docs' MLflow snippet run by a fresh process, in an
 empty directory, with no MLflow settings (no ``MLFLOW_*`` variables), against the MLflow
 installed here. Where MLflow 3's default store (``sqlite:///mlflow.db``) can be opened (SQLAlchemy
 and Alembic installed, as the full ``mlflow`` package has them) the snippet logs there; where it
@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("mlflow", reason="needs the mlflow extra")
 
-README = Path(__file__).resolve().parents[3] / "README.md"
+EXPORTERS = Path(__file__).resolve().parents[3] / "docs" / "guides" / "exporters.md"
 
 SQL_STORE = all(importlib.util.find_spec(name) is not None for name in ("sqlalchemy", "alembic"))
 """Whether this environment can open MLflow's SQL stores (mlflow-skinny alone cannot)."""
@@ -52,11 +52,11 @@ print(json.dumps({
 """
 
 
-def readme_snippet() -> str:
-    """The first Python block of the README's exporter section that makes an ``MLflowExporter``."""
-    section = README.read_text().split("## Exporters", 1)[1].split("\n## ", 1)[0]
+def docs_snippet() -> str:
+    """The first Python block of the exporters guide that makes an ``MLflowExporter``."""
+    section = EXPORTERS.read_text()
     blocks = [block for block in re.findall(r"```python\n(.*?)```", section, flags=re.S) if "MLflowExporter(" in block]
-    assert blocks, "the README shows how to export to MLflow"
+    assert blocks, "the exporters guide shows how to export to MLflow"
     return blocks[0]
 
 
@@ -78,8 +78,8 @@ def run_as_a_new_user(tmp_path: Path, body: str) -> tuple[subprocess.CompletedPr
     return done, fresh, home
 
 
-def test_the_readme_snippet_works_or_names_the_fix(tmp_path):
-    snippet = readme_snippet()
+def test_the_docs_snippet_works_or_names_the_fix(tmp_path):
+    snippet = docs_snippet()
     done, fresh, home = run_as_a_new_user(tmp_path, PRELUDE + snippet + TRAIN)
     written = sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*"))
     if SQL_STORE:
