@@ -6,7 +6,10 @@ the findings, :mod:`gradscope.actions`); ``gradscope report
 RUN`` prints a saved run's report and renders it; ``gradscope bench`` runs the benchmarks of a
 source checkout. A user's mistake (a missing file, a bad flag, a missing optional extra)
 prints one line and exits with status 1 or 2, never a traceback (set ``GRADSCOPE_DEBUG=1``
-to see one).
+to see one): 2 for a bad command line (an unknown option, a missing command, ``--png`` or
+``--html`` naming a file of the other kind), 1 for the rest. A warning (a run log whose last
+line was torn by a killed run) is one line on stderr, ``gradscope: warning: ...``, and the
+command goes on.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from gradscope.outputs import report_files
+from gradscope.stats.reporting import GradscopeWarning
 
 USER_ERRORS = (
     FileNotFoundError,
@@ -44,6 +49,26 @@ class _Parser(argparse.ArgumentParser):
 def _fail(message: str) -> int:
     print(f"gradscope: error: {message}", file=sys.stderr)
     return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` while a command runs: one line, no source path or line."""
+    text = " ".join(str(message).split()).removeprefix("gradscope: ")
+    if not issubclass(category, GradscopeWarning):
+        text = f"{category.__name__}: {text}"
+    print(f"gradscope: warning: {text}", file=sys.stderr if file is None else file)
+
+
+def _suffix(*suffixes: str):
+    """An argparse ``type``: a file name ending in one of ``suffixes`` (any case); argparse
+    names the option in its message (``argument --png: 'r.html' is not a .png file``)."""
+
+    def check(name: str) -> str:
+        if not name.lower().endswith(suffixes):
+            raise argparse.ArgumentTypeError(f"{name!r} is not a {' or '.join(suffixes)} file")
+        return name
+
+    return check
 
 
 def _progress(total: int, description: str):
@@ -145,6 +170,8 @@ def _expectation_met(report, expected) -> bool:
 def cmd_report(args) -> int:
     from gradscope.health.readout import load_run
 
+    if (args.html or args.png) and not report_files.visual_available():  # before any output
+        return _fail("--html/--png need matplotlib: pip install 'gradscope-diagnostics[viz]'")
     run = load_run(args.run)
     report = run.report()
     if args.json:
@@ -154,8 +181,6 @@ def cmd_report(args) -> int:
         print(f"gradscope run {args.run}: {len(run.rows)} layers, {len(run.files)} log file(s){state}")
         print(report)
     if args.html or args.png:
-        if not report_files.visual_available():
-            return _fail("--html/--png need matplotlib: pip install 'gradscope-diagnostics[viz]'")
         title = f"gradscope run: {Path(args.run).resolve().name}"
         html = Path(args.html) if args.html else None
         png = Path(args.png) if args.png else None
@@ -210,7 +235,9 @@ def parser() -> argparse.ArgumentParser:
 
     root = _Parser(prog="gradscope", description="Gradient diagnostics for PyTorch training runs.")
     root.add_argument("--version", action="version", version=f"gradscope {__version__}")
-    commands = root.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    # Not required here: main() reports an unknown option before a missing command (argparse
+    # would report the missing command first).
+    commands = root.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="train the built-in model (optionally with a fault) and report on it")
     demo.add_argument("--fault", choices=FAULTS, default="none", help="the fault to inject (default: none)")
@@ -226,8 +253,15 @@ def parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="print a saved run's health report and render its visual report")
     report.add_argument("run", metavar="RUN", help="a run log directory (watch(log_dir=...)) or one of its files")
-    report.add_argument("--html", metavar="FILE", help="write the visual report as one self-contained HTML file")
-    report.add_argument("--png", metavar="FILE", help="write the visual report's panels as one PNG")
+    report.add_argument(
+        "--html",
+        metavar="FILE",
+        type=_suffix(".html", ".htm"),
+        help="write the visual report as one self-contained HTML file (.html)",
+    )
+    report.add_argument(
+        "--png", metavar="FILE", type=_suffix(".png"), help="write the visual report's panels as one PNG (.png)"
+    )
     report.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     report.set_defaults(handler=cmd_report)
 
@@ -240,9 +274,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    root = parser()
+    args, unknown = root.parse_known_args(argv)
+    if unknown:
+        root.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command is None:
+        root.error("the following arguments are required: COMMAND (demo, report or bench)")
     try:
-        return args.handler(args)
+        with warnings.catch_warnings():  # restores the caller's showwarning: main() may run in-process
+            warnings.showwarning = _show_warning
+            return args.handler(args)
     except USER_ERRORS as error:
         if os.environ.get("GRADSCOPE_DEBUG"):
             raise

@@ -78,7 +78,7 @@ def wheel(tmp_path_factory) -> Path:
     # Built from a copy of the sources: setuptools' build/ folder in a checkout can hold
     # modules that no longer exist, and they would end up in the wheel.
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(repo / name, source / name)
     for name in ("gradscope", "kernels"):
         shutil.copytree(repo / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -15,11 +15,16 @@ import gradscope
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def gradscope_cli(*args, cwd=None, timeout=300):
+def gradscope_cli(*args, cwd=None, timeout=300, prelude=None):
+    """Run ``gradscope ARGS``; ``prelude``: Python code run first in that process (to take a
+    module away, say)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("GRADSCOPE_DEBUG", None)
+    command = ["-m", "gradscope.cli"]
+    if prelude is not None:
+        command = ["-c", f"import sys\n{prelude}\nfrom gradscope.cli import main\nsys.exit(main(sys.argv[1:]))"]
     return subprocess.run(
-        [sys.executable, "-m", "gradscope.cli", *map(str, args)],
+        [sys.executable, *command, *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -44,6 +49,18 @@ def test_the_console_script_is_installed():
         pytest.skip("gradscope is not installed into this interpreter's environment")
     done = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == f"gradscope {gradscope.__version__}"
+
+
+def small_run(directory: Path, steps: int = 5) -> Path:
+    """A short run logged to ``directory`` (no findings needed: these tests are about the command)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    with gradscope.watch(model, log_dir=directory) as mon:
+        for _ in range(steps):
+            loss = model(torch.randn(4, 3)).pow(2).mean()
+            loss.backward()
+            mon.step(loss=loss)
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +175,43 @@ def test_without_the_optional_extras(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run" / "report.html").exists()
     assert cli.main(["report", str(tmp_path / "run"), "--html", str(tmp_path / "r.html")]) == 1
     assert "need matplotlib" in capsys.readouterr().err
+
+
+def test_a_warning_is_one_line(tmp_path):
+    """A killed run's log (its last line torn): the report, and one line saying what was skipped."""
+    run = small_run(tmp_path / "killed")
+    log = run / "gradscope-00000.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    assert lines[-1].startswith('{"t":"closed"')
+    log.write_text("".join(lines[:-2]) + lines[-2][: len(lines[-2]) // 2])  # a step's line cut short, not closed
+    done = gradscope_cli("report", run)
+    assert done.returncode == 0, done.stderr
+    assert "gradscope health:" in done.stdout and "(not closed" in done.stdout
+    assert done.stderr.splitlines() == [
+        f"gradscope: warning: skipping the torn last line of {log}:{len(lines) - 1} (the line is cut short)"
+    ]
+
+
+def test_an_unknown_option_is_named():
+    assert_one_line_error(gradscope_cli("--bogus"), 2, "unrecognized arguments: --bogus")
+    assert_one_line_error(gradscope_cli("report", "RUN", "--bogus"), 2, "unrecognized arguments: --bogus")
+    assert_one_line_error(gradscope_cli("demo", "--bogus", "--steps", "5"), 2, "unrecognized arguments: --bogus")
+    assert_one_line_error(gradscope_cli(), 2, "required: COMMAND")
+
+
+def test_visual_report_without_matplotlib_fails_before_printing(tmp_path):
+    run = small_run(tmp_path / "run")
+    for flag, name in (("--html", "r.html"), ("--png", "r.png")):
+        done = gradscope_cli("report", run, flag, tmp_path / name, prelude="sys.modules['matplotlib'] = None")
+        assert_one_line_error(done, 1, "--html/--png need matplotlib")
+        assert done.stdout == ""  # not the report first
+        assert not (tmp_path / name).exists()
+
+
+def test_visual_report_files_must_have_their_suffix(tmp_path):
+    run = small_run(tmp_path / "run")
+    for flag, name in (("--png", "r.html"), ("--html", "r.png"), ("--html", "r"), ("--png", "r.png.txt")):
+        done = gradscope_cli("report", run, flag, tmp_path / name)
+        assert_one_line_error(done, 2, f"argument {flag}: ", str(tmp_path / name))
+        assert done.stdout == ""
+        assert not (tmp_path / name).exists()

@@ -31,6 +31,19 @@ def test_wheel_contents(wheel):
     assert "gradscope = gradscope.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+def test_wheel_carries_the_license(wheel):
+    """The Apache-2.0 text ships in the wheel's metadata (PEP 639), named by its METADATA."""
+    archive = zipfile.ZipFile(wheel)
+    (license_file,) = [n for n in archive.namelist() if n.endswith(".dist-info/licenses/LICENSE")]
+    assert archive.read(license_file) == (REPO / "LICENSE").read_bytes()
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "APPENDIX" in text
+    (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    headers = archive.read(metadata).decode().split("\n\n", 1)[0].splitlines()
+    assert "License-Expression: Apache-2.0" in headers
+    assert "License-File: LICENSE" in headers
+
+
 def test_installed_wheel_imports_and_runs(wheel, tmp_path):
     """Install the wheel alone into a folder and use it from a directory outside the repo."""
     target = tmp_path / "site"

@@ -77,7 +77,7 @@ class HealthReport:
         resources: step time (median and p95, seconds), peak memory (bytes), energy (J)
             when known, the gradient noise scale ``B_simple`` (DDP with gradscope's hook),
             the world size of a distributed run, parameter count, trainable count, bytes
-            and layers.
+            and layers (:func:`format_resource` writes a value for people).
         step: the latest step the report covers (-1 before the first step).
         note: a remark about the report itself (for example, that there are no steps yet,
             or that some sampled steps' statistics are still in flight).
@@ -160,7 +160,7 @@ class HealthReport:
             lines.append("  actions taken:")
             lines += [f"    {action['message']}" for action in self.actions]
         if self.resources:
-            parts = [f"{key}={_resource(key, value)}" for key, value in self.resources.items()]
+            parts = [f"{key}={format_resource(key, value)}" for key, value in self.resources.items()]
             lines.append("  resources: " + ", ".join(parts))
         return "\n".join(lines)
 
@@ -359,13 +359,35 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}"
 
 
-def _resource(key: str, value) -> str:
-    if key.endswith("_s"):
-        return f"{value * 1e3:.1f}ms"
-    if key.endswith("bytes") or key == "bytes":
-        return f"{value / 2**20:.1f}MiB"
-    if key.endswith("_j"):
-        return f"{value:.1f}J"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+RESOURCE_UNITS = {
+    "_s": ((1e-6, "µs"), (1e-3, "ms"), (1.0, "s")),
+    "bytes": ((1.0, "B"), (2.0**10, "KiB"), (2.0**20, "MiB"), (2.0**30, "GiB"), (2.0**40, "TiB")),
+    "_j": ((1.0, "J"), (1e3, "kJ"), (1e6, "MJ"), (1e9, "GJ")),
+}
+"""The units of :attr:`HealthReport.resources`, by how the key ends: seconds (``_s``), bytes
+(``bytes``; binary prefixes) and joules (``_j``), each unit as ``(size, name)``, smallest first."""
+
+
+def format_resource(key: str, value) -> str:
+    """One value of :attr:`HealthReport.resources` for people (the printed report and the HTML
+    page show it so).
+
+    A value in seconds, bytes or joules (``RESOURCE_UNITS``) in the largest unit it reaches,
+    with 4 significant digits (``0.157427476`` s: ``"157.4 ms"``; ``3.2e9`` bytes:
+    ``"2.98 GiB"``); a count with thousands separators (``"1,234,567"``); another float with 4
+    significant digits; anything else as ``str``.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    if not math.isfinite(value):
+        return str(float(value))
+    units = next((units for ending, units in RESOURCE_UNITS.items() if key.endswith(ending)), None)
+    if units is not None:
+        reached = [unit for unit in units if abs(value) >= unit[0]]
+        size, name = reached[-1] if reached else units[0]
+        if value == 0:
+            size, name = next(unit for unit in units if unit[0] == 1.0)
+        return f"{value / size:.4g} {name}"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    return f"{float(value):.4g}"

@@ -13,7 +13,7 @@ import html
 import os
 
 from gradscope.health.causes import describe
-from gradscope.health.report import HealthReport
+from gradscope.health.report import HealthReport, format_resource
 from gradscope.outputs.visual import RunData, figure, png_bytes
 
 _CSS = """
@@ -107,8 +107,8 @@ def html_report(source, report: HealthReport | None = None, title: str = "gradsc
             f"{_cell(row.update_ratio)}{_cell(row.fp8_e5m2_zero, 'pct')}<td>{esc(row.status)}</td></tr>"
         )
     parts.append("</tbody></table><h2>Resources</h2><table><tbody>")
-    for key, value in report.resources.items():
-        parts.append(f"<tr><td>{esc(str(key))}</td><td>{esc(str(value))}</td></tr>")
+    for key, value in report.resources.items():  # units and digits as in the printed report
+        parts.append(f"<tr><td>{esc(str(key))}</td><td>{esc(format_resource(str(key), value))}</td></tr>")
     parts.append("</tbody></table></body></html>")
     return "\n".join(parts)
 

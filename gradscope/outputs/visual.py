@@ -10,8 +10,8 @@ Panels (each drawn by one function of this module onto a matplotlib ``Axes``):
 * **histogram ridges**: for a few selected layers, the log2 |g| histogram at evenly spaced
   kept steps, one ridge per step;
 * **loss and metrics**: the loss (and logged metrics) over steps, what gradscope did (learning-rate
-  changes, a halt, an early stop: solid lines) and each finding marked at
-  the step it began.
+  changes, a halt, an early stop: solid lines) and each finding marked at the step it began
+  (nearby findings share a numbered marker; the numbers are listed below the panel).
 
 :mod:`gradscope.outputs.html_page` puts them, the findings and the layer table in one
 self-contained HTML file.
@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from dataclasses import dataclass
 
 import numpy as np
 
+from gradscope.health.findings import SEVERITIES
 from gradscope.health.report import HealthReport
 from gradscope.run.forward_history import FORWARD_FIELDS
 from gradscope.run.history import BUILT_IN_FIELDS
@@ -39,6 +41,17 @@ MAX_RIDGE_LAYERS = 4
 MAX_RIDGES = 12
 MAX_HIGHLIGHTED = 8
 MAX_LABELLED_ROWS = 40
+MARK_SPACING = 0.025
+"""Findings whose steps are closer than this fraction of the loss panel's x axis share one
+numbered marker (on the 11-inch panel about 24 pixels at 100 dpi: a number never overlaps the
+next)."""
+LOSS_HEIGHT = 3.6
+"""The loss panel's height in inches without its list of findings (a line of the list adds
+``LEGEND_LINE_HEIGHT``)."""
+LEGEND_LINE_HEIGHT = 0.16
+LEGEND_WRAP = 110
+"""Characters per line of a finding's entry when the list has one column (it has two when
+every entry is at most ``LEGEND_WRAP // 2`` long)."""
 
 
 def _matplotlib():
@@ -226,7 +239,9 @@ def draw_ridges(ax, data: RunData, row: int) -> None:
 
 
 def draw_loss(ax, data: RunData) -> None:
-    """Loss and logged metrics over steps, each finding marked at the step it began."""
+    """Loss and logged metrics over steps; each group of nearby findings marked by a numbered
+    line at the step it began and listed below the axes, in a legend of the figure (or
+    subfigure) ``ax`` is on: labels beside the lines would overlap where findings crowd."""
     if len(data.loss_steps):
         ax.plot(data.loss_steps, data.loss, color="0.2", linewidth=0.8, label="loss")
     losses = {k: v for k, v in data.metrics.items() if "loss" in k or "ppl" in k or "perplexity" in k}
@@ -241,40 +256,118 @@ def draw_loss(ax, data: RunData) -> None:
             twin.plot(steps, values, linestyle="--", marker=".", linewidth=1.0, label=name)
         twin.set_ylabel("metrics (dashed)")
         twin.legend(fontsize=7, loc="lower left")
-    marks = []  # (step, kind, layer, colour), one per finding
-    for finding in data.report.findings:
-        step = finding.since_step if finding.since_step is not None else finding.step
-        marks.append((step, finding.kind, finding.layer, SEVERITY_COLOURS.get(finding.severity, "0.5")))
-    marks.sort(key=lambda m: m[0])
-    span = max(float(data.loss_steps[-1]) if len(data.loss_steps) else 1.0, 1.0)
-    groups: list[list] = []  # marks closer than 3% of the axis share one label
-    for mark in marks:
-        if groups and mark[0] - groups[-1][0][0] < 0.03 * span:
-            groups[-1].append(mark)
-        else:
-            groups.append([mark])
-    for group in groups:
-        for step, _, _, colour in group:
-            ax.axvline(step, color=colour, linestyle=":", linewidth=1.2)
+    ax.set_xlim(*loss_xlim(data))  # fixed first: the markers' spacing is a fraction of it
+    groups = finding_groups(data)
+    handles = []
+    for number, group in enumerate(groups, 1):
+        colour = _group_colour(group)
+        for mark in group:
+            ax.axvline(mark.step, color=SEVERITY_COLOURS.get(mark.severity, "0.5"), linestyle=":", linewidth=1.2)
         ax.annotate(
-            _group_label(group),
-            xy=(group[0][0], 0.98),
+            str(number),
+            xy=(group[0].step, 1.0),
             xycoords=("data", "axes fraction"),
-            xytext=(-3, 0),
+            xytext=(0, -2),
             textcoords="offset points",
-            rotation=90,
             fontsize=7,
-            color=group[0][3],
-            ha="right",
+            fontweight="bold",
+            color=colour,
+            ha="center",
             va="top",
+            bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": colour, "linewidth": 0.6},
         )
+        handles.append(_line2d(colour))
     _draw_actions(ax, data.report.actions)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
-    title = "Loss and metrics; findings marked at the first step the report sees them"
+    if groups:
+        labels, columns = finding_labels(groups)
+        ax.figure.legend(
+            handles, labels, loc="outside lower center", ncols=columns, fontsize=7, frameon=False, handlelength=1.5
+        )
+    title = "Loss and metrics; findings numbered at the first step the report sees them (listed below)"
     if data.report.actions:
         title += "; what gradscope did: solid lines"
     ax.set_title(title, fontsize=10)
+
+
+@dataclass(frozen=True)
+class FindingMark:
+    """A finding where the loss panel marks it: the step it began (``since_step``)."""
+
+    step: int
+    kind: str
+    layer: str | None
+    severity: str
+
+
+def loss_xlim(data: RunData) -> tuple[float, float]:
+    """The loss panel's step range: every loss, metric, finding and action step, with a 5% margin."""
+    steps = [data.loss_steps, *(s for s, _ in data.metrics.values())]
+    steps += [np.array([m.step for m in _marks(data)] + [a["step"] for a in data.report.actions], dtype=float)]
+    every = np.concatenate([np.asarray(s, dtype=float).ravel() for s in steps])
+    every = every[np.isfinite(every)]
+    if len(every) == 0:
+        return 0.0, 1.0
+    lo, hi = float(every.min()), float(every.max())
+    margin = 0.05 * (hi - lo) if hi > lo else 0.5
+    return lo - margin, hi + margin
+
+
+def _marks(data: RunData) -> list[FindingMark]:
+    marks = [
+        FindingMark(f.since_step if f.since_step is not None else f.step, f.kind, f.layer, f.severity)
+        for f in data.report.findings
+    ]
+    return sorted(marks, key=lambda m: m.step)
+
+
+def finding_groups(data: RunData) -> list[list[FindingMark]]:
+    """The findings in step order, those closer than ``MARK_SPACING`` of the x range to the
+    first of a group joining it: one numbered marker each."""
+    lo, hi = loss_xlim(data)
+    spacing = MARK_SPACING * (hi - lo)
+    groups: list[list[FindingMark]] = []
+    for mark in _marks(data):
+        if groups and mark.step - groups[-1][0].step < spacing:
+            groups[-1].append(mark)
+        else:
+            groups.append([mark])
+    return groups
+
+
+def finding_labels(groups: list[list[FindingMark]]) -> tuple[list[str], int]:
+    """The list's entries (``"1: step 60: nonfinite (blocks.4.linear)"``) and its columns."""
+    labels = []
+    for number, group in enumerate(groups, 1):
+        first, last = group[0].step, group[-1].step
+        steps = f"step {first}" if first == last else f"steps {first}-{last}"
+        labels.append(f"{number}: {steps}: {_group_label(group)}")
+    if max(len(label) for label in labels) <= LEGEND_WRAP // 2:
+        return labels, 2
+    return [textwrap.fill(label, LEGEND_WRAP, subsequent_indent="    ") for label in labels], 1
+
+
+def loss_height(data: RunData) -> float:
+    """The loss panel's height in inches: ``LOSS_HEIGHT`` and a line per row of the findings' list."""
+    groups = finding_groups(data)
+    if not groups:
+        return LOSS_HEIGHT
+    labels, columns = finding_labels(groups)
+    lines = sum(label.count("\n") + 1 for label in labels) if columns == 1 else -(-len(labels) // columns)
+    return LOSS_HEIGHT + LEGEND_LINE_HEIGHT * (lines + 1)  # one more for the legend's padding
+
+
+def _group_colour(group: list[FindingMark]) -> str:
+    """The colour of the group's most severe finding."""
+    worst = max(group, key=lambda m: SEVERITIES.index(m.severity))
+    return SEVERITY_COLOURS.get(worst.severity, "0.5")
+
+
+def _line2d(colour: str):
+    from matplotlib.lines import Line2D
+
+    return Line2D([], [], color=colour, linestyle=":", linewidth=1.2)
 
 
 ACTION_COLOURS = {"lr": "tab:blue", "halt": "tab:red", "stop": "tab:green"}
@@ -307,13 +400,13 @@ def _draw_actions(ax, actions) -> None:
         )
 
 
-def _group_label(group: list) -> str:
+def _group_label(group: list[FindingMark]) -> str:
     """``kind (layer)`` per kind, ``kind (N layers)`` when a kind names several layers."""
     kinds: dict[str, list] = {}
-    for _, kind, layer, _ in group:
-        kinds.setdefault(kind, [])
-        if layer and layer not in kinds[kind]:
-            kinds[kind].append(layer)
+    for mark in group:
+        kinds.setdefault(mark.kind, [])
+        if mark.layer and mark.layer not in kinds[mark.kind]:
+            kinds[mark.kind].append(mark.layer)
     parts = []
     for kind, layers in kinds.items():
         parts.append(kind + (f" ({layers[0]})" if len(layers) == 1 else f" ({len(layers)} layers)" if layers else ""))
@@ -346,7 +439,7 @@ def figure(data: RunData, panel: str):
             draw_ridges(fig.add_subplot(1, len(rows), i + 1), data, row)
         fig.suptitle("Histogram ridges: log2 |g| over time (latest at the bottom)", fontsize=10)
     elif panel == "loss":
-        fig = Figure(figsize=(11, 3.6), layout="constrained")
+        fig = Figure(figsize=(11, loss_height(data)), layout="constrained")
         draw_loss(fig.add_subplot(), data)
     else:
         raise ValueError(f"unknown panel {panel!r}; choose from {', '.join(PANELS)}")
@@ -365,7 +458,7 @@ def write_png(source, path: str | os.PathLike, report: HealthReport | None = Non
     Figure = _matplotlib()
     data = RunData.of(source, report)
     heat_height = min(2.5 + 0.12 * len(data.rows), 12)
-    heights = [heat_height, heat_height, 4, 3.6, 3.6]
+    heights = [heat_height, heat_height, 4, 3.6, loss_height(data)]
     fig = Figure(figsize=(11, sum(heights)), layout="constrained")
     top = fig.subfigures(len(heights), 1, height_ratios=heights)
     draw_gradient_flow(top[0].add_subplot(), data)

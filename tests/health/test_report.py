@@ -542,3 +542,26 @@ def test_a_thinned_history_gives_the_report_of_the_whole_one():
     report = assess(thinned, Thresholds())
     assert {"nonfinite", "dead", "vanishing", "fp8_range"} <= set(kinds(report))
     assert report.to_dict() == assess(whole, Thresholds()).to_dict()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("step_time_median_s", 0.15742747600006624, "157.4 ms"),
+        ("step_time_p95_s", 2.5, "2.5 s"),
+        ("step_time_p95_s", 3e-5, "30 µs"),
+        ("step_time_p95_s", 0.0, "0 s"),
+        ("step_time_p95_s", float("nan"), "nan"),
+        ("peak_memory_bytes", 3.2e9, "2.98 GiB"),
+        ("bytes", 1536, "1.5 KiB"),
+        ("bytes", 100, "100 B"),
+        ("energy_j", 12345.698, "12.35 kJ"),
+        ("energy_per_step_median_j", 0.5, "0.5 J"),
+        ("parameters", 1234567, "1,234,567"),
+        ("world_size", np.int64(8), "8"),
+        ("noise_scale", 1234.5678, "1235"),
+        ("note", "text", "text"),
+    ],
+)
+def test_a_resource_is_written_with_its_unit(key, value, shown):
+    assert report_module.format_resource(key, value) == shown

@@ -1,4 +1,4 @@
-"""The HTML page shows each finding's cause next to its message."""
+"""The HTML page shows each finding's cause next to its message, and its resources in units."""
 
 import numpy as np
 import pytest
@@ -39,3 +39,32 @@ def test_a_consequence_shows_its_cause():
     assert "consequence" not in rows[0]
     assert '<span class="muted cause">a consequence of nonfinite at step 30</span>' in rows[1]
     assert "b&lt;i&gt;" in rows[0] and "b<i>" not in text.split("<h2>Findings")[1].split("<h2>")[0]
+
+
+def test_resources_are_written_for_people():
+    """Seconds, bytes and joules in a unit with 4 significant digits, counts with separators:
+    the values the printed report shows, never a float's repr."""
+    summary = {"parameters": 1234567, "trainable": 1234567, "bytes": 4938268, "layers": len(NAMES)}
+    state = run_builders.run_state(NAMES, numel=10, summary=summary)
+    for step in range(20):
+        values = {"loss": 1.0, "step_time": 0.15742747600006624, "peak_memory": 3.2e9, "energy": 617.2849}
+        state.apply(records.StepValues(step, values))
+    run = Run(state, Thresholds(), closed=True, files=[])
+    report = run.report()
+    assert report.resources["step_time_median_s"] == 0.15742747600006624
+    section = html_page.html_report(run, report).split("<h2>Resources")[1]
+    expected = {
+        "step_time_median_s": "157.4 ms",
+        "step_time_p95_s": "157.4 ms",
+        "peak_memory_bytes": "2.98 GiB",
+        "energy_j": "12.35 kJ",
+        "energy_per_step_median_j": "617.3 J",
+        "parameters": "1,234,567",
+        "trainable": "1,234,567",
+        "bytes": "4.709 MiB",
+        "layers": "3",
+    }
+    for key, shown in expected.items():
+        assert f"<tr><td>{key}</td><td>{shown}</td></tr>" in section
+        assert f"{key}={shown}" in str(report)  # the printed report shows the same
+    assert "0.15742747600006624" not in section and "3200000000" not in section and "12345.6" not in section

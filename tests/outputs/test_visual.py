@@ -1,5 +1,7 @@
 """The visual report: PNG panels and one self-contained HTML file, checked in a real browser."""
 
+import dataclasses
+import itertools
 import re
 import shutil
 import struct
@@ -10,6 +12,7 @@ from torch import nn
 
 import gradscope
 from gradscope import demo
+from gradscope.health.findings import Finding
 
 pytest.importorskip("matplotlib", reason="needs the viz extra")
 from gradscope.outputs import html_page, visual
@@ -64,6 +67,74 @@ def test_html_is_self_contained_and_lists_every_finding(nan_run):
     assert "default-src 'none'" in text  # the browser itself refuses any fetch
     assert text.count('src="data:image/png;base64,') == len(visual.PANELS)
     assert "blocks.4.linear" in text
+
+
+def drawn_texts(fig) -> list[tuple[str, object]]:
+    """Every text drawn on ``fig``'s axes as ``(text, display box)``: annotations (with their
+    frames), titles, axis labels, the tick labels in view; each legend as one box."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    texts = []
+    for ax in fig.axes:
+        candidates = [*ax.texts, ax.title]
+        for axis, index in ((ax.xaxis, 0), (ax.yaxis, 1)):
+            if axis.get_visible():  # a twin's shared axis is not drawn
+                low, high = sorted(axis.get_view_interval())
+                ticks = [t for t in axis.get_ticklabels() if low <= t.get_position()[index] <= high]
+                candidates += [axis.label, *ticks]
+        for text in candidates:
+            if text.get_visible() and text.get_text():
+                box = text.get_window_extent(renderer)
+                if text.get_bbox_patch() is not None:  # the frame drawn around it
+                    box = Bbox.union([box, text.get_bbox_patch().get_window_extent(renderer)])
+                texts.append((text.get_text(), box))
+        if ax.get_legend() is not None:
+            texts.append(("legend", ax.get_legend().get_window_extent(renderer)))
+    texts += [("figure legend", legend.get_window_extent(renderer)) for legend in fig.legends]
+    return texts
+
+
+def test_findings_at_nearby_steps_are_labelled_without_overlap(nan_run, tmp_path):
+    """Many findings within a few steps (and an action among them): no label of the loss panel
+    overlaps another, and every finding is listed."""
+    _, run = nan_run
+    layers = [f"blocks.{i}.linear" for i in range(6)]
+    crowded = [
+        Finding("nonfinite", "critical", layers[4], 60, 60, "m", "s"),
+        Finding("divergence", "critical", None, 61, 61, "m", "s"),
+        Finding("exploding", "warning", layers[3], 62, 62, "m", "s"),
+        Finding("exploding", "warning", layers[2], 63, 63, "m", "s"),
+        Finding("vanishing", "warning", layers[0], 64, 64, "m", "s"),
+        Finding("dead", "warning", layers[5], 66, 66, "m", "s"),
+        Finding("dead", "warning", layers[1], 69, 69, "m", "s"),
+        Finding("stalled_updates", "warning", layers[1], 72, 72, "m", "s"),
+        Finding("plateau", "info", None, 75, 75, "m", "s"),
+        Finding("underfitting", "info", None, 5, 5, "m", "s"),
+    ]
+    action = {"step": 61, "action": "lr", "message": "lr 0.01 -> 0.005", "detail": {"scale": 0.5, "old_scale": 1.0}}
+    report = dataclasses.replace(run.report(), findings=tuple(crowded), actions=(action,))
+    data = visual.RunData.of(run, report)
+    fig = visual.figure(data, "loss")
+    texts = drawn_texts(fig)
+    overlapping = [(a[0], b[0]) for a, b in itertools.combinations(texts, 2) if a[1].overlaps(b[1])]
+    assert overlapping == []
+    (listed,) = fig.legends
+    entries = [t.get_text() for t in listed.get_texts()]
+    numbers = [t.get_text() for t in fig.axes[0].texts if t.get_text().isdigit()]
+    assert numbers == [str(i) for i in range(1, len(entries) + 1)]  # one numbered marker per entry
+    assert [entry.split(":")[0] for entry in entries] == numbers
+    spans = []  # (first step, last step, what) of each entry: "2: steps 60-63: nonfinite (...); divergence"
+    for entry in entries:
+        first, last, what = re.fullmatch(r"\d+: steps? (\d+)(?:-(\d+))?: (.+)", entry, re.S).groups()
+        spans.append((int(first), int(last or first), what))
+    for finding in crowded:  # the entry covering its step names its kind (and its layer, or a count of layers)
+        assert any(first <= finding.since_step <= last and finding.kind in what for first, last, what in spans)
+    visual.write_png(run, tmp_path / "crowded.png", report=report)  # the same panel among the others
+    assert png_size((tmp_path / "crowded.png").read_bytes())[0] == 1100
 
 
 class Evil(nn.Module):
