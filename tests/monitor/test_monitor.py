@@ -793,3 +793,45 @@ def test_a_watch_that_fails_late_leaves_no_hook_thread_or_log_behind(monkeypatch
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     monkeypatch.undo()
     gradscope.watch(model, optimizer=opt).close()
+
+
+class CheckpointedLast(torch.nn.Module):
+    """The last layer (the first whose gradient backward produces) runs under reentrant
+    activation checkpointing: its gradient arrives inside a nested backward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(4, 4) for _ in range(3))
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.c, self.b(self.a(x)), use_reentrant=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, not fixed: when the first gradient arrives inside a reentrant checkpoint's nested "
+    "backward, the end of that nested pass is taken for the end of backward and the layers after it "
+    "are absent; mode='step' is right (closing note, left alone)",
+)
+def test_backward_mode_measures_every_layer_when_the_last_layer_is_checkpointed_reentrantly():
+    torch.manual_seed(0)
+    model = CheckpointedLast()
+    with gradscope.watch(model, backend="numpy") as mon:
+        x = torch.randn(3, 4, requires_grad=True)
+        model(x).square().mean().backward()
+        grads = [snapshot(model)]
+        mon.step()
+    check_against_grads(mon, grads, [0])
+
+
+def test_step_mode_measures_every_layer_when_the_last_layer_is_checkpointed_reentrantly():
+    torch.manual_seed(0)
+    model = CheckpointedLast()
+    with gradscope.watch(model, mode="step", backend="numpy") as mon:
+        x = torch.randn(3, 4, requires_grad=True)
+        model(x).square().mean().backward()
+        grads = [snapshot(model)]
+        mon.step()
+    check_against_grads(mon, grads, [0])
