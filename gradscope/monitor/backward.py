@@ -179,6 +179,17 @@ class BackwardReceiver:
     def _on_backward_end(self, deferred: bool = False) -> None:
         try:
             with self._lock:
+                if not deferred and hooks.inside_outer_backward():
+                    # A reentrant checkpoint's nested backward ended, not the pass: hear of the
+                    # outer backward's end instead. Failing that, the next gradient queues the
+                    # callback again (what arrived so far is handed over, so that the next
+                    # arrival announces itself), or mon.step() ends the pass.
+                    if hooks.queue_after_outer_node(self._on_backward_end):
+                        return
+                    self._passes.needs_callback = True
+                    if self.arrivals is not None:
+                        self._take_arrivals(self._passes.measuring)
+                    return
                 if self._replicated and self._passes.measuring and not deferred:
                     # DDP queues its own end-of-backward callback (which finishes averaging)
                     # after ours: measure from a callback queued behind it.
@@ -209,8 +220,11 @@ class BackwardReceiver:
                     self._engines.add(index, grad)
 
     def close_open_pass(self) -> None:
-        """At ``mon.step()``: a measured pass whose end was never heard of (the callback
-        could not be queued) is measured now; gradients of unsampled steps are dropped."""
+        """At ``mon.step()``: a pass whose end was never heard of (the callback could not be
+        queued, or it ran at a nested backward's end and no gradient came after) ends now;
+        gradients of unsampled steps are dropped."""
+        if self._passes.needs_callback and self._passes.open:
+            self._on_backward_end(deferred=True)
         if self.arrivals is not None and len(self.arrivals):
             self._take_arrivals(self._passes.open and self._passes.measuring)
 

@@ -153,6 +153,36 @@ def queue_end_of_backward(callback: Callable[[], None]) -> bool:
         return False
 
 
+def inside_outer_backward() -> bool:
+    """True in an end-of-backward callback of a *nested* backward pass: one a reentrant
+    activation checkpoint (``checkpoint(..., use_reentrant=True)``) runs from inside a node of
+    the backward pass that called it, which goes on afterwards."""
+    try:
+        return torch._C._current_autograd_node() is not None
+    except (AttributeError, RuntimeError):  # a private API: a torch without it is taken to nest nothing
+        return False
+
+
+def queue_after_outer_node(callback: Callable[[], None]) -> bool:
+    """From a nested backward's end-of-backward callback (:func:`inside_outer_backward`): run
+    ``callback`` at the end of the backward pass that runs the node the nested pass is inside
+    of (a post-hook on that node queues it there, once the node finishes); False if that
+    cannot be arranged."""
+    try:
+        node = torch._C._current_autograd_node()
+        handle = None
+
+        def queue_on_the_outer_pass(grad_inputs, grad_outputs) -> None:
+            handle.remove()
+            if not queue_end_of_backward(callback):
+                callback()
+
+        handle = node.register_hook(queue_on_the_outer_pass)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class BackwardPasses:
     """The backward passes of the open optimisation step.
 
@@ -185,12 +215,15 @@ class BackwardPasses:
         self._next = 0
         self._measured = False  # a pass of this step was measured
         self._earlier: set[int] = set()  # parameters that got a gradient in an unmeasured pass
+        self.needs_callback = False  # the open pass's callback ran at a nested backward's end
 
     def begin(self) -> bool:
-        """A gradient arrived. True when it opens a new pass (the caller then arranges to
-        hear of its end and calls :meth:`end`)."""
+        """A gradient arrived. True when it opens a new pass, or when the pass's end-of-pass
+        callback was spent by a nested backward (:attr:`needs_callback`): the caller then
+        arranges to hear of its end and calls :meth:`end`."""
         if self.open:
-            return False
+            needs, self.needs_callback = self.needs_callback, False
+            return needs
         self.open = True
         if callable(self.accumulation_steps):
             self.measuring = not self._measured and bool(self.accumulation_steps())
@@ -244,6 +277,7 @@ class BackwardPasses:
         self._next = 0
         self._measured = False
         self._earlier.clear()
+        self.needs_callback = False
 
 
 def release(handles: list, forward=None) -> None:
