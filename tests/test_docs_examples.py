@@ -130,6 +130,12 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     if "wandb" in sys.modules:
         sys.modules["wandb"].teardown()  # W&B keeps its first run's settings (its directory) per process
+    if "mlflow" in sys.modules:
+        # A tracking URI an earlier test set in this process (mlflow.set_tracking_uri, e.g. by
+        # Lightning's MLFlowLogger) wins over MLFLOW_TRACKING_URI: as in a fresh process, none.
+        from mlflow.tracking._tracking_service import utils as mlflow_tracking
+
+        monkeypatch.setattr(mlflow_tracking, "_tracking_uri", None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     namespace: dict = {"__name__": "__docs_example__"}
