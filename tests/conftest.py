@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, settings
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-for _profile, _scale in tiers.EXAMPLE_SCALE.items():
+for _profile in tiers.EXAMPLE_SCALE:
     settings.register_profile(
         _profile,
         deadline=None,
-        max_examples=max(5, round(60 * _scale)),
+        max_examples=tiers.examples(60, _profile),
         # Our function-scoped fixtures (monkeypatched constants, the kernel device) are the same
         # for every generated example, so sharing them across examples is intended.
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],

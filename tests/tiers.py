@@ -42,8 +42,9 @@ def tiers_of(path: Path, module_globals: dict, fixturenames: list[str], nodeid: 
     return found
 
 
-def examples(asked: int) -> int:
-    """The number of hypothesis examples to draw for a test that asks for ``asked``, in the
-    running profile (``HYPOTHESIS_PROFILE``: ``ci`` by default, ``fast`` for ``make test-fast``)."""
-    scale = EXAMPLE_SCALE[os.environ.get("HYPOTHESIS_PROFILE", "ci")]
+def examples(asked: int, profile: str | None = None) -> int:
+    """The number of hypothesis examples to draw for a test that asks for ``asked``, in
+    ``profile`` (default: the running one, ``HYPOTHESIS_PROFILE``: ``ci`` unless set, ``fast``
+    for ``make test-fast``); never fewer than 5."""
+    scale = EXAMPLE_SCALE[profile or os.environ.get("HYPOTHESIS_PROFILE", "ci")]
     return max(5, round(asked * scale))
