@@ -8,6 +8,7 @@ of it (:func:`gradscope.health.view.view_of`), runs every check of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ import numpy as np
 
 from gradscope.health.causes import describe, link, refers_to
 from gradscope.health.checks import CHECKS
+from gradscope.health.compression import CompressionReport, judge_compression
 from gradscope.health.findings import SEVERITIES, Finding
 from gradscope.health.thresholds import Thresholds
 from gradscope.health.view import RunView, view_of
@@ -84,6 +86,9 @@ class HealthReport:
         actions: what gradscope did about its findings (:mod:`gradscope.actions`), oldest
             first: dicts with ``step``, ``action`` (``"lr"``, ``"halt"``, ``"stop"``),
             ``message`` and ``detail``.
+        compression: what could be quantized or pruned
+            (:class:`~gradscope.health.compression.CompressionReport`), with
+            ``watch(..., compression=True)``; None otherwise.
     """
 
     status: str
@@ -94,6 +99,7 @@ class HealthReport:
     step: int
     note: str | None = None
     actions: tuple[dict, ...] = ()
+    compression: CompressionReport | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON types only."""
@@ -107,6 +113,7 @@ class HealthReport:
                 "layers": [layer.to_dict() for layer in self.layers],
                 "resources": self.resources,
                 "actions": list(self.actions),
+                "compression": self.compression.to_dict() if self.compression is not None else None,
             }
         )
 
@@ -159,6 +166,8 @@ class HealthReport:
         if self.actions:
             lines.append("  actions taken:")
             lines += [f"    {action['message']}" for action in self.actions]
+        if self.compression is not None:
+            lines.append(str(self.compression))
         if self.resources:
             parts = [f"{key}={format_resource(key, value)}" for key, value in self.resources.items()]
             lines.append("  resources: " + ", ".join(parts))
@@ -177,7 +186,9 @@ def assess(state: RunState, thresholds: Thresholds, in_flight: tuple[int, ...] =
     if not isinstance(thresholds, Thresholds):
         raise TypeError(f"report: thresholds must be a gradscope.Thresholds, got {type(thresholds).__name__}")
     info = state.info
-    return build(view_of(state, thresholds), thresholds, info.rows, info.row_types, info.summary, in_flight)
+    report = build(view_of(state, thresholds), thresholds, info.rows, info.row_types, info.summary, in_flight)
+    compression = judge_compression(state.weights, info.rows, info.row_types)
+    return report if compression is None else dataclasses.replace(report, compression=compression)
 
 
 def build(

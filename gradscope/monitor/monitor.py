@@ -59,6 +59,7 @@ from gradscope.monitor.resources import StepClock, as_scalar, check_metric_names
 from gradscope.monitor.schedule import OpenStep
 from gradscope.monitor.updates import UpdateTracker
 from gradscope.monitor.watched import new_params_warning, select
+from gradscope.monitor.weights import WeightReader
 from gradscope.outputs.pump import RecordPump
 from gradscope.run import records
 from gradscope.run.state import RunState
@@ -124,8 +125,11 @@ class Monitor(RunReadout):
         self.pipeline = place = None if stage is None else pipeline.place(stage, watched.row_names, options.log_rank)
         if options.check_consistency and topo.kind != "replicated":
             raise ValueError("watch: check_consistency=True needs a DistributedDataParallel model")
-        if options.track_updates and topo.kind == "sharded":
-            raise ValueError("watch: track_updates=True is not supported with sharded (DTensor) parameters yet")
+        for option in ("track_updates", "compression"):
+            if getattr(options, option) and topo.kind == "sharded":
+                raise ValueError(f"watch: {option}=True is not supported with sharded (DTensor) parameters yet")
+        if options.compression and stage is not None:
+            raise ValueError("watch: compression=True is not supported for pipeline stages yet")
         self.is_logging_rank = place.logs if place else options.log_rank is None or topo.global_rank == options.log_rank
         self._lock = threading.RLock()
         self._closed = False
@@ -149,13 +153,13 @@ class Monitor(RunReadout):
         exporters = self.options.destinations(topo, place) if self.is_logging_rank else []  # silent ranks: none
         header = records.Header(self.info.to_dict(), thresholds=dataclasses.asdict(self.thresholds))
         sink = RecordSink(self._run, None)  # the Failed records and the actions' go there directly
-        self._backward = self._forward = self._updates = self._acting = self._ddp = None
+        self._backward = self._forward = self._updates = self._weights = self._acting = self._ddp = None
         try:
             self._build_parts(model, target, options, watched, topo, engines, sink)
         except BaseException:  # a part refused: leave no hook behind (no thread was started yet)
             if self._backward is not None:
                 hooks.remove_handles(self._backward.handles)
-            for part in (self._backward, self._forward, self._updates, self._acting, self._ddp):
+            for part in (self._backward, self._forward, self._updates, self._weights, self._acting, self._ddp):
                 if part is not None:
                     part.close()
             raise
@@ -165,7 +169,7 @@ class Monitor(RunReadout):
         # What close() must end, also for a monitor dropped without it (as DataLoader's
         # iterator shuts its workers down): hooks, capture workers, the pump (which writes the
         # closing record and closes the log). Parts only: a reference to self would keep it alive.
-        on_optimizer = tuple(part for part in (self._updates, self._acting) if part is not None)
+        on_optimizer = tuple(part for part in (self._updates, self._weights, self._acting) if part is not None)
         self._finalizer = weakref.finalize(
             self, shut_down, self._backward.handles, self._forward, self._engines, self._pump, self._open, on_optimizer
         )
@@ -186,10 +190,22 @@ class Monitor(RunReadout):
         self._halt_at_once = options.halt_rule is not None and options.halt_rule.halts_on_nonfinite
         if options.track_updates:  # after Acting: the responder's optimizer hooks run first
             self._updates = UpdateTracker(options.optimizer, watched.params, self._update_step)
+        if options.compression:  # the same cadence: the optimizer steps of sampled steps
+            self._weights = WeightReader(options.optimizer, watched.params, options.backend, self._update_step)
         self._clock = clock = StepClock(device)
         groups = RowGroups(watched.row_of)
         self._recorder = Recorder(
-            engines, groups, topo, failures, sink, acting.observe, clock, self._ddp, self._forward, self._updates
+            engines,
+            groups,
+            topo,
+            failures,
+            sink,
+            acting.observe,
+            clock,
+            self._ddp,
+            self._forward,
+            self._updates,
+            self._weights,
         )
 
     # ---- the parts' handles and read-outs ------------------------------------------------
@@ -277,8 +293,7 @@ class Monitor(RunReadout):
                             self._failures.fail(step, error)  # the step is void, but its collectives still run
                     self._recorder.finish(step, self._passes.order)
                     self._engines.raise_error()
-                if self._updates is not None:
-                    self._report_update_failure()
+                self._report_update_failure()
                 scale = scaler.scale_tensor(self._scaler)
                 if scale is not None:
                     values["grad_scale"] = scale
@@ -314,12 +329,18 @@ class Monitor(RunReadout):
                 self._forward.remove()  # unsampled steps run without forward hooks
 
     def _report_update_failure(self) -> None:
-        """An optimizer hook of update tracking failed (after an earlier ``mon.step()``): that
-        step keeps no update norms; the failure is reported, and no gradient statistic is voided."""
-        error = self._updates.take_error()
-        if error is not None:
-            message = f"gradscope: measuring the optimizer's update failed ({type(error).__name__}: {error})"
-            self._failures.report_error("updates", message + "; that step has no update norms")
+        """An optimizer hook of update tracking or weight reading failed (after an earlier
+        ``mon.step()``): that step keeps no update norms or weight reading; the failure is
+        reported, and no gradient statistic is voided."""
+        parts = (
+            (self._updates, "measuring the optimizer's update", "update norms"),
+            (self._weights, "reading the weights", "weight reading"),
+        )
+        for part, what, lost in parts:
+            error = part.take_error() if part is not None else None
+            if error is not None:
+                message = f"gradscope: {what} failed ({type(error).__name__}: {error}); that step has no {lost}"
+                self._failures.report_error("updates" if part is self._updates else "weights", message)
 
     def _update_step(self) -> int | None:
         """The step an optimizer step now belongs to: the one ``mon.step()`` just closed."""
@@ -398,8 +419,7 @@ class Monitor(RunReadout):
                 self._recorder.collect(block=True)
             except Exception as error:
                 self._failures.fail(self._open.index, error)
-            if self._updates is not None:
-                self._report_update_failure()  # the last step's optimizer update
+            self._report_update_failure()  # the last step's optimizer update
             self._closed = True
             self._backward.close()
             for part in (self._forward, self._ddp):

@@ -83,6 +83,7 @@ class WatchOptions:
     halt_on: str | Sequence[str] | None = None
     early_stopping: EarlyStopping | bool | None = None
     adapt_lr: AdaptiveLR | bool | None = None
+    compression: bool = False
 
     def __post_init__(self) -> None:
         for name in ("every", "history", "hist_history", "history_mib", "histogram_every"):
@@ -105,8 +106,11 @@ class WatchOptions:
             raise ValueError(f"watch: backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.optimizer is not None and not isinstance(self.optimizer, torch.optim.Optimizer):
             raise TypeError(f"watch: optimizer must be a torch.optim.Optimizer, got {type(self.optimizer).__name__}")
-        if self.track_updates and self.optimizer is None:
-            raise ValueError("watch: track_updates=True needs optimizer=")
+        if not isinstance(self.compression, bool):
+            raise TypeError(f"watch: compression must be True or False, got {self.compression!r}")
+        for option in ("track_updates", "compression"):
+            if getattr(self, option) and self.optimizer is None:
+                raise ValueError(f"watch: {option}=True needs optimizer= (it reads the weights around its step)")
         if self.scaler is not None and not hasattr(self.scaler, "is_enabled"):
             raise TypeError(f"watch: scaler must be a torch.amp.GradScaler, got {type(self.scaler).__name__}")
         if self.thresholds is None:

@@ -32,6 +32,7 @@ from gradscope.monitor.forward import ForwardCapture
 from gradscope.monitor.replicated import DdpExtras
 from gradscope.monitor.resources import StepClock
 from gradscope.monitor.updates import UpdateTracker
+from gradscope.monitor.weights import WeightReader
 from gradscope.outputs.pump import RecordPump
 from gradscope.run import records
 from gradscope.run.state import RunState
@@ -74,6 +75,7 @@ class Recorder:
         ddp: DDP's extras (its all-reduce per sampled step), or None.
         forward: forward statistics, or None.
         updates: update and weight norms, or None.
+        weights: weight readings for compression readiness, or None.
     """
 
     def __init__(
@@ -88,12 +90,14 @@ class Recorder:
         ddp: DdpExtras | None = None,
         forward: ForwardCapture | None = None,
         updates: UpdateTracker | None = None,
+        weights: WeightReader | None = None,
     ) -> None:
         self._engines, self._groups, self._failures = engines, groups, failures
         self._sharded = topology.kind == "sharded"
         self._replicated = topology.kind == "replicated"
         self._sink, self._observe = sink, observe
         self._clock, self._ddp, self._forward, self._updates = clock, ddp, forward, updates
+        self._weights = weights
         # Sampled steps whose results are on their way: step -> (present, order, sources, arrived).
         self._pending: dict[int, tuple[np.ndarray, np.ndarray, set, dict]] = {}
 
@@ -159,6 +163,10 @@ class Recorder:
         if self._updates is not None:
             for step, weight_sq, update_sq in self._updates.completed(block):
                 self.emit(records.Updates(step, self._groups.sum(weight_sq), self._groups.sum(update_sq)))
+        if self._weights is not None:
+            row_of = np.asarray(self._groups.row_of, dtype=np.int64)
+            for step, rows, taylor in self._weights.completed(block):
+                self.emit(records.Weights(step, rows, row_of, self._weights.ndim, taylor[:, 0], taylor[:, 1]))
 
     def _record_sampled(self, step: int, present: np.ndarray, order: np.ndarray, arrived: dict) -> None:
         replica = arrived.pop("replicas", None)

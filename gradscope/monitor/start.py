@@ -114,6 +114,13 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         adapt_lr: a :class:`gradscope.AdaptiveLR` (or True for its defaults): lower the
             ``optimizer``'s learning rate on exploding gradients, loss spikes, divergence and
             plateaus (:mod:`gradscope.actions.adaptive_lr`); needs ``optimizer=``.
+        compression: read the watched weights with the same statistics engine just before
+            ``optimizer.step()`` on sampled steps (the cadence of ``track_updates``), with
+            each tensor's ``Σ g·w``: the report's ``compression`` section then says, per
+            layer, whether its matrices are ready for INT8 / FP8 with per-tensor scaling,
+            and ranks the layers by first-order Taylor saliency, the least important first
+            (:mod:`gradscope.health.compression`). Costs one read of the weights and one
+            more of the gradients on sampled steps; needs ``optimizer=``.
 
     The first seven options (``every`` to ``history``) may also be given positionally, in
     this order, after the model. They are kept,

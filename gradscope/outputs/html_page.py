@@ -106,11 +106,36 @@ def html_report(source, report: HealthReport | None = None, title: str = "gradsc
             f"{_cell(rms)}{_cell(max_abs)}{_cell(row.zero_frac, 'pct')}{_cell(row.nonfinite, 'int')}"
             f"{_cell(row.update_ratio)}{_cell(row.fp8_e5m2_zero, 'pct')}<td>{esc(row.status)}</td></tr>"
         )
-    parts.append("</tbody></table><h2>Resources</h2><table><tbody>")
+    parts.append("</tbody></table>")
+    if report.compression is not None:
+        parts += _compression_table(report.compression)
+    parts.append("<h2>Resources</h2><table><tbody>")
     for key, value in report.resources.items():  # units and digits as in the printed report
         parts.append(f"<tr><td>{esc(str(key))}</td><td>{esc(format_resource(str(key), value))}</td></tr>")
     parts.append("</tbody></table></body></html>")
     return "\n".join(parts)
+
+
+def _compression_table(section) -> list[str]:
+    """The report's compression section (``watch(..., compression=True)``) as a table."""
+    esc = html.escape
+    parts = [
+        f'<h2>Compression</h2><p class="muted">Weights at step {section.step}; importance summed over '
+        f"{section.readings} readings. Least important first.</p>",
+        '<table id="compression"><thead><tr><th>layer</th><th>verdict</th><th>INT8 noise</th>',
+        "<th>FP8 E4M3 noise</th><th>Σ(g·w)²</th><th>Σ|Σ g·w|</th><th>why</th></tr></thead><tbody>",
+    ]
+    by_name = {layer.name: layer for layer in section.layers}
+    for name in section.least_important:
+        layer = by_name[name]
+        noise = {short: figures["noise"] for short, figures in layer.formats.items()}
+        verdict = layer.verdict if layer.format is None else f"{layer.verdict} ({layer.format})"
+        parts.append(
+            f"<tr><td>{esc(name)}</td><td>{esc(verdict or '-')}</td>{_cell(noise.get('int8'))}"
+            f"{_cell(noise.get('fp8_e4m3'))}{_cell(layer.fisher)}{_cell(layer.saliency)}<td>{esc(layer.reason)}</td></tr>"
+        )
+    parts.append("</tbody></table>")
+    return parts
 
 
 def write_html(

@@ -80,6 +80,14 @@ def _check_shapes(record: records.Record, n_rows: int) -> None:
             raise ValueError(f"a sampled step with shapes {shapes} in a run of {n_rows} rows")
     elif isinstance(record, records.Updates) and (record.weight_sq.shape, record.update_sq.shape) != ((n_rows,),) * 2:
         raise ValueError(f"update norms of shape {record.weight_sq.shape} in a run of {n_rows} rows")
+    elif isinstance(record, records.Weights):
+        n = len(record.row_of)
+        shapes = (record.rows.shape, record.ndim.shape, record.grad_dot_weight.shape, record.grad_weight_sq.shape)
+        if (
+            shapes != ((n, layout.ROW_WIDTH), (n,), (n,), (n,))
+            or ((record.row_of < 0) | (record.row_of >= n_rows)).any()
+        ):
+            raise ValueError(f"a weight reading with shapes {shapes} or rows outside a run of {n_rows} rows")
 
 
 def read_log(

@@ -18,7 +18,7 @@ import numpy as np
 
 from gradscope.stats import layout
 
-SCHEMA = 6
+SCHEMA = 7
 """Version of the run-log format this gradscope writes (and the newest it reads).
 
 1: the first format. 2: adds the ranks of non-finite gradients to ``sampled`` records and
@@ -27,7 +27,9 @@ the rows' gradient dtypes to the header. 4: adds ``action`` records (what gradsc
 its findings: gradscope.actions). 5: light rows (``watch(histogram_every=N)``): a ``sampled``
 record may say which rows have a histogram (``hist_known``) and then holds only theirs.
 6: the header names groups of sibling modules with identical parameters (the experts of a
-mixture of experts). Older logs are read as before."""
+mixture of experts). 7: the header may carry the run's tags (watch(tags=...)), and
+``weights`` records (watch(compression=True)) hold weight statistics. Older logs are read as
+before."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,29 @@ class Updates:
 
 
 @dataclass(frozen=True)
+class Weights:
+    """The watched parameters' values just before the optimizer step of ``step``
+    (``watch(..., compression=True)``: :mod:`gradscope.monitor.weights`), one entry per tensor.
+
+    Attributes:
+        step: the sampled step.
+        rows: float64 ``(T, ROW_WIDTH)`` statistics rows of each tensor's values.
+        row_of: int64 ``(T,)``, the report row (layer) each tensor belongs to.
+        ndim: int64 ``(T,)``, each tensor's number of dimensions (matrices, ``ndim >= 2``, are
+            the ones quantization is judged for).
+        grad_dot_weight: float64 ``(T,)``, ``Σ g·w`` of each tensor at that step.
+        grad_weight_sq: float64 ``(T,)``, ``Σ (g·w)²`` of each tensor at that step.
+    """
+
+    step: int
+    rows: np.ndarray
+    row_of: np.ndarray
+    ndim: np.ndarray
+    grad_dot_weight: np.ndarray
+    grad_weight_sq: np.ndarray
+
+
+@dataclass(frozen=True)
 class Desync:
     """DDP replicas disagreed at ``step``: the rows whose gradients differ between ranks,
     and the ranks that differ from the majority."""
@@ -164,7 +189,7 @@ class Closed:
     steps: int
 
 
-Record = Header | Sampled | Forward | StepValues | Metrics | Updates | Desync | Action | Failed | Closed
+Record = Header | Sampled | Forward | StepValues | Metrics | Updates | Weights | Desync | Action | Failed | Closed
 
 
 def _pack(arrays: list[tuple[str, np.ndarray]]) -> dict:
@@ -253,6 +278,16 @@ def encode(record: Record) -> str:
         obj = {"t": "metrics", "step": int(record.step), "v": _scalars(record.values)}
     elif isinstance(record, Updates):
         obj = {"t": "updates", "step": int(record.step), **_pack([("w", record.weight_sq), ("u", record.update_sq)])}
+    elif isinstance(record, Weights):
+        arrays = [
+            ("scalars", record.rows[:, : layout.HIST]),
+            ("hist", _counts(record.rows[:, layout.HIST :])),
+            ("row_of", record.row_of.astype(np.int32)),
+            ("ndim", record.ndim.astype(np.int8)),
+            ("gw", record.grad_dot_weight),
+            ("gw2", record.grad_weight_sq),
+        ]
+        obj = {"t": "weights", "step": int(record.step), **_pack(arrays)}
     elif isinstance(record, Desync):
         obj = {"t": "desync", "step": int(record.step), "rows": list(record.rows), "ranks": list(record.ranks)}
     elif isinstance(record, Action):
@@ -309,6 +344,17 @@ def decode(line: str) -> Record:
     if kind == "updates":
         a = _unpack(obj)
         return Updates(obj["step"], a["w"].astype(np.float64), a["u"].astype(np.float64))
+    if kind == "weights":
+        a = _unpack(obj)
+        rows = np.concatenate([a["scalars"].astype(np.float64), a["hist"].astype(np.float64)], axis=1)
+        return Weights(
+            obj["step"],
+            rows,
+            a["row_of"].astype(np.int64),
+            a["ndim"].astype(np.int64),
+            a["gw"].astype(np.float64),
+            a["gw2"].astype(np.float64),
+        )
     if kind == "desync":
         return Desync(obj["step"], tuple(int(r) for r in obj["rows"]), tuple(int(r) for r in obj["ranks"]))
     if kind == "action":

@@ -10,6 +10,7 @@ same health report (:mod:`gradscope.health` reads a ``RunState``). The records a
 * ``step``: a step's scalar values (loss, step time, memory, energy, scale, step metrics);
 * ``metrics``: metrics logged with ``mon.log``;
 * ``updates``: per-row squared weight and update norms;
+* ``weights``: weight statistics and ``Σ g·w`` per tensor (:mod:`gradscope.run.weights`);
 * ``desync``: DDP replicas whose gradients differed;
 * ``action``: what gradscope did about a finding (a learning-rate change, a halt, a stop);
 * ``failed``: a step during which gradscope failed.
@@ -26,6 +27,7 @@ from gradscope.run import budget, records
 from gradscope.run.forward_history import FORWARD_FIELDS, ForwardHistory
 from gradscope.run.history import STEP_FIELDS, Series
 from gradscope.run.info import RunInfo
+from gradscope.run.weights import WeightState
 from gradscope.stats import layout
 from gradscope.stats.tensor_stats import TensorStats
 
@@ -73,6 +75,7 @@ class RunState:
         self.initial_grad_norms: list[float] = []
         self.forward = ForwardHistory(info.modules) if info.modules else None
         self.actions: list[records.Action] = []
+        self.weights: WeightState | None = None  # from the first weight reading (compression=True)
 
     # ---- records ------------------------------------------------------------------------
 
@@ -91,6 +94,10 @@ class RunState:
             self.add_metrics(record.step, record.values)
         elif isinstance(record, records.Updates):
             self.add_updates(record.step, record.weight_sq, record.update_sq)
+        elif isinstance(record, records.Weights):
+            if self.weights is None:
+                self.weights = WeightState(len(self.info.rows))
+            self.weights.add(record)
         elif isinstance(record, records.Desync):
             self.add_desync(record)
         elif isinstance(record, records.Action):

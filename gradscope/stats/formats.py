@@ -50,6 +50,7 @@ class NumberFormat:
     max: float
     min_normal: float
     min_subnormal: float
+    mantissa_bits: int = 0
 
     @property
     def top_binade(self) -> float:
@@ -67,8 +68,12 @@ FLOAT16 = NumberFormat("float16", 65504.0, 2.0**-14, 2.0**-24)
 BFLOAT16 = NumberFormat("bfloat16", float(torch.finfo(torch.bfloat16).max), 2.0**-126, 2.0**-133)
 FLOAT32 = NumberFormat("float32", float(torch.finfo(torch.float32).max), 2.0**-126, 2.0**-149)
 FLOAT64 = NumberFormat("float64", float(torch.finfo(torch.float64).max), 2.0**-1022, 2.0**-1074)
-E4M3 = NumberFormat("float8_e4m3fn", 448.0, 2.0**-6, 2.0**-9)
-E5M2 = NumberFormat("float8_e5m2", 57344.0, 2.0**-14, 2.0**-16)
+E4M3 = NumberFormat("float8_e4m3fn", 448.0, 2.0**-6, 2.0**-9, mantissa_bits=3)
+E5M2 = NumberFormat("float8_e5m2", 57344.0, 2.0**-14, 2.0**-16, mantissa_bits=2)
+INT8 = NumberFormat("int8", 127.0, 128.0, 1.0)
+"""Symmetric INT8 (levels -127..127) as a format: one uniform grid of step 1, as if every
+level were subnormal (its smallest normal, 128, is above its largest value); magnitudes
+below 0.5 round to zero. Not in :data:`FORMATS` (no torch dtype is meant)."""
 
 FORMATS = {f.name: f for f in (FLOAT16, BFLOAT16, FLOAT32, FLOAT64, E4M3, E5M2)}
 """Every known format by name."""
@@ -157,6 +162,29 @@ def fp8_counts(hist: np.ndarray, max_abs: np.ndarray, fmt: NumberFormat) -> tupl
     flushed = count_below(hist, max_abs, _exponent(fmt.flush_below) - k)
     below = count_below(hist, max_abs, _exponent(fmt.min_normal) - k)
     return flushed, below - flushed
+
+
+def quantization_noise(hist: np.ndarray, max_abs: np.ndarray, fmt: NumberFormat) -> np.ndarray:
+    """Estimated ``Σ (q(x) - x)**2`` of rows cast to ``fmt`` with per-tensor power-of-two amax
+    scaling (as :func:`fp8_counts`), from their binade histograms: float64 ``(...)``.
+
+    The standard rounding-noise model, per binade: a value that keeps a non-zero code is off
+    by a rounding error uniform over its spacing ``ulp`` (``ulp**2 / 12``; the spacing is
+    ``2**(e - mantissa_bits)`` in binade ``[2**e, 2**(e+1))`` of the scaled value, the smallest
+    subnormal below the smallest normal); a value flushed to zero loses itself, counted as the
+    mean square of a value uniform in its binade (``7/3 * 4**e``). Divide by the rows' sum of
+    squares for the relative noise (noise-to-signal ratio); it is an estimate, not a bound.
+    """
+    hist = np.asarray(hist, dtype=np.float64)
+    k = amax_scale_exponent(max_abs, fmt)[..., None]  # the scale is 2**k
+    lower = np.arange(layout.NUM_BINS) + layout.HIST_MIN_EXPONENT  # each bin's lower edge's exponent
+    scaled = lower + k  # the binade of the scaled values
+    flushed = scaled < _exponent(fmt.flush_below)
+    subnormal = scaled < _exponent(fmt.min_normal)
+    ulp_exponent = np.where(subnormal, _exponent(fmt.min_subnormal), scaled - fmt.mantissa_bits) - k
+    kept_error = np.ldexp(1.0, 2 * ulp_exponent) / 12
+    lost = np.ldexp(7 / 3, 2 * lower)
+    return (hist * np.where(flushed, lost, kept_error)).sum(axis=-1)
 
 
 def fp8_fields(hist: np.ndarray, max_abs: np.ndarray) -> dict[str, np.ndarray]:

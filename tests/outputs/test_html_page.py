@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 import run_builders
+import torch
 
+import gradscope
 from gradscope import Thresholds
 from gradscope.health.readout import Run
 from gradscope.run import records
@@ -68,3 +70,22 @@ def test_resources_are_written_for_people():
         assert f"<tr><td>{key}</td><td>{shown}</td></tr>" in section
         assert f"{key}={shown}" in str(report)  # the printed report shows the same
     assert "0.15742747600006624" not in section and "3200000000" not in section and "12345.6" not in section
+
+
+def test_the_compression_section_lists_layers_least_important_first(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradscope.watch(model, optimizer=opt, compression=True) as mon:
+        for _ in range(3):
+            loss = model(torch.randn(16, 6)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    report = mon.report()
+    page = html_page.html_report(mon, report)
+    table = page[page.index('id="compression"') :]
+    first, second = report.compression.least_important
+    assert table.index(f"<td>{first}</td>") < table.index(f"<td>{second}</td>")
+    assert "ready (int8)" in table

@@ -241,3 +241,18 @@ def test_a_schema_2_log_still_reads():
     with pytest.raises(KeyError, match="forward=True"):
         run.history("forward_rms")
     assert len(run.history("norm").steps) == 20
+
+
+def test_weights_round_trip_is_bit_exact():
+    rng = np.random.default_rng(2)
+    rows = np.zeros((3, layout.ROW_WIDTH))
+    rows[:, : layout.HIST] = rng.normal(size=(3, layout.HIST))
+    rows[:, layout.HIST :] = rng.integers(0, 2**40, size=(3, layout.NUM_BINS))
+    record = records.Weights(
+        7, rows, np.array([0, 0, 2]), np.array([2, 1, 4]), rng.normal(size=3), np.array([0.0, np.inf, 1e-300])
+    )
+    back = records.decode(records.encode(record))
+    assert isinstance(back, records.Weights) and back.step == 7
+    assert same_bits(back.rows, rows) and same_bits(back.grad_dot_weight, record.grad_dot_weight)
+    assert same_bits(back.grad_weight_sq, record.grad_weight_sq)
+    assert back.row_of.tolist() == [0, 0, 2] and back.ndim.tolist() == [2, 1, 4]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from gradscope.health.compression import layer_noise
 from gradscope.outputs.budget import TimeBudget, check_budget
 from gradscope.run import records
 from gradscope.run.history import update_norms
@@ -41,6 +42,22 @@ def layer_scalars(rows: np.ndarray, present: np.ndarray, names: tuple[str, ...])
         out.update(
             {f"fp8_{short}_zero/{names[r]}": float(lost[i]) for i, r in enumerate(present) if np.isfinite(lost[i])}
         )
+    return out
+
+
+def weight_scalars(record: records.Weights, names: tuple[str, ...]) -> dict[str, float]:
+    """Per-row scalars of a weight reading (``watch(..., compression=True)``):
+    ``quant_noise_int8/<row>``, ``quant_noise_fp8_e4m3/<row>`` (relative quantization noise
+    of the row's matrices with per-tensor scaling, :mod:`gradscope.health.compression`) and
+    ``taylor_fisher/<row>`` (this reading's ``Σ (g·w)²``)."""
+    noise = layer_noise(record.rows, record.row_of, record.ndim, len(names))
+    fisher = np.bincount(record.row_of, weights=record.grad_weight_sq, minlength=len(names))
+    out = {}
+    for short in ("int8", "fp8_e4m3"):
+        out.update(
+            {f"quant_noise_{short}/{n}": float(v) for n, v in zip(names, noise[short], strict=True) if np.isfinite(v)}
+        )
+    out.update({f"taylor_fisher/{n}": float(v) for n, v in zip(names, fisher, strict=True) if np.isfinite(v)})
     return out
 
 
@@ -248,6 +265,8 @@ class ScalarExporter(Exporter):
                     if np.isfinite(r)
                 },
             )
+        elif isinstance(record, records.Weights) and self.layers_due(record.step):
+            self.write_scalars(record.step, weight_scalars(record, self.info.rows))
 
     def layer_scalars(self, record: records.Sampled) -> dict[str, float]:
         """The per-layer scalars of a sampled step, by name (present rows only)."""

@@ -480,3 +480,24 @@ def test_grad_norm_is_clip_grad_norms_while_finite_and_the_finite_elements_norm_
     param.grad = broken[0].clone()
     assert torch.isnan(torch.nn.utils.clip_grad_norm_([param], float("inf")))
     assert summary["grad_norm"] == 5.0 and summary["grad_nonfinite"] == 1
+
+
+def test_weight_readings_give_quantization_noise_and_fisher_per_layer(capture):
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(64, 64, generator=g), torch.randn(64, generator=g), torch.randn(8, 64, generator=g)]
+    rows = gradscope.grad_stats(weights, backend="numpy").to_rows()
+    n = len(capture.info.rows)
+    record = records.Weights(
+        4, rows, np.array([0, 0, n - 1]), np.array([2, 1, 2]), np.zeros(3), np.array([1.0, 2.0, 5.0])
+    )
+    capture.write(record)
+    ((step, values),) = capture.scalars
+    first, last = capture.info.rows[0], capture.info.rows[-1]
+    assert step == 4
+    assert values[f"taylor_fisher/{first}"] == 3.0 and values[f"taylor_fisher/{last}"] == 5.0
+    from gradscope.health.compression import QUANT_FORMATS
+    from gradscope.stats import formats
+
+    expected = formats.quantization_noise(rows[0, layout.HIST :], rows[0, layout.MAX_ABS], QUANT_FORMATS["int8"])
+    assert values[f"quant_noise_int8/{first}"] == pytest.approx(expected / rows[0, layout.SUMSQ], rel=1e-12)
+    assert f"quant_noise_int8/{capture.info.rows[1]}" not in values  # no matrix in that row

@@ -1,0 +1,142 @@
+"""Compression readiness (``gradscope.health.compression``) and the noise model under it
+(``gradscope.stats.formats.quantization_noise``), against real quantization of real tensors.
+
+The noise estimate is checked against the error of actually casting tensors (INT8 by
+rounding, FP8 through torch's float8 dtypes, with the same power-of-two per-tensor scale);
+verdicts on tensors built to be ready, outlier-dominated or too wide; the saliency ranking
+against sums computed here from the readings.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradscope
+from gradscope.health import compression
+from gradscope.run import records
+from gradscope.run.weights import WeightState
+from gradscope.stats import formats, layout
+
+
+def rows_of(*tensors: torch.Tensor) -> np.ndarray:
+    return gradscope.grad_stats([t.detach() for t in tensors], backend="numpy").to_rows()
+
+
+def real_noise(x: torch.Tensor, short: str) -> float:
+    """Σ (q(x) - x)² / Σ x², quantizing for real with the power-of-two per-tensor amax scale."""
+    fmt = compression.QUANT_FORMATS[short]
+    x = x.double()
+    k = int(formats.amax_scale_exponent(x.abs().max().numpy(), fmt))
+    scaled = x * 2.0**k
+    if short == "int8":
+        q = scaled.round().clamp(-127, 127)
+    else:
+        dtype = torch.float8_e4m3fn if short == "fp8_e4m3" else torch.float8_e5m2
+        q = scaled.float().to(dtype).double()
+    return float(((q * 2.0**-k - x) ** 2).sum() / (x**2).sum())
+
+
+def gaussian(n=200_000, seed=0):
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed))
+
+
+def heavy(n=200_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=g) * torch.exp(torch.randn(n, generator=g))
+
+
+@pytest.mark.parametrize("short", ["int8", "fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("make", [gaussian, heavy])
+def test_noise_estimate_is_within_ten_percent_of_real_quantization(short, make):
+    x = make()
+    row = rows_of(x)[0]
+    estimate = formats.quantization_noise(row[layout.HIST :], row[layout.MAX_ABS], compression.QUANT_FORMATS[short])
+    assert estimate / row[layout.SUMSQ] == pytest.approx(real_noise(x, short), rel=0.1)
+
+
+def test_flushed_fraction_is_exact_for_int8():
+    x = heavy()
+    row = rows_of(x)[0]
+    flushed, _ = formats.fp8_counts(row[layout.HIST :], row[layout.MAX_ABS], formats.INT8)
+    k = int(formats.amax_scale_exponent(x.abs().max().double().numpy(), formats.INT8))
+    assert flushed == int(((x.double().abs() * 2.0**k).round() == 0).sum())
+
+
+def state_of(tensors, row_of, n_rows, taylor=None) -> WeightState:
+    rows = rows_of(*tensors)
+    t = len(tensors)
+    gw, gw2 = (np.zeros(t), np.zeros(t)) if taylor is None else taylor
+    state = WeightState(n_rows)
+    ndim = np.array([x.dim() for x in tensors])
+    state.add(records.Weights(3, rows, np.array(row_of), ndim, np.asarray(gw, float), np.asarray(gw2, float)))
+    return state
+
+
+def judged(state, names):
+    return compression.judge_compression(state, tuple(names), ("Linear",) * len(names))
+
+
+def test_verdicts_ready_outliers_and_bias_only():
+    g = torch.Generator().manual_seed(1)
+    plain = torch.randn(256, 256, generator=g)
+    spiky = torch.randn(256, 256, generator=g)
+    spiky.view(-1)[:20] *= 200.0  # 0.03% of the weights set the per-tensor scale
+    bias = torch.randn(256, generator=g)
+    report = judged(state_of([plain, spiky, bias], [0, 1, 2], 3), ["plain", "spiky", "norm"])
+    plain_row, spiky_row, norm_row = report.layers
+    assert plain_row.verdict == "ready" and plain_row.format == "int8"
+    assert plain_row.formats["int8"]["noise"] <= compression.READY_NOISE
+    assert spiky_row.formats["int8"]["verdict"] == "per-channel scaling needed"
+    assert spiky_row.formats["int8"]["noise"] > compression.READY_NOISE >= spiky_row.formats["int8"]["bulk_noise"]
+    assert spiky_row.verdict == "ready" and spiky_row.format == "fp8_e4m3"  # FP8's range takes the outliers
+    assert norm_row.verdict is None and norm_row.quantized_numel == 0 and norm_row.numel == 256
+    assert plain_row.quantized_numel == plain.numel()
+    assert "INT8" in plain_row.reason and "dB" in plain_row.reason
+
+
+def test_e5m2_keeps_any_weights_in_16_bit_two_mantissa_bits_are_too_few():
+    # Its rounding noise (~3e-3 relative) is above READY_NOISE for any spread of values,
+    # outliers or not: the verdict is about precision, not range.
+    layer = judged(state_of([torch.randn(128, 128)], [0], 1), ["w"]).layers[0]
+    e5m2 = layer.formats["fp8_e5m2"]
+    assert e5m2["verdict"] == "keep in 16-bit" and min(e5m2["noise"], e5m2["bulk_noise"]) > compression.READY_NOISE
+
+
+def test_nonfinite_weights_are_kept():
+    w = torch.randn(16, 16)
+    w[0, 0] = float("nan")
+    layer = judged(state_of([w], [0], 1), ["broken"]).layers[0]
+    assert layer.verdict == "keep in 16-bit" and "NaN" in layer.reason
+
+
+def test_saliency_sums_absolute_per_step_layer_sums_and_ranks_by_fisher():
+    tensors = [torch.randn(4, 4), torch.randn(4), torch.randn(4, 4)]
+    rows = rows_of(*tensors)
+    state = WeightState(2)
+    readings = [([1.0, -3.0, 0.5], [1.0, 2.0, 9.0]), ([2.0, 1.0, -0.25], [0.5, 0.5, 4.0])]
+    for step, (gw, gw2) in enumerate(readings):
+        state.add(records.Weights(step, rows, np.array([0, 0, 1]), np.array([2, 1, 2]), np.array(gw), np.array(gw2)))
+    report = judged(state, ["a", "b"])
+    a, b = report.layers
+    assert a.saliency == abs(1.0 - 3.0) + abs(2.0 + 1.0) and b.saliency == 0.5 + 0.25
+    assert a.fisher == 1 + 2 + 0.5 + 0.5 and b.fisher == 13.0
+    assert report.readings == 2 and report.step == 1
+    assert report.least_important == ("a", "b") and (a.saliency_rank, b.saliency_rank) == (1, 2)
+    assert a.fisher_per_element == a.fisher / 20 and b.saliency_per_element == b.saliency / 16
+    nan = records.Weights(2, rows, np.array([0, 0, 1]), np.array([2, 1, 2]), np.array([math.nan, 0, 0]), np.ones(3))
+    state.add(nan)
+    assert state.readings == 2 and state.step == 2 and state.saliency[0] == a.saliency  # nothing added
+
+
+def test_to_dict_is_plain_json_and_text_names_the_outlier_layer():
+    import json
+
+    spiky = torch.randn(128, 128)
+    spiky.view(-1)[:5] *= 500.0
+    report = judged(state_of([torch.randn(64, 64), spiky], [0, 1], 2), ["fine", "spiky"])
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [layer["name"] for layer in data["layers"]] == ["fine", "spiky"]
+    assert data["layers"][1]["formats"]["int8"]["verdict"] == "per-channel scaling needed"
+    assert "least important" in str(report)

@@ -1,0 +1,141 @@
+"""Weight reading (``watch(..., compression=True)``, ``gradscope.monitor.weights``) in real runs.
+
+What the run records is checked against float64 references computed here from the weights
+and gradients just before each ``optimizer.step()``: the weights' statistics rows (exact
+counts, maximum and histogram; sums to float64 rounding), ``Σ g·w`` and ``Σ (g·w)²`` per
+tensor; only sampled steps are read; the run log carries the same readings and the same
+report; a failing read leaves training and the gradient statistics alone.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import gradscope
+from gradscope.stats import layout
+
+
+class BeforeStep:
+    """Copies every weight and gradient just before ``optimizer.step()`` (a pre-hook
+    registered first, so it runs before gradscope's), keyed by call number."""
+
+    def __init__(self, optimizer, model):
+        self.model, self.seen = model, []
+        optimizer.register_step_pre_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs):
+        self.seen.append([(p.detach().clone(), p.grad.detach().clone()) for p in self.model.parameters()])
+
+
+def model_and_optimizer(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05)
+
+
+def train(model, opt, mon, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = model(torch.randn(32, 6, generator=g)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+
+
+def test_readings_match_float64_references_on_sampled_steps_only(tmp_path):
+    model, opt = model_and_optimizer()
+    before = BeforeStep(opt, model)
+    seen = []
+    with gradscope.watch(model, every=2, optimizer=opt, compression=True, log_dir=tmp_path / "run") as mon:
+        original = mon._run.apply
+
+        def spy(record):
+            if type(record).__name__ == "Weights":
+                seen.append(record)
+            original(record)
+
+        mon._run.apply = spy
+        train(model, opt, mon, 5)
+    assert [r.step for r in seen] == [0, 2, 4]
+    for record in seen:
+        tensors = before.seen[record.step]
+        for t, (w, g) in enumerate(tensors):
+            w64, g64 = w.double(), g.double()
+            row = record.rows[t]
+            assert row[layout.NUMEL] == w.numel() and row[layout.MAX_ABS] == float(w.abs().max())
+            assert row[layout.SUMSQ] == pytest.approx(float((w64**2).sum()), rel=1e-12)
+            exponents = np.frexp(w64.abs().numpy().ravel())[1] - 1
+            expected = np.bincount(np.clip(exponents - layout.HIST_MIN_EXPONENT, 0, 63), minlength=64)
+            assert (row[layout.HIST :] == expected).all()
+            assert record.grad_dot_weight[t] == pytest.approx(float((g64 * w64).sum()), rel=1e-5, abs=1e-9)
+            assert record.grad_weight_sq[t] == pytest.approx(float(((g64 * w64) ** 2).sum()), rel=1e-5)
+        assert record.row_of.tolist() == [0, 0, 1, 1] and record.ndim.tolist() == [2, 1, 2, 1]
+    live = mon.report()
+    fisher = [
+        sum(float(((g.double() * w.double()) ** 2).sum()) for w, g in before.seen[s][2 * r : 2 * r + 2])
+        for r in range(2)
+        for s in (0, 2, 4)
+    ]
+    assert live.compression.layers[0].fisher == pytest.approx(sum(fisher[:3]), rel=1e-5)
+    assert live.compression.readings == 3 and live.compression.step == 4
+    loaded = gradscope.load_run(tmp_path / "run").report()
+    assert json.dumps(loaded.to_dict()["compression"]) == json.dumps(live.to_dict()["compression"])
+
+
+def test_compression_needs_an_optimizer_and_a_bool():
+    model, _ = model_and_optimizer()
+    with pytest.raises(ValueError, match="compression=True needs optimizer="):
+        gradscope.watch(model, compression=True)
+    with pytest.raises(TypeError, match="compression must be True or False"):
+        gradscope.watch(model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), compression="yes")
+
+
+def test_report_without_compression_has_none():
+    model, opt = model_and_optimizer()
+    with gradscope.watch(model, optimizer=opt) as mon:
+        train(model, opt, mon, 2)
+    assert mon.report().compression is None and mon.report().to_dict()["compression"] is None
+
+
+def test_a_failing_read_costs_its_reading_only(monkeypatch):
+    model, opt = model_and_optimizer()
+    with gradscope.watch(model, optimizer=opt, compression=True) as mon:
+        import gradscope.monitor.weights as weights
+
+        real = weights._taylor_terms
+        calls = {"n": 0}
+
+        def flaky(params):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("boom")
+            return real(params)
+
+        monkeypatch.setattr(weights, "_taylor_terms", flaky)
+        with pytest.warns(gradscope.GradscopeWarning, match="reading the weights failed"):
+            train(model, opt, mon, 4)
+    assert mon.report().compression.readings == 3
+    assert len(mon.history("norm").steps) == 4  # every gradient statistic stands
+    assert any("reading the weights failed (RuntimeError: boom)" in e for e in mon.errors)
+
+
+def test_gradient_accumulation_reads_the_accumulated_gradient():
+    model, opt = model_and_optimizer()
+    before = BeforeStep(opt, model)
+    got = []
+    with gradscope.watch(model, optimizer=opt, compression=True, accumulation_steps=2) as mon:
+        original = mon._run.apply
+        mon._run.apply = lambda r: (got.append(r) if type(r).__name__ == "Weights" else None, original(r))
+        g = torch.Generator().manual_seed(3)
+        for _ in range(2):
+            opt.zero_grad()
+            for _ in range(2):
+                model(torch.randn(8, 6, generator=g)).square().mean().backward()
+            mon.step()
+            opt.step()
+    for record in got:
+        (w, grad) = before.seen[record.step][0]
+        assert record.grad_dot_weight[0] == pytest.approx(float((grad.double() * w.double()).sum()), rel=1e-5)
