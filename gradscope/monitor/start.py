@@ -114,6 +114,9 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
         adapt_lr: a :class:`gradscope.AdaptiveLR` (or True for its defaults): lower the
             ``optimizer``'s learning rate on exploding gradients, loss spikes, divergence and
             plateaus (:mod:`gradscope.actions.adaptive_lr`); needs ``optimizer=``.
+        tags: labels of the run, kept in its log's header (``run.tags`` once loaded), to tell
+            runs apart when comparing them (:func:`gradscope.compare`, ``by="fold"``): a dict of
+            names to JSON scalars, e.g. ``{"fold": 2, "lr": 3e-4, "seed": 0}``.
 
     The first seven options (``every`` to ``history``) may also be given positionally, in
     this order, after the model. They are kept,

@@ -18,7 +18,7 @@ import numpy as np
 
 from gradscope.stats import layout
 
-SCHEMA = 6
+SCHEMA = 7
 """Version of the run-log format this gradscope writes (and the newest it reads).
 
 1: the first format. 2: adds the ranks of non-finite gradients to ``sampled`` records and
@@ -27,7 +27,9 @@ the rows' gradient dtypes to the header. 4: adds ``action`` records (what gradsc
 its findings: gradscope.actions). 5: light rows (``watch(histogram_every=N)``): a ``sampled``
 record may say which rows have a histogram (``hist_known``) and then holds only theirs.
 6: the header names groups of sibling modules with identical parameters (the experts of a
-mixture of experts). Older logs are read as before."""
+mixture of experts).
+7: the header may carry the run's tags (watch(tags=...)), and ``weights`` records (watch(compression=True)) hold weight statistics.
+Older logs are read as before."""  # noqa: E501
 
 
 @dataclass(frozen=True)
