@@ -120,7 +120,8 @@ def same(a: np.ndarray, b: np.ndarray, rtol: float | None, scale: np.ndarray | N
             return equal
         if scale is None:
             scale = np.maximum(np.abs(a), np.abs(b))
-        return equal | (np.abs(a - b) <= rtol * scale)
+        close = np.isfinite(a) & np.isfinite(b) & (np.abs(a - b) <= rtol * scale)  # inf is only ever equal
+        return equal | close
 
 
 def _aligned(a: ComparedRun, b: ComparedRun, field: str, names: tuple[str, ...] | None):

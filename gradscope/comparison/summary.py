@@ -17,12 +17,15 @@ The rules, declared once (here, or where they already were):
   ``train_<name>``, else ``<name>`` (``val_loss`` with ``train_loss``, else the per-step
   ``loss``; :func:`gradscope.health.checks.loss.training_counterpart`, the overfitting check's
   pairing). For a loss a negative gap means the validation loss is higher.
-* **Outlier**: with 3 runs or more in a group, a run whose best value has a robust z-score
-  ``0.6745 * (x - median) / MAD`` above :data:`OUTLIER_Z` in magnitude (Iglewicz and Hoaglin's
-  modified z-score; MAD: the median absolute deviation from the median), and that is off the
-  median by more than :data:`OUTLIER_MIN_RELATIVE` of it (folds a rounding error apart are not
-  outliers, however small their spread). Where the MAD is 0 (half the runs share one value),
-  ``(x - median) / (1.2533 * mean absolute deviation)`` takes its place (IBM's fallback).
+* **Outlier**: with 3 runs or more in a group, a run whose best value is far from the others
+  by two measures at once: its robust z-score ``0.6745 * (x - median) / MAD`` (Iglewicz and
+  Hoaglin's modified z-score; MAD: the median absolute deviation from the median; where the
+  MAD is 0, ``(x - median) / (1.2533 * mean absolute deviation)``) exceeds :data:`OUTLIER_Z`
+  in magnitude, and so does its distance to the other runs' mean in their standard deviations
+  (ddof=1). The first keeps the outlier from widening the yardstick it is measured with; the
+  second keeps a few folds that happen to agree closely (a tiny MAD, common with 3 to 5
+  folds) from making every other fold an outlier. And it must be off the median by more than
+  :data:`OUTLIER_MIN_RELATIVE` of it: folds a rounding error apart are not outliers.
 """
 
 from __future__ import annotations
@@ -145,6 +148,17 @@ def robust_z(values: np.ndarray) -> np.ndarray:
     return deviation / (_MEAN_AD_SCALE * mean_ad) if mean_ad > 0 else np.zeros_like(values)
 
 
+def left_out_z(values: np.ndarray) -> np.ndarray:
+    """Each value's distance to the mean of the others, in their standard deviations (ddof=1;
+    ``inf`` where the others all agree and the value does not; needs 3 values or more)."""
+    z = np.empty(len(values))
+    for i in range(len(values)):
+        others = np.delete(values, i)
+        deviation, scale = values[i] - others.mean(), others.std(ddof=1)
+        z[i] = deviation / scale if scale > 0 else (0.0 if deviation == 0 else np.copysign(np.inf, deviation))
+    return z
+
+
 def summarise_metric(name: str, runs: list[ComparedRun], groups) -> MetricSummary:
     """:class:`MetricSummary` of metric ``name`` over ``runs`` (those that logged it), grouped as ``groups``."""
     sign = direction(name)
@@ -159,6 +173,7 @@ def summarise_metric(name: str, runs: list[ComparedRun], groups) -> MetricSummar
             scores = robust_z(array)
             z = {label: float(s) for (label, _), s in zip(best, scores, strict=True)}
             far = np.abs(array - np.median(array)) > OUTLIER_MIN_RELATIVE * abs(np.median(array))
+            far &= np.abs(left_out_z(array)) > OUTLIER_Z
             outliers = tuple(
                 label for (label, s), off in zip(z.items(), far, strict=True) if abs(s) > OUTLIER_Z and off
             )

@@ -37,8 +37,8 @@ def logged_run(
     model: nn.Module | None = None,
     **watch_options,
 ) -> Path:
-    """Train for ``steps`` steps, logging to ``directory``; ``mon.step(loss, train_acc=...)`` every
-    step and ``mon.log(val_loss=..., val_acc=...)`` every other step (``val_shift`` added to
+    """Train for ``steps`` steps, logging to ``directory``; ``mon.step(loss, train_accuracy=...)`` every
+    step and ``mon.log(val_loss=..., val_accuracy=...)`` every other step (``val_shift`` added to
     the validation loss: a fold that generalises worse). Returns ``directory``."""
     torch.manual_seed(seed)
     model = mlp() if model is None else model
@@ -62,7 +62,7 @@ def logged_run(
             loss = nn.functional.cross_entropy(out, y[batch])
             loss.backward()
             train_acc = (out.argmax(1) == y[batch]).float().mean()
-            mon.step(loss, train_acc=train_acc)
+            mon.step(loss, train_accuracy=train_acc)
             opt.step()
             opt.zero_grad()
             if i % 2 == 1:
@@ -70,5 +70,5 @@ def logged_run(
                     val = model(xv)
                     val_loss = nn.functional.cross_entropy(val, yv).item() + val_shift
                     val_acc = (val.argmax(1) == yv).float().mean().item()
-                mon.log(val_loss=val_loss, val_acc=val_acc)
+                mon.log(val_loss=val_loss, val_accuracy=val_acc)
     return directory
