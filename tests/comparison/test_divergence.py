@@ -98,4 +98,4 @@ def test_a_nan_equals_a_nan_bit_for_bit():
     b = np.array([np.nan, 1.0, np.inf, 1.0 + 1e-12])
     assert same(a, b, None).tolist() == [True, True, True, False]
     assert same(a, b, 1e-9).tolist() == [True, True, True, True]
-    assert not same(np.array([np.inf, 1.0]), np.array([-np.inf, np.inf]), 1e-6).any()
+    assert not same(np.array([np.inf, 1.0, np.nan]), np.array([-np.inf, np.inf, 1.0]), 1e-6).any()
