@@ -12,6 +12,7 @@ The subpackages are the stages of the data flow, each importing only those befor
     distributed  rows on each rank -> rows of the whole gradient
     run          records -> the run's data: history, events    (RunState; no verdicts)
     health       the run's data -> findings, HealthReport      (Thresholds, load_run)
+    comparison   several runs -> a comparison                  (compare, Comparison)
     outputs      records -> run log, exporters, visual report
     actions      findings -> what to do: halt, stop early, adapt the learning rate
     monitor      a model in training -> records                (watch, Monitor)
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from gradscope import _kernels_location
 from gradscope.actions import AdaptiveLR, EarlyStopping, TrainingHalted
+from gradscope.comparison import Comparison, Divergence, compare
 from gradscope.health.findings import Finding
 from gradscope.health.readout import Run, load_run
 from gradscope.health.report import HealthReport, LayerHealth
@@ -53,6 +55,8 @@ __all__ = [
     "HIST_MIN_EXPONENT",
     "NUM_BINS",
     "AdaptiveLR",
+    "Comparison",
+    "Divergence",
     "EarlyStopping",
     "Finding",
     "GradscopeWarning",
@@ -67,6 +71,7 @@ __all__ = [
     "TrainingHalted",
     "WatchOptions",
     "__version__",
+    "compare",
     "grad_stats",
     "layout",
     "load_run",

@@ -1,9 +1,10 @@
-"""The ``gradscope`` command: ``demo``, ``report`` and ``bench``.
+"""The ``gradscope`` command: ``demo``, ``report``, ``compare`` and ``bench``.
 
 ``gradscope demo`` trains the built-in model (:mod:`gradscope.demo`) with or without a fault,
 prints the health report and writes the run log and the visual report (``--act``: acting on
 the findings, :mod:`gradscope.actions`); ``gradscope report
-RUN`` prints a saved run's report and renders it; ``gradscope bench`` runs the benchmarks of a
+RUN`` prints a saved run's report and renders it; ``gradscope compare RUN...`` compares saved
+runs (:func:`gradscope.compare`); ``gradscope bench`` runs the benchmarks of a
 source checkout. A user's mistake (a missing file, a bad flag, a missing optional extra)
 prints one line and exits with status 1 or 2, never a traceback (set ``GRADSCOPE_DEBUG=1``
 to see one): 2 for a bad command line (an unknown option, a missing command, ``--png`` or
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import subprocess
 import sys
@@ -189,6 +191,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from gradscope.comparison import compare
+    from gradscope.outputs.compare_page import write_html
+
+    cmp = compare(*args.runs, by=args.by, exact=args.exact, rtol=args.rtol)
+    data = cmp.to_dict() if args.json is not None else None
+    if args.json == "-":
+        print(json.dumps(data, indent=2))
+    else:
+        print(cmp)
+        if args.json is not None:
+            Path(args.json).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            print(f"comparison (JSON): {args.json}")
+    if args.html:
+        write_html(cmp, args.html, f"gradscope compare: {len(cmp.runs)} runs")
+        print(f"comparison (HTML): {args.html}", file=sys.stderr if args.json == "-" else sys.stdout)
+    return 0
+
+
 def benchmarks_dir() -> Path | None:
     """The benchmarks/ folder of the source checkout gradscope runs from, if any."""
     folder = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -265,6 +286,17 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     report.set_defaults(handler=cmd_report)
 
+    compared = commands.add_parser("compare", help="compare saved runs: folds, seeds, sweeps, regressions")
+    compared.add_argument("runs", nargs="+", metavar="RUN", help="run log directories (the first is the reference)")
+    compared.add_argument("--html", metavar="FILE", type=_suffix(".html", ".htm"), help="write the comparison as HTML")
+    compared.add_argument(
+        "--json", metavar="FILE", nargs="?", const="-", help="write the comparison as JSON to FILE (no FILE: print it)"
+    )
+    compared.add_argument("--by", metavar="TAG", help="group the runs by this tag's value (watch(tags=...))")
+    compared.add_argument("--exact", action="store_true", help="first divergence bit for bit (default: within --rtol)")
+    compared.add_argument("--rtol", type=float, default=1e-6, help="relative tolerance of the divergence (1e-6)")
+    compared.set_defaults(handler=cmd_compare)
+
     bench = commands.add_parser("bench", help="run the overhead, statistics, run-log and distributed benchmarks here")
     bench.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     bench.add_argument("--quick", action="store_true", help="tiny inputs: checks the benchmarks run, not timings")
@@ -279,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         root.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
-        root.error("the following arguments are required: COMMAND (demo, report or bench)")
+        root.error("the following arguments are required: COMMAND (demo, report, compare or bench)")
     try:
         with warnings.catch_warnings():  # restores the caller's showwarning: main() may run in-process
             warnings.showwarning = _show_warning

@@ -215,3 +215,57 @@ def test_visual_report_files_must_have_their_suffix(tmp_path):
         assert_one_line_error(done, 2, f"argument {flag}: ", str(tmp_path / name))
         assert done.stdout == ""
         assert not (tmp_path / name).exists()
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """Three folds logged with tags, the third with its module '2' nudged from step 5."""
+    from compared_runs import logged_run
+
+    root = tmp_path_factory.mktemp("compare")
+    return [
+        logged_run(root / "f0", tags={"fold": 0, "lr": 0.05}),
+        logged_run(root / "f1", seed=1, tags={"fold": 1, "lr": 0.05}),
+        logged_run(root / "f2", nudge_module="2", tags={"fold": 2, "lr": 0.1}),
+    ]
+
+
+def test_compare_prints_writes_json_and_html(compared, tmp_path):
+    done = gradscope_cli("compare", *compared, "--json", tmp_path / "c.json", "--html", tmp_path / "c.html")
+    assert done.returncode == 0, done.stderr
+    assert "gradscope compare: 3 runs, 3 layers compared" in done.stdout
+    assert "val_loss: best" in done.stdout and "± " in done.stdout
+    assert f"[2] {compared[2]} first differs from {compared[0]} at step 5" in done.stdout
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data == json.loads(json.dumps(gradscope.compare(*map(str, compared)).to_dict()))
+    assert data["layers"]["rows"] == ["0", "2", "4"]
+    assert data["divergences"][str(compared[2])]["step"] == 5
+    assert data["divergence"]["step"] == 0  # the earliest: fold 1 starts from another seed
+    best = [gradscope.load_run(run).history("val_loss").values for run in compared]
+    assert data["metrics"]["val_loss"]["groups"][0]["best"]["mean"] == pytest.approx(
+        sum(float(min(v[v == v])) for v in best) / 3
+    )
+    page = (tmp_path / "c.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<td>0</td>" in page and "<td>4</td>" in page
+    assert "first differs" in page
+
+
+def test_compare_json_to_stdout_grouped_and_exact(compared):
+    done = gradscope_cli("compare", compared[0], compared[2], "--json", "--by", "lr", "--exact")
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert [g["key"] for g in data["groups"]] == [0.05, 0.1]
+    assert data["tolerance"] == {"exact": True, "rtol": None}
+    assert data["divergence"]["layer"] == "4" and data["divergence"]["pass"] == "backward"
+
+
+def test_compare_mistakes_are_one_line(compared, tmp_path):
+    assert_one_line_error(gradscope_cli("compare", compared[0], tmp_path / "nowhere"), 1, "no run log at")
+    assert_one_line_error(gradscope_cli("compare", compared[0], tmp_path), 1, "no gradscope run log here")
+    assert_one_line_error(
+        gradscope_cli("compare", *compared, "--by", "seed"), 1, "no run has the tag 'seed'", "'fold', 'lr'"
+    )
+    assert_one_line_error(gradscope_cli("compare", compared[0], "--rtol", "-1"), 1, "rtol must be a finite number")
+    assert_one_line_error(gradscope_cli("compare"), 2, "RUN")
+    done = gradscope_cli("compare", compared[0])
+    assert done.returncode == 0 and "divergence: needs two runs or more" in done.stdout

@@ -1,6 +1,6 @@
 """The package's folders are the stages of the data flow, and imports only go downward.
 
-stats -> distributed -> run -> health -> outputs -> actions -> monitor -> integrations -> the
+stats -> distributed -> run -> health -> comparison -> outputs -> actions -> monitor -> integrations -> the
 top (``gradscope`` itself, ``cli``, ``demo`` and the old import paths). A module may import gradscope modules
 of its own stage or of stages before it, never of a later one: every import statement of
 every module is read (those inside functions too), so a lazy import cannot hide an upward
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("stats", "distributed", "run", "health", "outputs", "actions", "monitor", "integrations", "top")
+STAGES = ("stats", "distributed", "run", "health", "comparison", "outputs", "actions", "monitor", "integrations", "top")
 
 
 def module_name(path: Path) -> str:

@@ -35,6 +35,7 @@ class RunReadout(abc.ABC):
         rows: names of the reported rows (layers, or parameters).
         row_types: class names of the modules owning them (``"Linear"``).
         summary: parameters, trainable parameters, bytes and layers of the model.
+        tags: the run's tags (``watch(tags=...)``).
         thresholds: the :class:`gradscope.Thresholds` reports use by default.
     """
 
@@ -52,6 +53,11 @@ class RunReadout(abc.ABC):
     @property
     def summary(self) -> dict:
         return self.info.summary
+
+    @property
+    def tags(self) -> dict:
+        """The run's tags (``watch(tags=...)``; empty when none, or in logs older than schema 7)."""
+        return self.info.tags
 
     @abc.abstractmethod
     def _reading(self, wait: bool) -> AbstractContextManager[RunState]:

@@ -8,6 +8,7 @@ on :func:`gradscope.watch`; the checks here name the offending argument.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass, field, fields
@@ -47,6 +48,27 @@ def _positive_int(value, name: str) -> None:
         raise ValueError(f"watch: {name} must be a positive integer, got {value!r}")
 
 
+def checked_tags(tags) -> dict:
+    """``watch(tags=...)`` as a plain dict (None: no tags); raises naming the bad key: tags are
+    stored in the run log's header (JSON), so keys are non-empty strings and values JSON
+    scalars (str, int, float, bool or None; floats finite)."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise TypeError(f"watch: tags must be a dict of names to values, got {type(tags).__name__}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"watch: tags: every key must be a non-empty string, got {key!r}")
+        if not (value is None or isinstance(value, (str, bool, int, float))) or (
+            isinstance(value, float) and not math.isfinite(value)
+        ):
+            raise TypeError(
+                f"watch: tags[{key!r}] must be a JSON scalar (str, int, finite float, bool or None), "
+                f"got {type(value).__name__} {value!r}"
+            )
+    return {key: (float(v) if isinstance(v, float) else v) for key, v in tags.items()}
+
+
 @dataclass(frozen=True)
 class WatchOptions:
     """The options of one monitor (see :func:`gradscope.watch` for their meaning).
@@ -84,6 +106,7 @@ class WatchOptions:
     early_stopping: EarlyStopping | bool | None = None
     adapt_lr: AdaptiveLR | bool | None = None
     compression: bool = False
+    tags: Mapping[str, str | int | float | bool | None] | None = None
 
     def __post_init__(self) -> None:
         for name in ("every", "history", "hist_history", "history_mib", "histogram_every"):
@@ -133,6 +156,7 @@ class WatchOptions:
         decay = self.noise_scale_decay
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 <= decay < 1:
             raise ValueError(f"watch: noise_scale_decay must be in [0, 1), got {decay!r}")
+        object.__setattr__(self, "tags", checked_tags(self.tags))
         self._check_actions()
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         rank = self.log_rank

@@ -331,4 +331,5 @@ def describe_run(
         module_types=tuple(type(module).__name__ for _, module in modules),
         histogram_every=options.histogram_every,
         sibling_groups=sibling_groups(target, watched),
+        tags=dict(options.tags),
     )

@@ -116,11 +116,15 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
             plateaus (:mod:`gradscope.actions.adaptive_lr`); needs ``optimizer=``.
         compression: read the watched weights with the same statistics engine just before
             ``optimizer.step()`` on sampled steps (the cadence of ``track_updates``), with
-            each tensor's ``Σ g·w``: the report's ``compression`` section then says, per
-            layer, whether its matrices are ready for INT8 / FP8 with per-tensor scaling,
-            and ranks the layers by first-order Taylor saliency, the least important first
+            each tensor's ``Σ g·w`` and ``Σ (g·w)²``: the report's ``compression`` section
+            then says, per layer, whether its matrices are ready for INT8 / FP8 with
+            per-tensor scaling, and ranks the layers by the Taylor (empirical-Fisher)
+            estimate of what pruning them costs, the least important first
             (:mod:`gradscope.health.compression`). Costs one read of the weights and one
             more of the gradients on sampled steps; needs ``optimizer=``.
+        tags: labels of the run, kept in its log's header (``run.tags`` once loaded), to tell
+            runs apart when comparing them (:func:`gradscope.compare`, ``by="fold"``): a dict of
+            names to JSON scalars, e.g. ``{"fold": 2, "lr": 3e-4, "seed": 0}``.
 
     The first seven options (``every`` to ``history``) may also be given positionally, in
     this order, after the model. They are kept,

@@ -76,6 +76,8 @@ class RunInfo:
             its children in the group (``("0", "1", ...)``); empty in logs written before it
             was recorded.
         extra: anything else recorded with the run (versions, creation time).
+        tags: the user's labels of the run (``watch(tags={"fold": 2, "lr": 3e-4})``): name ->
+            JSON scalar (str, int, float, bool or None); empty in logs written before schema 7.
     """
 
     rows: tuple[str, ...]
@@ -95,6 +97,7 @@ class RunInfo:
     histogram_every: int = 1
     sibling_groups: dict = field(default_factory=dict)
     history_mib: int = HISTORY_MIB
+    tags: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -37,6 +37,8 @@ KEYWORD_ONLY = (
     "halt_on",
     "early_stopping",
     "adapt_lr",
+    "compression",
+    "tags",
 )
 
 
@@ -69,6 +71,7 @@ def test_defaults():
     assert options.comm_hook is True
     assert options.batch_size is None
     assert options.noise_scale_decay == 0.95
+    assert options.tags == {}
 
 
 def test_option_names_are_the_fields_in_order():
@@ -124,6 +127,15 @@ def test_counts_accept_positive_integers(name):
         ({"log_rank": -1}, ValueError, "watch: log_rank must be None or a rank"),
         ({"log_rank": True}, ValueError, "watch: log_rank must be None or a rank"),
         ({"log_rank": 0.0}, ValueError, "watch: log_rank must be None or a rank"),
+        ({"tags": ["fold", 2]}, TypeError, "watch: tags must be a dict of names to values, got list"),
+        (
+            {"tags": {"fold": 2, "layers": [1, 2]}},
+            TypeError,
+            r"watch: tags\['layers'\] must be a JSON scalar.*got list",
+        ),
+        ({"tags": {"lr": float("nan")}}, TypeError, r"watch: tags\['lr'\] must be a JSON scalar"),
+        ({"tags": {"fold": torch.tensor(2)}}, TypeError, r"watch: tags\['fold'\] must be a JSON scalar.*got Tensor"),
+        ({"tags": {3: "x"}}, TypeError, "watch: tags: every key must be a non-empty string, got 3"),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else None,
 )
@@ -272,3 +284,13 @@ def test_a_pipeline_stage_logs_into_its_stage_folder(tmp_path):
     every_rank = dataclasses.replace(stage, every_rank_logs=True)
     (log,) = WatchOptions(log_dir=tmp_path, log_rank=None).destinations(topology, every_rank)
     assert log.directory == tmp_path / "rank-00003"
+
+
+def test_tags_reach_the_run_log_header(tmp_path):
+    model = tiny_model()
+    tags = {"fold": 2, "lr": 3e-4, "name": "a", "final": True, "note": None}
+    with gradscope.watch(model, log_dir=tmp_path / "run", tags=tags) as mon:
+        model(torch.randn(2, 3)).sum().backward()
+        mon.step()
+        assert mon.tags == tags
+    assert gradscope.load_run(tmp_path / "run").tags == tags

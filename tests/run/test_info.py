@@ -48,6 +48,7 @@ def test_to_dict_holds_every_field():
         "histogram_every": 1,
         "sibling_groups": {},
         "history_mib": 512,
+        "tags": {},
     }
 
 

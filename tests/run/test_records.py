@@ -214,8 +214,16 @@ def test_a_header_carries_row_dtypes_modules_and_sibling_groups():
         sibling_groups={"experts": ("0", "1")},
     )
     back = records.decode(records.encode(records.Header(info.to_dict())))
-    assert back.schema == records.SCHEMA == 6
+    assert back.schema == records.SCHEMA == 7
     assert RunInfo.from_dict(back.info) == info
+
+
+def test_a_header_carries_the_runs_tags():
+    info = RunInfo(("a",), ("Linear",), {}, 1, "backward", "layer", 10, 10, False, (4,), tags={"fold": 2, "lr": 3e-4})
+    back = records.decode(records.encode(records.Header(info.to_dict())))
+    assert RunInfo.from_dict(back.info).tags == {"fold": 2, "lr": 3e-4}
+    without = {k: v for k, v in info.to_dict().items() if k != "tags"}  # a schema 6 header
+    assert RunInfo.from_dict(without).tags == {}
 
 
 OLD_LOG = Path(__file__).resolve().parent.parent / "outputs" / "data" / "run-e76eb21"
@@ -230,6 +238,7 @@ def test_a_schema_2_log_still_reads():
     assert not {"row_dtypes", "modules", "module_types"} & header.info.keys()
     info = RunInfo.from_dict(header.info)
     assert (info.row_dtypes, info.modules, info.module_types) == ((), (), ())
+    assert info.tags == {}  # tags arrived with schema 7
     assert not any(isinstance(r, records.Forward) for r in decoded)
     sampled = [r for r in decoded if isinstance(r, records.Sampled)]
     assert [r.step for r in sampled] == list(range(0, 40, 2))

@@ -40,6 +40,16 @@ def _validation_base(name: str) -> str | None:
     return None
 
 
+def training_counterpart(name: str, names) -> str | None:
+    """The training metric among ``names`` that validation metric ``name`` pairs with
+    (``val_loss`` -> ``train_loss``, else ``loss``; ``val_acc`` -> ``train_acc``, else ``acc``),
+    or None: ``name`` is not a validation metric, or none of its counterparts was logged."""
+    base = _validation_base(name)
+    if base is None:
+        return None
+    return next((train for train in (f"train_{base}", base) if train in names), None)
+
+
 def detect(view: RunView, t: Thresholds) -> list[Finding]:
     findings = []
     series = {"loss": (view.steps, view.loss), **view.metrics}
@@ -57,16 +67,11 @@ def detect(view: RunView, t: Thresholds) -> list[Finding]:
         findings += _divergence(view.steps, smoothed["loss"], t)
         findings += _underfitting(view, smoothed["loss"], t)
     for name, (steps, values) in view.metrics.items():
-        base = _validation_base(name)
-        if base is None or direction(base) == 0:
+        train_name = training_counterpart(name, series)
+        if train_name is None or direction(train_name) == 0:
             continue
-        for train_name in (f"train_{base}", base):
-            if train_name in series:
-                train_steps, _ = series[train_name]
-                findings += _overfitting(
-                    name, steps, values, train_name, train_steps, smoothed[train_name], direction(base), t
-                )
-                break
+        train_steps, _ = series[train_name]
+        findings += _overfitting(name, steps, values, train_name, train_steps, smoothed[train_name], direction(name), t)
     return findings
 
 
