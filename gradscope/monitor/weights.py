@@ -90,10 +90,10 @@ class WeightReader:
             dots[members] = _taylor_terms([self._params[i] for i in members]).cpu().numpy()
         pending = []
         for device, members in on_device.items():
-            out = torch.empty((len(members), layout.ROW_WIDTH + 2), dtype=torch.float64, device=device)
+            rows_out = torch.empty((len(members), layout.ROW_WIDTH), dtype=torch.float64, device=device)
             flats = [flat_elements(self._params[i].detach()) for i in members]
-            triton_backend.launch_rows(flats, out, range(len(members)))
-            out[:, layout.ROW_WIDTH :] = _taylor_terms([self._params[i] for i in members])
+            triton_backend.launch_rows(flats, rows_out, range(len(members)))  # the kernels' row layout
+            out = torch.cat([rows_out, _taylor_terms([self._params[i] for i in members])], dim=1)
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=torch.cuda.is_available())
             host.copy_(out, non_blocking=True)
             event = torch.cuda.Event() if device.type == "cuda" else None

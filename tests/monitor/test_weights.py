@@ -139,3 +139,59 @@ def test_gradient_accumulation_reads_the_accumulated_gradient():
     for record in got:
         (w, grad) = before.seen[record.step][0]
         assert record.grad_dot_weight[0] == pytest.approx(float((grad.double() * w.double()).sum()), rel=1e-5)
+
+
+def test_kernel_path_rows_equal_the_cpu_kernels_rows(kernel_device):
+    """backend="triton": the weights are read by the Triton kernels into a device buffer (on
+    CUDA: pinned copy and an event; here possibly Triton's CPU interpreter), the same rows as
+    the NumPy kernel's and the same Taylor terms."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 2)).to(kernel_device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = BeforeStep(opt, model)
+    got = []
+    with gradscope.watch(model, optimizer=opt, compression=True, backend="triton") as mon:
+        original = mon._run.apply
+        mon._run.apply = lambda r: (got.append(r) if type(r).__name__ == "Weights" else None, original(r))
+        train_on(model, opt, mon, 2, kernel_device)
+    assert [r.step for r in got] == [0, 1]
+    for record in got:
+        tensors = before.seen[record.step]
+        reference = gradscope.grad_stats([w.cpu() for w, _ in tensors], backend="numpy").to_rows()
+        exact = [layout.NUMEL, layout.MAX_ABS, layout.ZEROS, layout.NANS, layout.INFS]
+        assert (record.rows[:, exact] == reference[:, exact]).all()
+        assert (record.rows[:, layout.HIST :] == reference[:, layout.HIST :]).all()
+        assert record.rows[:, layout.SUMSQ] == pytest.approx(reference[:, layout.SUMSQ], rel=1e-6)
+        dots = [float((g.double() * w.double()).sum()) for w, g in tensors]
+        assert record.grad_dot_weight == pytest.approx(dots, rel=1e-5, abs=1e-9)
+
+
+def train_on(model, opt, mon, steps, device):
+    g = torch.Generator().manual_seed(4)
+    for _ in range(steps):
+        loss = model(torch.randn(8, 5, generator=g).to(device)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+
+
+def test_sparse_gradients_are_read():
+    torch.manual_seed(0)
+    model = torch.nn.Embedding(50, 4, sparse=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = BeforeStep(opt, model)
+    got = []
+    with gradscope.watch(model, optimizer=opt, compression=True) as mon:
+        original = mon._run.apply
+        mon._run.apply = lambda r: (got.append(r) if type(r).__name__ == "Weights" else None, original(r))
+        loss = model(torch.tensor([1, 2, 2, 7])).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss)
+        opt.step()
+    ((w, g),) = before.seen[0]
+    assert g.is_sparse
+    dense = g.to_dense().double()
+    assert got[0].grad_dot_weight[0] == pytest.approx(float((dense * w.double()).sum()), rel=1e-6)
+    assert got[0].grad_weight_sq[0] == pytest.approx(float(((dense * w.double()) ** 2).sum()), rel=1e-6)
