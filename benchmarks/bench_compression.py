@@ -6,8 +6,8 @@ Trains two models under ``gradscope.watch(..., compression=True)`` for several s
 * the same MLP with outlier weights: before training, 0.2% of the weights of three blocks are
   multiplied by 25 (the outliers large language models grow; they persist through training);
 * a small GPT-2 built from a config (``transformers.GPT2Config``: 2 blocks, width 64, 4 heads,
-  vocabulary 64), trained on sequences of a fixed random Markov chain (each token's successor
-  drawn from 4 likely ones), nothing downloaded;
+  vocabulary 64), trained to output a fixed permutation of the token two positions back
+  (random tokens: only attention can solve it), nothing downloaded;
 
 then compresses the trained model in place, one way at a time, and measures the held-out
 loss change (the model is restored between trials). The candidates are the layers with a
@@ -15,8 +15,8 @@ matrix (``quantized_numel > 0``).
 
 **Pruning.** Remove ``k`` layers (zero every parameter of each: in the GPT-2 the residual
 stream carries on past a removed sublayer) chosen three ways: the ``k`` lowest Taylor
-importance (the report's ``least_important``, ranked by ``Σ (g·w)²``), the ``k`` lowest
-first-order saliency ``Σ |Σ g·w|``, the ``k`` smallest weights per element (rms: magnitude
+first-order saliency ``Σ |Σ g·w|`` (the report's ``least_important``), the ``k`` lowest
+elementwise ``Σ (g·w)²`` (``fisher``), the ``k`` smallest weights per element (rms: magnitude
 pruning at layer level) and ``k`` at random (the mean of 20 draws). In the demo MLP, which
 has no residual path, removing any layer is ruinous whichever is chosen (the table shows it);
 50% sparsity inside the chosen layers is the comparison that means something there. Also, a milder
@@ -52,26 +52,23 @@ from gradscope import demo
 from gradscope.health.compression import QUANT_FORMATS
 from gradscope.stats import formats
 
-VOCAB, CONTEXT, LIKELY = 64, 32, 4
+VOCAB, CONTEXT = 64, 32
 
 
-class MarkovTask:
-    """Token sequences of a fixed random Markov chain: each token has ``LIKELY`` successors."""
+class LagTask:
+    """Random tokens; the label of position ``t`` is a fixed permutation of the token two
+    positions back: the model must attend to an earlier position (its blocks matter, the
+    embeddings alone cannot do it)."""
 
     def __init__(self, seed: int) -> None:
-        g = torch.Generator().manual_seed(seed)
-        logits = torch.full((VOCAB, VOCAB), -4.0)
-        for token in range(VOCAB):
-            logits[token, torch.randperm(VOCAB, generator=g)[:LIKELY]] = 2.0
-        self._probs = logits.softmax(dim=1)
+        self._perm = torch.randperm(VOCAB, generator=torch.Generator().manual_seed(seed))
         self._generator = torch.Generator().manual_seed(seed + 1)
 
-    def batch(self, size: int = 32) -> torch.Tensor:
-        tokens = torch.empty(size, CONTEXT, dtype=torch.long)
-        tokens[:, 0] = torch.randint(VOCAB, (size,), generator=self._generator)
-        for t in range(1, CONTEXT):
-            tokens[:, t] = torch.multinomial(self._probs[tokens[:, t - 1]], 1, generator=self._generator)[:, 0]
-        return tokens
+    def batch(self, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(VOCAB, (size, CONTEXT), generator=self._generator)
+        labels = torch.full_like(tokens, -100)  # ignored: the first positions have no token two back
+        labels[:, 2:] = self._perm[tokens[:, :-2]]
+        return tokens, labels
 
 
 OUTLIER_BLOCKS, OUTLIER_SHARE, OUTLIER_GAIN = (2, 5, 8), 0.002, 25.0
@@ -113,11 +110,11 @@ def train(model_name: str, seed: int, steps: int) -> tuple[nn.Module, callable, 
         next_batch = task.batch
     else:
         model = build_gpt(seed)
-        task = MarkovTask(seed + 1)
+        task = LagTask(seed + 1)
         held_out = task.batch(256)
 
         def loss_of(m: nn.Module, batch) -> torch.Tensor:
-            return m(input_ids=batch, labels=batch).loss
+            return m(input_ids=batch[0], labels=batch[1]).loss
 
         next_batch = task.batch
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -201,7 +198,7 @@ def one_run(model_name: str, seed: int, steps: int, k: int) -> dict:
     }
     chosen = {
         "ranking": [name for name in report.compression.least_important if name in names][:k],
-        "first-order": sorted(names, key=lambda n: by_name[n].saliency)[:k],
+        "fisher": sorted(names, key=lambda n: by_name[n].fisher)[:k],
         "magnitude": sorted(names, key=rms.get)[:k],
     }
     draws = random.Random(seed)
@@ -252,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = [one_run(model_name, seed, args.steps, args.k) for seed in range(args.seeds)]
         document["models"][model_name] = runs
         print(f"\n{model_name}: {args.steps} steps, seeds 0..{args.seeds - 1}, held-out loss change (median, min..max)")
-        methods = ("ranking", "first-order", "magnitude", "random")
+        methods = ("ranking", "fisher", "magnitude", "random")
         print(f"  pruning {args.k} layers     " + " ".join(f"{m:>28}" for m in methods))
         for op_name in runs[0]["pruning"]:
             cells = [spread([r["pruning"][op_name][m] for r in runs]) for m in methods]

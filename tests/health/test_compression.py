@@ -111,7 +111,7 @@ def test_nonfinite_weights_are_kept():
     assert layer.verdict == "keep in 16-bit" and "NaN" in layer.reason
 
 
-def test_saliency_sums_absolute_per_step_layer_sums_and_ranks_by_fisher():
+def test_saliency_sums_absolute_per_step_layer_sums_and_ranks_by_it():
     tensors = [torch.randn(4, 4), torch.randn(4), torch.randn(4, 4)]
     rows = rows_of(*tensors)
     state = WeightState(2)
@@ -123,7 +123,8 @@ def test_saliency_sums_absolute_per_step_layer_sums_and_ranks_by_fisher():
     assert a.saliency == abs(1.0 - 3.0) + abs(2.0 + 1.0) and b.saliency == 0.5 + 0.25
     assert a.fisher == 1 + 2 + 0.5 + 0.5 and b.fisher == 13.0
     assert report.readings == 2 and report.step == 1
-    assert report.least_important == ("a", "b") and (a.saliency_rank, b.saliency_rank) == (1, 2)
+    # saliency ranks b first (0.75 < 5), fisher would rank a first (4 < 13)
+    assert report.least_important == ("b", "a") and (a.saliency_rank, b.saliency_rank) == (2, 1)
     assert a.fisher_per_element == a.fisher / 20 and b.saliency_per_element == b.saliency / 16
     nan = records.Weights(2, rows, np.array([0, 0, 1]), np.array([2, 1, 2]), np.array([math.nan, 0, 0]), np.ones(3))
     state.add(nan)
