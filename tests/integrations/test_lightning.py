@@ -373,3 +373,51 @@ def test_mode_is_the_trainers():
 def test_unknown_option_is_named():
     with pytest.raises(TypeError, match="'evry'"):
         GradscopeCallback(evry=2)
+
+
+# ---- compression readiness ------------------------------------------------------------------
+
+
+def test_compression_reads_the_weights_the_optimizer_is_about_to_step(tmp_path):
+    """Under accumulation and a GradScaler, each optimizer step is read once, and the layers'
+    saliency sums Σ g·w of the gradients the optimizer is about to apply and of the weights
+    before the update (a step pre-hook of the test's own computes them in float64)."""
+
+    class Copies(L.Callback):
+        def __init__(self) -> None:
+            self.dots: list[list[float]] = []
+
+        def on_train_start(self, trainer, module) -> None:
+            params = list(module.parameters())
+
+            def copy(optimizer, args, kwargs) -> None:
+                grads = [(p.grad.double() * p.detach().double()).sum().item() for p in params]
+                self.dots.append(grads)
+
+            trainer.optimizers[0].register_step_pre_hook(copy)
+
+    module = module_class(L)()
+    copies = Copies()
+    callback = GradscopeCallback(compression=True, report=False)
+    trainer = make_trainer(
+        L, tmp_path, [copies, callback], max_epochs=1, accumulate_grad_batches=2, plugins=[scaler_plugin(L)]
+    )
+    trainer.fit(module, loader(TRAIN, BATCH), loader(VAL, 8, seed=1))
+    mon = callback.monitor
+    section = mon.report().compression
+    assert section is not None and section.readings == len(copies.dots) == trainer.global_step
+    assert {layer.name for layer in section.layers} == set(mon.rows)
+    by_param = np.array(copies.dots)
+    row_of = np.array([mon.rows.index(name) for name in _param_rows(module, mon)])
+    per_layer = np.array([np.abs(by_param[:, row_of == r].sum(axis=1)).sum() for r in range(len(mon.rows))])
+    got = np.array([layer.saliency for layer in section.layers])
+    np.testing.assert_allclose(got, per_layer, rtol=1e-4)
+
+
+def _param_rows(module, mon) -> list[str]:
+    """The report row of each parameter of ``module``, in ``module.parameters()`` order."""
+    names = []
+    for name, _ in module.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else "(root)"
+        names.append(owner)
+    return names
