@@ -13,13 +13,15 @@ hands on records (:mod:`gradscope.run.records`) to its run state, run log and ex
 * ``aggregate``: per-parameter rows into per-layer rows (pure functions);
 * ``replicated``: DDP's extras (communication hook, noise scale, replica check);
 * ``resources``: step time, memory, energy; ``updates``: update/weight norms around
-  ``optimizer.step()``;
+  ``optimizer.step()``; ``weights``: the weights' statistics and Taylor terms before it
+  (``watch(..., compression=True)``);
 * ``schedule``: the open step (sampled or not, histograms or not), which only the monitor moves;
 * ``failures``: a failure inside gradscope recorded and warned about, never raised into training;
 * ``backward``: the receiver backward's hooks call (per gradient, or at the pass's end);
 * ``recorder``: results in flight collected into records, and where records go;
 * ``acting``: the monitor's responder (:mod:`gradscope.actions`): ``on_finding``, halting,
   early stopping, the learning-rate controller;
+* ``shutdown``: what ``close()`` (or a dropped monitor's finalizer) ends;
 * ``checkpoint``: what a resumed run needs of a monitor (``state_dict``), and its format;
 * ``monitor``: :class:`Monitor`, the life of one watched model and its steps, made of the
   parts above, each built with what it touches.

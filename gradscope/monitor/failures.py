@@ -85,6 +85,19 @@ class Failures:
         self._keep(message)
         self.warn_once(key, message)
 
+    def report_hook_errors(self, parts) -> None:
+        """Report what the optimizer hooks of ``parts`` (update tracking, weight reading; None
+        for a part that is off) met since the last call. Each part names its failure in
+        ``FAILURE``: ``(key, what failed, what its step lacks)``. A hook's failure voids its own
+        figures for that step, never a gradient statistic."""
+        for part in parts:
+            error = part.take_error() if part is not None else None
+            if error is not None:
+                key, what, lost = part.FAILURE
+                self.report_error(
+                    key, f"gradscope: {what} failed ({type(error).__name__}: {error}); that step has no {lost}"
+                )
+
     def warn_once(self, key: str, message: str) -> None:
         """Warn with ``message`` the first time ``key`` is seen (on the logging rank only)."""
         if key not in self.warned:

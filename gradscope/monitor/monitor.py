@@ -57,6 +57,7 @@ from gradscope.monitor.recorder import Recorder, RecordSink
 from gradscope.monitor.replicated import DdpExtras
 from gradscope.monitor.resources import StepClock, as_scalar, check_metric_names, describe_run
 from gradscope.monitor.schedule import OpenStep
+from gradscope.monitor.shutdown import shut_down
 from gradscope.monitor.updates import UpdateTracker
 from gradscope.monitor.watched import new_params_warning, select
 from gradscope.monitor.weights import WeightReader
@@ -66,22 +67,6 @@ from gradscope.run.state import RunState
 from gradscope.stats.reporting import GradscopeWarning
 
 _WATCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> weakref(Monitor)
-
-
-def shut_down(
-    handles: list, forward, engines: Engines, pump: RecordPump | None, open_step: OpenStep, optimizer_parts=()
-) -> None:
-    """End what a monitor started: its hooks (on the model, and the optimizer hooks of
-    ``optimizer_parts``: the update tracker, the learning-rate controller), its capture
-    workers and its pump, which delivers what is queued, writes the closing record (the steps
-    done: the open step's number) and closes every exporter (the run log's file). Run once, by
-    ``close()`` or, for a monitor dropped without it, by its finalizer."""
-    hooks.release(handles, forward)
-    for part in optimizer_parts:
-        part.close()
-    engines.close()
-    if pump is not None:
-        pump.close(open_step.index)
 
 
 _CHECK_NEW_PARAMS_EVERY = 100  # steps between checks for parameters added after watch()
@@ -194,18 +179,9 @@ class Monitor(RunReadout):
             self._weights = WeightReader(options.optimizer, watched.params, options.backend, self._update_step)
         self._clock = clock = StepClock(device)
         groups = RowGroups(watched.row_of)
+        optimizer_parts = {"updates": self._updates, "weights": self._weights}
         self._recorder = Recorder(
-            engines,
-            groups,
-            topo,
-            failures,
-            sink,
-            acting.observe,
-            clock,
-            self._ddp,
-            self._forward,
-            self._updates,
-            self._weights,
+            engines, groups, topo, failures, sink, acting.observe, clock, self._ddp, self._forward, **optimizer_parts
         )
 
     # ---- the parts' handles and read-outs ------------------------------------------------
@@ -293,7 +269,7 @@ class Monitor(RunReadout):
                             self._failures.fail(step, error)  # the step is void, but its collectives still run
                     self._recorder.finish(step, self._passes.order)
                     self._engines.raise_error()
-                self._report_update_failure()
+                self._failures.report_hook_errors((self._updates, self._weights))
                 scale = scaler.scale_tensor(self._scaler)
                 if scale is not None:
                     values["grad_scale"] = scale
@@ -327,20 +303,6 @@ class Monitor(RunReadout):
                 self._forward.install()
             else:
                 self._forward.remove()  # unsampled steps run without forward hooks
-
-    def _report_update_failure(self) -> None:
-        """An optimizer hook of update tracking or weight reading failed (after an earlier
-        ``mon.step()``): that step keeps no update norms or weight reading; the failure is
-        reported, and no gradient statistic is voided."""
-        parts = (
-            (self._updates, "measuring the optimizer's update", "update norms"),
-            (self._weights, "reading the weights", "weight reading"),
-        )
-        for part, what, lost in parts:
-            error = part.take_error() if part is not None else None
-            if error is not None:
-                message = f"gradscope: {what} failed ({type(error).__name__}: {error}); that step has no {lost}"
-                self._failures.report_error("updates" if part is self._updates else "weights", message)
 
     def _update_step(self) -> int | None:
         """The step an optimizer step now belongs to: the one ``mon.step()`` just closed."""
@@ -419,7 +381,7 @@ class Monitor(RunReadout):
                 self._recorder.collect(block=True)
             except Exception as error:
                 self._failures.fail(self._open.index, error)
-            self._report_update_failure()  # the last step's optimizer update
+            self._failures.report_hook_errors((self._updates, self._weights))  # the last optimizer step
             self._closed = True
             self._backward.close()
             for part in (self._forward, self._ddp):

@@ -30,6 +30,9 @@ class UpdateTracker:
             belongs to, or None when that step is not sampled.
     """
 
+    FAILURE = ("updates", "measuring the optimizer's update", "update norms")
+    """How :meth:`gradscope.monitor.failures.Failures.report_hook_errors` names a failure here."""
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,

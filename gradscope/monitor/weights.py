@@ -48,6 +48,9 @@ class WeightReader:
             belongs to, or None when that step is not sampled.
     """
 
+    FAILURE = ("weights", "reading the weights", "weight reading")
+    """How :meth:`gradscope.monitor.failures.Failures.report_hook_errors` names a failure here."""
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
