@@ -251,3 +251,28 @@ def test_the_memory_benchmark_measures_watch_and_load_run(bench_memory, tmp_path
     assert watch["history_bytes"] == load["history_bytes"] > 0 and watch["log_bytes"] > 0
     assert load["traced_peak_bytes"] >= load["history_bytes"]  # the loaded history is in what was traced
     assert "traced peak" in capsys.readouterr().out
+
+
+@pytest.fixture
+def bench_compression(monkeypatch):
+    yield load("bench_compression", monkeypatch)
+    sys.modules.pop("bench_stats", None)  # imported from benchmarks/ by the script: not kept
+
+
+def test_the_compression_benchmark_prunes_and_quantizes_each_model(bench_compression, tmp_path, capsys):
+    out = tmp_path / "compression.json"
+    argv = ["--seeds", "1", "--steps", "20", "--models", "demo-mlp-outliers", "gpt2-tiny", "--out", str(out)]
+    assert bench_compression.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["environment"]["commit"] and set(result["models"]) == {"demo-mlp-outliers", "gpt2-tiny"}
+    for runs in result["models"].values():
+        (run,) = runs
+        assert set(run["pruning"]) == {"remove", "sparsify 50%"}
+        for row in run["pruning"].values():
+            assert set(row) == {"ranking", "fisher", "magnitude", "random"}
+        # every candidate layer was quantized once per format, in one of the two groups
+        counted = {short: sum(map(len, groups.values())) for short, groups in run["quantization"].items()}
+        assert counted["int8"] == counted["fp8_e4m3"] == len(run["verdicts"])
+    mlp = result["models"]["demo-mlp-outliers"][0]
+    assert len(mlp["chosen"]["ranking"]) == 2 and mlp["base_loss"] > 0
+    assert "ranking best in" in capsys.readouterr().out
