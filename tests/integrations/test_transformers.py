@@ -411,3 +411,19 @@ def test_early_stopping_on_eval_loss_that_never_improves(tmp_path, early_stoppin
 def test_options_the_trainer_sets_are_refused(name, value):
     with pytest.raises(ValueError, match=name):
         GradscopeCallback(**{name: value})
+
+
+def test_compression_section_from_the_trainer(tmp_path):
+    """The callback passes the Trainer's optimizer: one weight reading per optimizer step
+    (under accumulation), a verdict for every matrix and a ranking of every row."""
+    callback = GradscopeCallback(report=False, compression=True)
+    args = arguments(tmp_path, gradient_accumulation_steps=2, num_train_epochs=1)
+    trainer = make_trainer(args, tiny_gpt2(), Tokens(TRAIN_SIZE, seed=3, lm=True), callback)
+    trainer.train()
+    mon = callback.monitor
+    section = mon.report().to_dict()["compression"]
+    assert section["readings"] == trainer.state.global_step > 0 and mon.errors == []
+    assert sorted(section["least_important"]) == sorted(mon.rows)
+    matrices = [layer for layer in section["layers"] if layer["quantized_numel"] > 0]
+    assert "transformer.wte" in {layer["name"] for layer in matrices}
+    assert all(layer["verdict"] in ("ready", "per-channel scaling needed", "keep in 16-bit") for layer in matrices)
