@@ -269,3 +269,22 @@ def test_compare_mistakes_are_one_line(compared, tmp_path):
     assert_one_line_error(gradscope_cli("compare"), 2, "RUN")
     done = gradscope_cli("compare", compared[0])
     assert done.returncode == 0 and "divergence: needs two runs or more" in done.stdout
+
+
+def test_report_prints_and_exports_the_compression_section(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with gradscope.watch(model, optimizer=opt, compression=True, log_dir=tmp_path / "run") as mon:
+        for _ in range(4):
+            loss = model(torch.randn(16, 8)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    text = gradscope_cli("report", str(tmp_path / "run"))
+    assert text.returncode == 0, text.stderr
+    assert "compression (weights at step 3, saliency over 4 readings): 2 ready" in text.stdout
+    done = gradscope_cli("report", str(tmp_path / "run"), "--json")
+    section = json.loads(done.stdout)["compression"]
+    assert section == json.loads(json.dumps(mon.report().to_dict()["compression"]))
