@@ -8,6 +8,8 @@ so that drifts of the machine (clock, other load) hit every method alike. Method
 * ``watch(every=1)`` acting on findings: with ``on_finding``, ``halt_on``, early stopping and
   the learning-rate controller, so that findings are checked at every ``mon.step()``;
 * the same with ``forward=True``: gradients plus every module's forward statistics;
+* ``watch(every=1, track_updates=True)`` and ``watch(every=1/10, compression=True)``: the
+  optimizer-side options, which read the weights around ``optimizer.step()`` on sampled steps;
 * ``per-parameter .norm().item()``: the hand-written loop (one host sync per parameter);
 * ``torch._foreach_norm + one sync``: the norm alone, as ``clip_grad_norm_`` computes it;
 * ``set_detect_anomaly(True)``: torch's anomaly mode;
@@ -224,9 +226,16 @@ class Breakdown:
 
 
 def method_gradscope(
-    every: int, mode: str = "backward", forward: bool = False, acting: bool = False, histogram_every: int | None = None
+    every: int,
+    mode: str = "backward",
+    forward: bool = False,
+    acting: bool = False,
+    histogram_every: int | None = None,
+    optimizer_side: str | None = None,
 ):
-    """``watch(every=...)``; ``histogram_every`` (None: gradscope's default cadence)."""
+    """``watch(every=...)``; ``histogram_every`` (None: gradscope's default cadence);
+    ``optimizer_side``: ``"track_updates"`` or ``"compression"``, that option on (with the
+    optimizer)."""
 
     def make(work: Workload):
         actions = {}
@@ -240,6 +249,8 @@ def method_gradscope(
             }
         if histogram_every is not None:
             actions["histogram_every"] = histogram_every
+        if optimizer_side is not None:
+            actions.update({"optimizer": work.optimizer, optimizer_side: True})
         mon = gradscope.watch(work.model, every=every, mode=mode, forward=forward, **actions)
         breakdown = Breakdown(mon)
         return (lambda step, loss: breakdown.step(loss)), contextlib.nullcontext, lambda: None, mon.close, breakdown
@@ -288,6 +299,9 @@ def available_methods() -> list[tuple[str, Callable]]:
         ("gradscope watch(every=1) acting on findings", method_gradscope(1, acting=True)),
         ("gradscope watch(every=1, forward=True)", method_gradscope(1, forward=True)),
         ("gradscope watch(every=10, forward=True)", method_gradscope(10, forward=True)),
+        ("gradscope watch(every=1, track_updates=True)", method_gradscope(1, optimizer_side="track_updates")),
+        ("gradscope watch(every=1, compression=True)", method_gradscope(1, optimizer_side="compression")),
+        ("gradscope watch(every=10, compression=True)", method_gradscope(10, optimizer_side="compression")),
         ("per-parameter .norm().item()", method_item_loop),
         ("torch._foreach_norm + one sync", method_foreach_norm),
         ("set_detect_anomaly(True)", method_anomaly),
