@@ -2,7 +2,8 @@
 
 Tables only (no matplotlib needed): the runs and their tags, each metric's mean ± std across
 runs and each run's values, the generalisation gaps, every layer's gradient norm per run with
-its ratio to the reference run, and the first divergence. No scripts and no fetches (a
+its ratio to the reference run and, beside it, the norm over the shared sampled steps as an
+inline SVG line per run (log scale), and the first divergence. No scripts and no fetches (a
 Content-Security-Policy forbids them); every name is escaped.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import html
 import os
+
+import numpy as np
 
 from gradscope.comparison.comparison import Comparison
 from gradscope.comparison.text import group_name, number, spread
@@ -36,6 +39,33 @@ def _num(value) -> str:
 
 def _text(value) -> str:
     return f"<td>{html.escape(str(value))}</td>"
+
+
+RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+"""Line colours of runs [0], [1], ... in the step plots (cycled)."""
+
+
+def _sparkline(steps, norms_by_run, width: int = 220, height: int = 36) -> str:
+    """An inline SVG: one polyline per run of log10(norm) against the step (NaN, 0: gaps)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(np.asarray(norms_by_run, dtype=np.float64))
+    finite = np.isfinite(logs)
+    if len(steps) < 2 or not finite.any():
+        return '<td class="muted">-</td>'
+    low, high = logs[finite].min(), logs[finite].max()
+    span = high - low if high > low else 1.0
+    x = (np.asarray(steps, dtype=np.float64) - steps[0]) / max(steps[-1] - steps[0], 1) * (width - 2) + 1
+    lines = []
+    for k, run in enumerate(logs):
+        y = height - 1 - (run - low) / span * (height - 2)
+        points = " ".join(f"{a:.1f},{b:.1f}" for a, b, ok in zip(x, y, np.isfinite(run), strict=True) if ok)
+        colour = RUN_COLOURS[k % len(RUN_COLOURS)]
+        lines.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.2" points="{points}"/>')
+    label = f"log10 norm {low:.2f}..{high:.2f}, steps {int(steps[0])}..{int(steps[-1])}"
+    return (
+        f'<td><svg class="steps" width="{width}" height="{height}" role="img" aria-label="{label}">'
+        f"<title>{label}</title>{''.join(lines)}</svg></td>"
+    )
 
 
 def html_comparison(cmp: Comparison, title: str = "gradscope compare") -> str:
@@ -110,13 +140,18 @@ def html_comparison(cmp: Comparison, title: str = "gradscope compare") -> str:
         parts.append(_table(["gap", "group", "mean ± std", "per run"], rows))
     t = cmp.layers
     parts.append("<h2>Layers: gradient norm</h2>")
+    legend = ", ".join(
+        f'<span style="color:{RUN_COLOURS[k % len(RUN_COLOURS)]}">[{k}]</span>' for k in range(len(t.runs))
+    )
     parts.append(
         '<p class="muted">Per run: the median over the kept sampled steps, the final value, and the median\'s '
-        "ratio to run [0]'s.</p>"
+        f"ratio to run [0]'s; over steps: the norm at the sampled steps all runs kept, log scale ({legend}).</p>"
     )
-    header = ["layer"] + [f"[{k}] {name}" for k in range(len(t.runs)) for name in ("median", "final", "ratio")]
+    header = ["layer", "over steps"]
+    header += [f"[{k}] {name}" for k in range(len(t.runs)) for name in ("median", "final", "ratio")]
     rows = [
-        [_text(row)] + [_num(v) for k in range(len(t.runs)) for v in (t.median[k, r], t.final[k, r], t.ratio[k, r])]
+        [_text(row), _sparkline(t.steps, t.norms[:, :, r])]
+        + [_num(v) for k in range(len(t.runs)) for v in (t.median[k, r], t.final[k, r], t.ratio[k, r])]
         for r, row in enumerate(t.rows)
     ]
     parts.append(_table(header, rows))

@@ -1,5 +1,8 @@
 """The comparison's HTML page: self-contained, every layer, every name escaped."""
 
+import re
+
+import numpy as np
 import torch
 from compared_runs import logged_run
 
@@ -25,3 +28,21 @@ def test_the_page_lists_every_layer_and_escapes_names(tmp_path):
     for layer in ("0", "2", "4"):
         assert f"<tr><td>{layer}</td>" in written
     assert "default-src 'none'" in written and "<img" not in written
+
+
+def test_each_layer_has_one_line_per_run_over_the_shared_steps(tmp_path):
+    runs = [logged_run(tmp_path / name, seed=seed) for name, seed in (("a", 0), ("b", 1), ("c", 2))]
+    cmp = gradscope.compare(*runs)
+    page = html_comparison(cmp)
+    plots = re.findall(r'<svg class="steps".*?</svg>', page)
+    assert len(plots) == len(cmp.rows) and all(p.count("<polyline") == 3 for p in plots)
+    steps = cmp.layers.steps
+    for plot, r in zip(plots, range(len(cmp.rows)), strict=True):
+        first_line = re.search(r'points="([^"]*)"', plot).group(1).split()
+        assert len(first_line) == len(steps)  # one point per shared step (norms finite here)
+        ys = [float(p.split(",")[1]) for p in first_line]
+        logs = [float(v) for v in np.log10(cmp.layers.norms[0, :, r])]
+        # higher norm, higher on the page (smaller y): the order of the points matches the norms'
+        order_y = sorted(range(len(ys)), key=lambda i: -ys[i])
+        order_norm = sorted(range(len(logs)), key=lambda i: logs[i])
+        assert order_y == order_norm or len(set(logs)) < len(logs)
