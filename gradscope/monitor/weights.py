@@ -139,18 +139,26 @@ class WeightReader:
         self._in_flight.clear()
 
 
+TAYLOR_CHUNK = 1 << 24
+"""Elements per piece when the Taylor terms are computed: the float32 temporaries stay under
+64 MiB each however large a tensor is (a 50k x 4096 embedding would otherwise need 800 MiB)."""
+
+
 def _taylor_terms(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
     """float64 ``(P, 2)``: ``[Σ g·w, Σ (g·w)²]`` of each parameter (0 where it has no
-    gradient), computed in float32 (float64 for float64 parameters)."""
+    gradient), computed in float32 (float64 for float64 parameters), :data:`TAYLOR_CHUNK`
+    elements at a time."""
     terms = []
     for p in params:
         grad = p.grad
-        if grad is None:
-            terms.append(torch.zeros(2, dtype=torch.float64, device=p.device))
-            continue
-        wide = torch.float64 if p.dtype == torch.float64 else torch.float32
-        if grad.is_sparse:
-            grad = grad.to_dense()
-        product = grad.reshape(-1).to(wide) * p.detach().reshape(-1).to(wide)
-        terms.append(torch.stack([product.sum(), torch.dot(product, product)]).double())
+        total = torch.zeros(2, dtype=torch.float64, device=p.device)
+        if grad is not None:
+            wide = torch.float64 if p.dtype == torch.float64 else torch.float32
+            grad = (grad.to_dense() if grad.is_sparse else grad).reshape(-1)
+            weight = p.detach().reshape(-1)
+            for start in range(0, weight.numel(), TAYLOR_CHUNK):
+                piece = slice(start, start + TAYLOR_CHUNK)
+                product = grad[piece].to(wide) * weight[piece].to(wide)
+                total += torch.stack([product.sum(), torch.dot(product, product)]).double()
+        terms.append(total)
     return torch.stack(terms) if terms else torch.zeros((0, 2), dtype=torch.float64)

@@ -195,3 +195,18 @@ def test_sparse_gradients_are_read():
     dense = g.to_dense().double()
     assert got[0].grad_dot_weight[0] == pytest.approx(float((dense * w.double()).sum()), rel=1e-6)
     assert got[0].grad_weight_sq[0] == pytest.approx(float(((dense * w.double()) ** 2).sum()), rel=1e-6)
+
+
+def test_taylor_terms_in_pieces_equal_the_whole(monkeypatch):
+    from gradscope.monitor import weights
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000))
+    p.grad = torch.randn(1000)
+    whole = weights._taylor_terms([p])
+    monkeypatch.setattr(weights, "TAYLOR_CHUNK", 64)  # 16 pieces, the last one short
+    pieces = weights._taylor_terms([p])
+    reference = (p.grad.double() * p.detach().double()).sum(), ((p.grad.double() * p.detach().double()) ** 2).sum()
+    assert pieces[0, 0] == pytest.approx(float(reference[0]), rel=1e-5)
+    assert pieces[0, 1] == pytest.approx(float(reference[1]), rel=1e-5)
+    assert torch.allclose(whole, pieces, rtol=1e-5)
