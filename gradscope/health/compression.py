@@ -81,7 +81,8 @@ class LayerCompression:
         reason: why, in one sentence with the numbers.
         formats: per format of :data:`QUANT_FORMATS`: ``flushed``, ``subnormal`` (fractions
             of the non-zero weights), ``noise`` (relative), ``bulk_noise`` (the same without
-            the outliers) and ``verdict``.
+            the outliers, coarser: the bulk's sum of squares is estimated from its binades,
+            within about 25% for a Gaussian bulk) and ``verdict``.
         saliency: ``Σ_steps |Σ g·w|`` over the readings (loss units, summed over readings).
         saliency_per_element: ``saliency / numel``.
         fisher: ``Σ_steps Σ (g·w)²`` over the readings: the elementwise second-order

@@ -7,6 +7,7 @@ verdicts on tensors built to be ready, outlier-dominated or too wide; the salien
 against sums computed here from the readings.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -141,3 +142,83 @@ def test_to_dict_is_plain_json_and_text_names_the_outlier_layer():
     assert [layer["name"] for layer in data["layers"]] == ["fine", "spiky"]
     assert data["layers"][1]["formats"]["int8"]["verdict"] == "per-channel scaling needed"
     assert "least important" in str(report)
+
+
+def test_bulk_noise_is_the_noise_of_the_tensor_without_its_outliers():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200_000, generator=g)
+    x[:50] *= 300.0  # 0.025%: with the Gaussian's 13 values in [4, 8), the top 0.1% is everything >= 4
+    layer = judged(state_of([x.reshape(400, 500)], [0], 1), ["spiky"]).layers[0]
+    bulk = x[x.abs() < 4].double()
+    for short in ("int8", "fp8_e4m3"):
+        k = int(formats.amax_scale_exponent(np.array(np.nextafter(4.0, 0)), compression.QUANT_FORMATS[short]))
+        scaled = bulk * 2.0**k
+        if short == "int8":
+            q = scaled.round().clamp(-127, 127)
+        else:
+            q = scaled.float().to(torch.float8_e4m3fn).double()
+        real = float(((q * 2.0**-k - bulk) ** 2).sum() / (bulk**2).sum())
+        # the bulk's sum of squares comes from its binades (values uniform in each): coarser
+        assert layer.formats[short]["bulk_noise"] == pytest.approx(real, rel=0.25)
+
+
+def figures(noise, bulk_noise, flushed=0.0):
+    """One tensor's (T=1) figures as _tensor_figures gives them, for a tensor with sumsq 1,
+    1000 non-zero values and a bulk with sum of squares 1."""
+    return np.array([[flushed * 1000, 0.0, noise, bulk_noise, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("int8", "e4m3", "verdict", "fmt"),
+    [
+        ((2e-4, 2e-4), (5e-4, 5e-4), "ready", "int8"),  # both ready: the one with less noise
+        ((9e-4, 9e-4), (5e-4, 5e-4), "ready", "fp8_e4m3"),
+        ((1e-3, 1e-3), (2e-3, 2e-3), "ready", "int8"),  # ready at the threshold itself
+        ((5e-2, 2e-4), (2e-3, 9e-4), "per-channel scaling needed", None),
+        ((5e-2, 5e-3), (2e-3, 1.5e-3), "keep in 16-bit", None),
+    ],
+)
+def test_layer_verdict_rules(int8, e4m3, verdict, fmt):
+    rows = np.zeros((1, layout.ROW_WIDTH))
+    rows[0, layout.SUMSQ], rows[0, layout.HIST + 40], rows[0, layout.MAX_ABS] = 1.0, 1000, 1.0
+    judged_layer = compression._judge_layer(
+        rows, {"int8": figures(*int8), "fp8_e4m3": figures(*e4m3), "fp8_e5m2": figures(3e-3, 3e-3)}
+    )
+    assert (judged_layer["verdict"], judged_layer["format"]) == (verdict, fmt)
+    assert judged_layer["formats"]["fp8_e5m2"]["verdict"] == "keep in 16-bit"
+    if verdict == "per-channel scaling needed":
+        assert "INT8 would reach 2.0e-04" in judged_layer["reason"]
+
+
+def test_zero_and_out_of_range_matrices_are_not_judged():
+    zero = torch.zeros(8, 8)
+    huge = torch.randn(8, 8)
+    huge[0, 0] = 40_000.0  # the histogram's top bin (from 2**15) holds everything above
+    report = judged(state_of([zero, huge], [0, 1], 2), ["zero", "huge"])
+    assert [layer.verdict for layer in report.layers] == [None, None]
+    assert "all zero" in report.layers[0].reason and "beyond the histogram's range" in report.layers[1].reason
+
+
+def test_a_single_reading_at_step_0_is_judged_and_the_newest_rows_win():
+    w = torch.randn(16, 16)
+    state = WeightState(1)
+    rows = rows_of(w)
+    state.add(records.Weights(0, rows, np.array([0]), np.array([2]), np.ones(1), np.ones(1)))
+    report = judged(state, ["w"])
+    assert report is not None and report.step == 0 and report.layers[0].verdict == "ready"
+    assert report.layers[0].type == "Linear" and report.layers[0].numel == 256
+    older = rows_of(torch.full((16, 16), float("nan")))
+    state.add(records.Weights(-1, older, np.array([0]), np.array([2]), np.ones(1), np.ones(1)))  # arrives late
+    assert judged(state, ["w"]).layers[0].verdict == "ready" and state.readings == 2
+    assert compression.judge_compression(WeightState(1), ("w",), ("Linear",)) is None
+    assert compression.judge_compression(None, ("w",), ("Linear",)) is None
+
+
+def test_equal_saliencies_keep_the_rows_order_and_the_text_names_what_is_not_ready():
+    tensors = [torch.randn(4, 4) for _ in range(3)]
+    report = judged(state_of(tensors, [0, 1, 2], 3), ["c", "a", "b"])  # all saliencies 0
+    assert report.least_important == ("c", "a", "b")
+    layer = dataclasses.replace(report.layers[1], verdict="keep in 16-bit", reason="because")
+    text = str(dataclasses.replace(report, layers=(report.layers[0], layer, report.layers[2])))
+    assert "2 ready, 0 per-channel scaling needed, 1 keep in 16-bit" in text
+    assert "a: keep in 16-bit: because" in text and "c: " not in text.split("\n", 1)[1].split("least")[0]

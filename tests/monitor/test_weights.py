@@ -210,3 +210,18 @@ def test_taylor_terms_in_pieces_equal_the_whole(monkeypatch):
     assert pieces[0, 0] == pytest.approx(float(reference[0]), rel=1e-5)
     assert pieces[0, 1] == pytest.approx(float(reference[1]), rel=1e-5)
     assert torch.allclose(whole, pieces, rtol=1e-5)
+
+
+def test_taylor_terms_of_float64_parameters_are_float64_and_no_gradient_gives_zeros():
+    from gradscope.monitor import weights
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(300, dtype=torch.float64) * 1e3)
+    p.grad = torch.randn(300, dtype=torch.float64) * 1e-3
+    p.grad[0] = 1e-12  # a term float32 products would round differently
+    frozen = torch.nn.Parameter(torch.randn(5))
+    terms = weights._taylor_terms([p, frozen])
+    product = p.grad * p.detach()
+    assert terms[0, 0] == product.sum() and terms[0, 1] == torch.dot(product, product)
+    assert terms[1].tolist() == [0.0, 0.0] and terms.dtype == torch.float64
+    assert weights._taylor_terms([]).shape == (0, 2)
