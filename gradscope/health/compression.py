@@ -157,7 +157,13 @@ def judge_compression(state: WeightState | None, rows: tuple[str, ...], row_type
     n_rows = len(rows)
     numel = np.bincount(state.row_of, weights=state.rows[:, layout.NUMEL], minlength=n_rows)
     matrices = state.ndim >= 2
-    per_format = {short: _tensor_figures(state.rows, fmt) for short, fmt in QUANT_FORMATS.items()}
+    owner, tensor_rows = state.row_of[matrices], state.rows[matrices]
+    has_matrix = np.bincount(owner, minlength=n_rows) > 0
+    combined = _combined_rows(tensor_rows, owner, n_rows)  # each layer's matrices as one row
+    per_format = {}
+    for short, fmt in QUANT_FORMATS.items():  # figures add over a layer's tensors
+        per_format[short] = np.zeros((n_rows, 5))
+        np.add.at(per_format[short], owner, _tensor_figures(tensor_rows, fmt))
     with np.errstate(invalid="ignore", divide="ignore"):
         per_element = np.where(numel > 0, state.saliency / numel, np.nan)
         fisher_per_element = np.where(numel > 0, state.fisher / numel, np.nan)
@@ -166,14 +172,14 @@ def judge_compression(state: WeightState | None, rows: tuple[str, ...], row_type
     rank[order] = np.arange(1, n_rows + 1)
     layers = []
     for r in range(n_rows):
-        mine = matrices & (state.row_of == r)
-        judged = _judge_layer(state.rows[mine], {short: figures[mine] for short, figures in per_format.items()})
+        mine = slice(r, r + 1) if has_matrix[r] else slice(0, 0)
+        judged = _judge_layer(combined[mine], {short: figures[mine] for short, figures in per_format.items()})
         layers.append(
             LayerCompression(
                 name=rows[r],
                 type=row_types[r],
                 numel=int(numel[r]),
-                quantized_numel=int(state.rows[mine, layout.NUMEL].sum()),
+                quantized_numel=int(combined[r, layout.NUMEL]),
                 saliency=float(state.saliency[r]),
                 saliency_per_element=float(per_element[r]),
                 fisher=float(state.fisher[r]),
@@ -183,6 +189,18 @@ def judge_compression(state: WeightState | None, rows: tuple[str, ...], row_type
             )
         )
     return CompressionReport(state.step, state.readings, tuple(layers), tuple(rows[r] for r in order))
+
+
+def _combined_rows(rows: np.ndarray, owner: np.ndarray, n_rows: int) -> np.ndarray:
+    """float64 ``(n_rows, ROW_WIDTH)``: the rows of each owner's tensors combined as one tensor
+    (:data:`gradscope.stats.layout.COMBINE`); zeros for an owner without any."""
+    combined = np.zeros((n_rows, layout.ROW_WIDTH))
+    summed = np.zeros((n_rows, len(layout.SUM_COLUMNS)))
+    np.add.at(summed, owner, rows[:, layout.SUM_COLUMNS])
+    largest = np.zeros((n_rows, len(layout.MAX_COLUMNS)))
+    np.maximum.at(largest, owner, rows[:, layout.MAX_COLUMNS])
+    combined[:, layout.SUM_COLUMNS], combined[:, layout.MAX_COLUMNS] = summed, largest
+    return combined
 
 
 def layer_noise(rows: np.ndarray, row_of: np.ndarray, ndim: np.ndarray, n_rows: int) -> dict[str, np.ndarray]:
@@ -211,7 +229,8 @@ def _tensor_figures(rows: np.ndarray, fmt: formats.NumberFormat) -> np.ndarray:
     from_top = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # values in this bin and above
     allowed = OUTLIER_SHARE * hist.sum(axis=1, keepdims=True)
     bulk = np.where(from_top <= allowed, 0.0, hist)  # a suffix of bins: the top values, up to the share
-    top = np.array([np.flatnonzero(b)[-1] if b.any() else 0 for b in bulk])
+    kept = bulk > 0
+    top = np.where(kept.any(axis=1), layout.NUM_BINS - 1 - np.argmax(kept[:, ::-1], axis=1), 0)  # last kept bin
     bulk_max = np.nextafter(np.ldexp(1.0, top + layout.HIST_MIN_EXPONENT + 1), 0)
     bulk_max = np.minimum(bulk_max, max_abs)
     bulk_noise = formats.quantization_noise(bulk, bulk_max, fmt)
