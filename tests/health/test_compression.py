@@ -222,3 +222,33 @@ def test_equal_saliencies_keep_the_rows_order_and_the_text_names_what_is_not_rea
     text = str(dataclasses.replace(report, layers=(report.layers[0], layer, report.layers[2])))
     assert "2 ready, 0 per-channel scaling needed, 1 keep in 16-bit" in text
     assert "a: keep in 16-bit: because" in text and "c: " not in text.split("\n", 1)[1].split("least")[0]
+
+
+def test_layer_fractions_and_reason_match_real_casts():
+    x = heavy(n=64 * 1024, seed=5)
+    layer = judged(state_of([x.reshape(256, 256)], [0], 1), ["w"]).layers[0]
+    nonzero = int((x != 0).sum())
+    for short, dtype in (("int8", None), ("fp8_e4m3", torch.float8_e4m3fn)):
+        fmt = compression.QUANT_FORMATS[short]
+        k = int(formats.amax_scale_exponent(x.abs().max().double().numpy(), fmt))
+        scaled = x.double().abs() * 2.0**k
+        cast = scaled.round() if dtype is None else scaled.float().to(dtype).double()
+        assert layer.formats[short]["flushed"] == int(((cast == 0) & (x != 0)).sum()) / nonzero
+        if dtype is not None:  # kept, but below the smallest normal
+            subnormal = int(((cast != 0) & (scaled < fmt.min_normal)).sum())
+            assert layer.formats[short]["subnormal"] == subnormal / nonzero
+    best = layer.formats[layer.format]
+    assert f"SQNR {-10 * math.log10(best['noise']):.0f} dB" in layer.reason
+
+
+def test_inf_alone_keeps_a_layer_in_16_bit():
+    w = torch.randn(8, 8)
+    w[1, 1] = float("inf")
+    assert judged(state_of([w], [0], 1), ["w"]).layers[0].verdict == "keep in 16-bit"
+
+
+def test_to_dict_top_level_keys():
+    report = judged(state_of([torch.randn(8, 8)], [0], 1), ["w"])
+    data = report.to_dict()
+    assert data["step"] == 3 and data["readings"] == 1 and data["ready_noise"] == compression.READY_NOISE
+    assert data["least_important"] == ["w"]
