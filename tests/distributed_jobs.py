@@ -306,3 +306,47 @@ def fsdp_nan_batch_job(rank: int, world: int, root, nan_rank: int, nan_step: int
         assert mon.errors == []
         mon.close()
     return out
+
+
+def compression_job(rank: int, world: int, root) -> dict:
+    """DDP with ``compression=True``: each rank reads its replica's weights and the averaged
+    gradients before every optimizer step (Σ g·w against a float64 reference of its own), so
+    every rank reports the same compression section; FSDP2 (sharded) parameters are refused
+    at ``watch()``."""
+    torch.manual_seed(0)
+    model = Net()
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    dots: list[list[float]] = []
+    scale: list[float] = []  # Σ |g·w| over everything: what float32 rounding is relative to
+
+    def reference(optimizer, args, kwargs) -> None:
+        products = [p.grad.double() * p.detach().double() for p in model.parameters()]
+        dots.append([float(product.sum()) for product in products])
+        scale.append(sum(float(product.abs().sum()) for product in products))
+
+    opt.register_step_pre_hook(reference)
+    mon = gradscope.watch(ddp, optimizer=opt, compression=True)
+    for step in range(4):
+        x, y = batch(step, world, rank)
+        loss = nn.functional.mse_loss(ddp(x), y)
+        opt.zero_grad()
+        loss.backward()
+        mon.step(loss=loss)
+        opt.step()
+    section = mon.report(wait=True).to_dict()["compression"]
+    row_of = _row_of(model)
+    names = [name for name, _ in model.named_parameters()]
+    expected = {}
+    for layer in {row_of[n] for n in names}:
+        mine = [i for i, n in enumerate(names) if row_of[n] == layer]
+        expected[layer] = sum(abs(sum(d[i] for i in mine)) for d in dots)
+    mon.close()
+    sharded = Net()
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)))
+    try:
+        gradscope.watch(sharded, optimizer=torch.optim.SGD(sharded.parameters(), lr=0.1), compression=True)
+        refused = ""
+    except ValueError as error:
+        refused = str(error)
+    return {"section": section, "expected": expected, "scale": sum(scale), "errors": mon.errors, "refused": refused}

@@ -138,3 +138,14 @@ def test_the_comm_hook_is_installed_once_and_a_model_with_another_hook_is_refuse
         assert state is None and why.startswith("cannot register a DDP communication hook (")
     finally:
         dist.destroy_process_group()
+
+
+def test_compression_under_ddp_is_the_same_on_every_rank(tmp_path):
+    first, second = run_ranks(_jobs().compression_job, 2, tmp_path)
+    assert first["errors"] == second["errors"] == []
+    assert first["section"] == second["section"] and first["section"]["readings"] == 4
+    got = {layer["name"]: layer["saliency"] for layer in first["section"]["layers"]}
+    assert got.keys() == first["expected"].keys()
+    for name, value in first["expected"].items():  # float32 products and sums, whose terms cancel
+        assert got[name] == pytest.approx(value, abs=1e-6 * first["scale"])
+    assert "compression=True is not supported with sharded (DTensor) parameters" in first["refused"]
