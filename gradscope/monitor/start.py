@@ -118,8 +118,8 @@ def watch(model: torch.nn.Module, *args, **options) -> Monitor:
             ``optimizer.step()`` on sampled steps (the cadence of ``track_updates``), with
             each tensor's ``Σ g·w`` and ``Σ (g·w)²``: the report's ``compression`` section
             then says, per layer, whether its matrices are ready for INT8 / FP8 with
-            per-tensor scaling, and ranks the layers by the Taylor (empirical-Fisher)
-            estimate of what pruning them costs, the least important first
+            per-tensor scaling, and ranks the layers by first-order Taylor saliency
+            ``Σ_steps |Σ g·w|``, the least important first
             (:mod:`gradscope.health.compression`). Costs one read of the weights and one
             more of the gradients on sampled steps; needs ``optimizer=``.
         tags: labels of the run, kept in its log's header (``run.tags`` once loaded), to tell

@@ -123,7 +123,7 @@ def _compression_table(section) -> list[str]:
         f'<h2>Compression</h2><p class="muted">Weights at step {section.step}; importance summed over '
         f"{section.readings} readings. Least important first.</p>",
         '<table id="compression"><thead><tr><th>layer</th><th>verdict</th><th>INT8 noise</th>',
-        "<th>FP8 E4M3 noise</th><th>Σ(g·w)²</th><th>Σ|Σ g·w|</th><th>why</th></tr></thead><tbody>",
+        "<th>FP8 E4M3 noise</th><th>Σ|Σ g·w|</th><th>Σ(g·w)²</th><th>why</th></tr></thead><tbody>",
     ]
     by_name = {layer.name: layer for layer in section.layers}
     for name in section.least_important:
@@ -132,7 +132,7 @@ def _compression_table(section) -> list[str]:
         verdict = layer.verdict if layer.format is None else f"{layer.verdict} ({layer.format})"
         parts.append(
             f"<tr><td>{esc(name)}</td><td>{esc(verdict or '-')}</td>{_cell(noise.get('int8'))}"
-            f"{_cell(noise.get('fp8_e4m3'))}{_cell(layer.fisher)}{_cell(layer.saliency)}<td>{esc(layer.reason)}</td></tr>"
+            f"{_cell(noise.get('fp8_e4m3'))}{_cell(layer.saliency)}{_cell(layer.fisher)}<td>{esc(layer.reason)}</td></tr>"
         )
     parts.append("</tbody></table>")
     return parts

@@ -49,14 +49,17 @@ def weight_scalars(record: records.Weights, names: tuple[str, ...]) -> dict[str,
     """Per-row scalars of a weight reading (``watch(..., compression=True)``):
     ``quant_noise_int8/<row>``, ``quant_noise_fp8_e4m3/<row>`` (relative quantization noise
     of the row's matrices with per-tensor scaling, :mod:`gradscope.health.compression`) and
-    ``taylor_fisher/<row>`` (this reading's ``Σ (g·w)²``)."""
+    ``taylor_saliency/<row>`` and ``taylor_fisher/<row>`` (this reading's ``|Σ g·w|`` and
+    ``Σ (g·w)²``, the terms the report's saliency and fisher sum)."""
     noise = layer_noise(record.rows, record.row_of, record.ndim, len(names))
+    saliency = np.abs(np.bincount(record.row_of, weights=record.grad_dot_weight, minlength=len(names)))
     fisher = np.bincount(record.row_of, weights=record.grad_weight_sq, minlength=len(names))
     out = {}
     for short in ("int8", "fp8_e4m3"):
         out.update(
             {f"quant_noise_{short}/{n}": float(v) for n, v in zip(names, noise[short], strict=True) if np.isfinite(v)}
         )
+    out.update({f"taylor_saliency/{n}": float(v) for n, v in zip(names, saliency, strict=True) if np.isfinite(v)})
     out.update({f"taylor_fisher/{n}": float(v) for n, v in zip(names, fisher, strict=True) if np.isfinite(v)})
     return out
 

@@ -488,13 +488,14 @@ def test_weight_readings_give_quantization_noise_and_fisher_per_layer(capture):
     rows = gradscope.grad_stats(weights, backend="numpy").to_rows()
     n = len(capture.info.rows)
     record = records.Weights(
-        4, rows, np.array([0, 0, n - 1]), np.array([2, 1, 2]), np.zeros(3), np.array([1.0, 2.0, 5.0])
+        4, rows, np.array([0, 0, n - 1]), np.array([2, 1, 2]), np.array([1.0, -3.0, 0.5]), np.array([1.0, 2.0, 5.0])
     )
     capture.write(record)
     ((step, values),) = capture.scalars
     first, last = capture.info.rows[0], capture.info.rows[-1]
     assert step == 4
     assert values[f"taylor_fisher/{first}"] == 3.0 and values[f"taylor_fisher/{last}"] == 5.0
+    assert values[f"taylor_saliency/{first}"] == 2.0 and values[f"taylor_saliency/{last}"] == 0.5
     from gradscope.health.compression import QUANT_FORMATS
     from gradscope.stats import formats
 
