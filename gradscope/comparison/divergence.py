@@ -203,23 +203,17 @@ def first_divergence(
     step = min(firsts)
     also = tuple(name for name, (s, _, _) in metric_at.items() if s == step)
     common = {"reference": a.label, "run": b.label, "step": step, "metrics": also, "tolerance": tolerance}
-    if modules:
-        at = np.flatnonzero(f_steps == step)
-        if len(at) and f_differ[at[0]].any():
-            differing = np.flatnonzero(f_differ[at[0]].any(axis=1))
-            order = _order_at(a, "forward_order", step, modules)
-            m = _first_in_order(differing, order)
-            c = int(np.argmax(f_differ[at[0], m]))
-            values = float(f_a[at[0], m, c]), float(f_b[at[0], m, c])
-            return Divergence(pass_="forward", layer=modules[m], statistic=COLUMNS[c], **common, **_v(values))
-    at = np.flatnonzero(g_steps == step)
-    if len(at) and g_differ[at[0]].any():
-        differing = np.flatnonzero(g_differ[at[0]].any(axis=1))
-        order = _order_at(a, "backward_order", step, rows)
-        r = _first_in_order(differing, order)
-        c = int(np.argmax(g_differ[at[0], r]))
-        values = float(g_a[at[0], r, c]), float(g_b[at[0], r, c])
-        return Divergence(pass_="backward", layer=rows[r], statistic=COLUMNS[c], **common, **_v(values))
+    passes = [("backward", g_steps, g_differ, g_a, g_b, rows, "backward_order")]
+    if modules:  # a module's own outputs first: the change was born there
+        passes.insert(0, ("forward", f_steps, f_differ, f_a, f_b, modules, "forward_order"))
+    for pass_, pass_steps, differ, values_a, values_b, names, order_field in passes:
+        at = np.flatnonzero(pass_steps == step)
+        if len(at) and differ[at[0]].any():
+            i = at[0]
+            first = _first_in_order(np.flatnonzero(differ[i].any(axis=1)), _order_at(a, order_field, step, names))
+            c = int(np.argmax(differ[i, first]))
+            values = float(values_a[i, first, c]), float(values_b[i, first, c])
+            return Divergence(pass_=pass_, layer=names[first], statistic=COLUMNS[c], **common, **_v(values))
     name = also[0]
     return Divergence(pass_="metrics", layer=None, statistic=name, **common, **_v(metric_at[name][1:]))
 
