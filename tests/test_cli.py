@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from training_runs import train_monitored
 
 import gradscope
 
@@ -275,13 +276,9 @@ def test_report_prints_and_exports_the_compression_section(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradscope.watch(model, optimizer=opt, compression=True, log_dir=tmp_path / "run") as mon:
-        for _ in range(4):
-            loss = model(torch.randn(16, 8)).square().mean()
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss)
-            opt.step()
+    loss_at = lambda step: model(torch.randn(16, 8)).square().mean()  # noqa: E731
+    mon, _ = train_monitored(model, opt, 4, loss_at, optimizer=opt, compression=True, log_dir=tmp_path / "run")
+    mon.close()
     text = gradscope_cli("report", str(tmp_path / "run"))
     assert text.returncode == 0, text.stderr
     assert "compression (weights at step 3, saliency over 4 readings): 2 ready" in text.stdout

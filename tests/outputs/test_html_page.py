@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import run_builders
 import torch
+from training_runs import train_monitored
 
-import gradscope
 from gradscope import Thresholds
 from gradscope.health.readout import Run
 from gradscope.run import records
@@ -76,13 +76,10 @@ def test_the_compression_section_lists_layers_least_important_first(tmp_path):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    with gradscope.watch(model, optimizer=opt, compression=True) as mon:
-        for _ in range(3):
-            loss = model(torch.randn(16, 6)).square().mean()
-            opt.zero_grad()
-            loss.backward()
-            mon.step(loss)
-            opt.step()
+    mon, _ = train_monitored(
+        model, opt, 3, lambda step: model(torch.randn(16, 6)).square().mean(), optimizer=opt, compression=True
+    )
+    mon.close()
     report = mon.report()
     page = html_page.html_report(mon, report)
     table = page[page.index('id="compression"') :]
